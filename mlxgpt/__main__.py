@@ -1,0 +1,3 @@
+from mlxgpt.cli import main
+
+main()

@@ -1,0 +1,251 @@
+"""Model folders on disk: ``config.json`` + ``model.safetensors`` + the tokenizer's files.
+
+Weights are stored with a ``model.`` key prefix in MLX layout (Linear ``(out, in)``), the layout
+mlx-lm uses for GPT-2, so mlx-lm can load an mlxgpt folder as it is. ``config.json`` holds the
+Hugging Face GPT-2 keys, ``quantization: {group_size, bits}`` when quantized, and an ``mlxgpt``
+section (format version, tokenizer description). Every write is atomic: a folder is built under
+a temporary name next to its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import MlxgptError
+from .model import GPT, GPTConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+KEY_PREFIX = "model."
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on the CPU (no fast half-precision matmul there), float16 on a GPU."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+
+
+def parse_dtype(name: str | None) -> mx.Dtype | None:
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise MlxgptError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out_dir`` only if the block succeeds.
+
+    An existing ``out_dir`` is refused unless ``force``; with ``force`` it is replaced only
+    after the new folder is complete, so a failure never leaves a half-written result.
+    """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise MlxgptError(f"{out} already exists (use --force to replace it)")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise MlxgptError(f"cannot write to {parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None
+) -> None:
+    """``mx.save_safetensors`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MlxgptError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MlxgptError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MlxgptError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_safetensors(path: Path) -> dict[str, mx.array]:
+    """Load a safetensors file, turning MLX's low-level errors into one clear line."""
+    if not Path(path).is_file():
+        raise MlxgptError(f"{path}: weights file not found")
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # mx.load raises RuntimeError/ValueError on truncated or bad files
+        raise MlxgptError(f"{path}: cannot read weights ({e})") from None
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True for a folder written by mlxgpt (or mlx-lm's GPT-2 layout)."""
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        cfg = json.loads((p / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "mlxgpt" in cfg
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
+    """Refuse missing, unexpected or wrongly shaped tensors with one line naming the first."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MlxgptError(f"{source}: missing tensor {missing[0]}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise MlxgptError(f"{source}: unexpected tensor {unexpected[0]}{more}")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise MlxgptError(
+                f"{source}: tensor {k} has shape {tuple(v.shape)}, "
+                f"expected {tuple(expected[k].shape)}"
+            )
+
+
+def build_model(
+    cfg: GPTConfig,
+    weights: dict[str, mx.array],
+    quantization: dict[str, int] | None = None,
+    source: str = "weights",
+) -> GPT:
+    """A GPT with the given (unprefixed, MLX-layout) weights, quantized layers where stored."""
+    model = GPT(cfg)
+    if quantization:
+        gs, bits = quantization.get("group_size", 64), quantization.get("bits", 4)
+        nn.quantize(
+            model,
+            group_size=gs,
+            bits=bits,
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+    check_weights(model, weights, source)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> GPT:
+    """Load an mlxgpt model folder. ``dtype`` casts floating weights (not quantized ones)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MlxgptError(f"{folder}: not a model folder")
+    raw = read_json(folder / CONFIG_FILE)
+    cfg = GPTConfig.from_dict(raw)
+    weights = load_safetensors(folder / WEIGHTS_FILE)
+    weights = {k.removeprefix(KEY_PREFIX): v for k, v in weights.items()}
+    quant = raw.get("quantization")
+    if dtype is not None:
+        # Quantized weights are integers and keep their layout; float tensors are cast.
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    return build_model(cfg, weights, quant, source=str(folder / WEIGHTS_FILE))
+
+
+def save_model(
+    model: GPT,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    force: bool = False,
+    quantization: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and its tokenizer's files) as a model folder, atomically."""
+    with atomic_dir(out_dir, force=force) as tmp:
+        write_model_files(model, tmp, tokenizer, quantization=quantization, extra=extra)
+    return Path(out_dir)
+
+
+def write_model_files(
+    model: GPT,
+    folder: Path,
+    tokenizer: Any = None,
+    *,
+    quantization: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write config, weights and tokenizer into an existing (temporary) folder."""
+    cfg = model.config.to_dict()
+    meta: dict[str, Any] = {"format": FORMAT_VERSION}
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer.save(folder)
+    if extra:
+        meta.update(extra)
+    cfg["mlxgpt"] = meta
+    if quantization:
+        cfg["quantization"] = dict(quantization)
+    weights = {KEY_PREFIX + k: v for k, v in tree_flatten(model.parameters())}
+    first = next(iter(weights.values()))
+    cfg["torch_dtype"] = str(first.dtype).removeprefix("mlx.core.")
+    mx.save_safetensors(str(folder / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def read_folder_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``mlxgpt`` section of a model folder's config (tokenizer description, extras)."""
+    return read_json(Path(path) / CONFIG_FILE).get("mlxgpt", {})

@@ -1,0 +1,42 @@
+"""``mlxgpt info``: versions, device and the BLAS MLX's CPU matmul uses."""
+
+import platform
+
+import click
+
+
+@click.command()
+def info() -> None:
+    """Show MLX version, device, backend and BLAS."""
+    import mlx.core as mx
+
+    from mlxgpt import _blas
+    from mlxgpt.checkpoint import default_dtype
+
+    device = mx.default_device()
+    backend = "metal" if mx.metal.is_available() else ("cuda" if _cuda() else "cpu")
+    click.echo(f"mlxgpt      {_version()}")
+    click.echo(f"mlx         {mx.__version__}")
+    click.echo(f"python      {platform.python_version()} ({platform.system()} {platform.machine()})")
+    click.echo(f"device      {device}")
+    click.echo(f"backend     {backend}")
+    click.echo(f"dtype       {str(default_dtype()).removeprefix('mlx.core.')} (default for models)")
+    click.echo(f"blas        {_blas.blas_in_use()}")
+
+
+def _cuda() -> bool:
+    import mlx.core as mx
+
+    try:
+        return bool(mx.cuda.is_available())
+    except AttributeError:
+        return False
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlxgpt")
+    except PackageNotFoundError:
+        return "(source)"

@@ -1,0 +1,1 @@
+"""Models that ship with mlxgpt (installed as the ``mlxgpt.models`` package)."""
