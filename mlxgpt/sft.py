@@ -1,0 +1,314 @@
+"""Fine-tuning data: JSONL examples -> token sequences with loss masks -> padded batches.
+
+Each line of a ``.jsonl`` file is one example, in one of three forms::
+
+    {"text": "..."}                                   loss on every token
+    {"prompt": "...", "completion": "..."}            loss on the completion only with mask_prompt
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
+        rendered with the transcript format of ``mlxgpt chat``; with mask_prompt the loss
+        counts only the assistant turns (what the model says in a chat)
+
+Every example ends with the tokenizer's end-of-text token, so the model learns where an answer
+stops. A bad line is reported as ``file:line: why``. Batches group examples of similar length
+(less padding) and are drawn in a fixed, seeded order, so batch ``k`` is the same batch whether
+a run went straight through or was resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import MlxgptError
+
+SPLITS = ("train", "valid", "test")
+ROLES = ("system", "user", "assistant")
+PAD_MULTIPLE = 32  # pad batch lengths to a multiple of this: fewer distinct shapes to compile
+
+
+@dataclass
+class Example:
+    """One tokenized example. ``mask[i]`` is 1 when token ``i`` is a prediction target."""
+
+    tokens: list[int]
+    mask: list[int]
+    where: str = ""  # "file:line", for messages
+
+    @property
+    def n_targets(self) -> int:
+        return sum(self.mask[1:])  # token 0 has no context to be predicted from
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """Parse a JSONL file into ``("file:line", record)`` pairs, checking every record's form."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MlxgptError(f"{path}: not found") from None
+    except UnicodeDecodeError as e:
+        raise MlxgptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MlxgptError(f"{path}: cannot read ({e.strerror or e})") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MlxgptError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        check_record(rec, where)
+        records.append((where, rec))
+    if not records:
+        raise MlxgptError(f"{path}: empty (no examples)")
+    return records
+
+
+def record_kind(rec: dict[str, Any]) -> str:
+    if "messages" in rec:
+        return "messages"
+    if "prompt" in rec or "completion" in rec:
+        return "completion"
+    return "text"
+
+
+def check_record(rec: Any, where: str) -> None:
+    """Raise ``file:line: why`` unless ``rec`` is one of the three example forms."""
+    if not isinstance(rec, dict):
+        raise MlxgptError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    kind = record_kind(rec)
+    if kind == "text" and "text" not in rec:
+        found = ", ".join(sorted(rec)) or "none"
+        raise MlxgptError(
+            f'{where}: needs "text", "prompt" and "completion", or "messages" (found keys: {found})'
+        )
+    if kind == "completion":
+        for key in ("prompt", "completion"):
+            if key not in rec:
+                other = "completion" if key == "prompt" else "prompt"
+                raise MlxgptError(f'{where}: "{other}" without "{key}"')
+    keys = {"text": ("text",), "completion": ("prompt", "completion"), "messages": ()}[kind]
+    for key in keys:
+        if not isinstance(rec[key], str):
+            raise MlxgptError(f'{where}: "{key}" must be a string, got {type(rec[key]).__name__}')
+    if kind == "completion" and not rec["completion"]:
+        raise MlxgptError(f'{where}: "completion" is empty')
+    if kind == "messages":
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise MlxgptError(f'{where}: "messages" must be a non-empty list')
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise MlxgptError(f'{where}: messages[{i}] needs "role" and "content"')
+            if m["role"] not in ROLES:
+                raise MlxgptError(
+                    f"{where}: messages[{i}] has role {m['role']!r} "
+                    f"(expected one of {', '.join(ROLES)})"
+                )
+            if not isinstance(m["content"], str):
+                raise MlxgptError(f'{where}: messages[{i}] "content" must be a string')
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise MlxgptError(f"{where}: messages has no assistant turn to learn from")
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def encode_record(rec: dict[str, Any], tokenizer: Any, mask_prompt: bool) -> tuple[list, list]:
+    """(tokens, mask) for one checked record; see the module docstring for what is masked."""
+    segments = record_segments(rec)
+    tokens: list[int] = []
+    mask: list[int] = []
+    for text, trained in segments:
+        ids = tokenizer.encode(text)
+        tokens += ids
+        mask += [1 if (trained or not mask_prompt) else 0] * len(ids)
+    if tokenizer.eot_id is not None:
+        tokens.append(tokenizer.eot_id)
+        mask.append(1)
+    return tokens, mask
+
+
+def record_segments(rec: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The example's text in pieces, each marked True when it is what the model should say.
+
+    Prompt and completion are tokenized separately (not as one string) because at inference
+    time the prompt is encoded alone and the model continues from its last token.
+    """
+    kind = record_kind(rec)
+    if kind == "text":
+        return [(rec["text"], True)]
+    if kind == "completion":
+        return [(rec["prompt"], False), (rec["completion"], True)]
+    return message_segments(rec["messages"])
+
+
+def message_segments(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """Split a chat transcript into prompt parts and assistant replies.
+
+    Uses the chat module's renderer, so a fine-tuned model sees exactly the format that
+    ``mlxgpt chat`` shows it. Each assistant reply is the text that rendering the conversation
+    up to it adds after rendering the prompt that asks for it.
+    """
+    from .chat import render_prompt, render_transcript
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render_prompt(messages[:i])  # transcript so far + the assistant's cue
+        full = render_transcript(messages[: i + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise MlxgptError("chat transcript format is not prefix-stable; cannot mask turns")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return [(t, trained) for t, trained in segments if t]
+
+
+def encode_records(
+    records: Sequence[tuple[str, dict[str, Any]]],
+    tokenizer: Any,
+    *,
+    mask_prompt: bool = False,
+    max_len: int,
+) -> tuple[list[Example], dict[str, int]]:
+    """Tokenize records. Text longer than ``max_len`` tokens is cut into windows; a longer
+    prompt/completion or chat is truncated; examples left with nothing to learn are dropped.
+    Returns the examples and counts of what was truncated or dropped."""
+    out, stats = [], {"truncated": 0, "dropped": 0}
+    for where, rec in records:
+        tokens, mask = encode_record(rec, tokenizer, mask_prompt)
+        pieces = [(tokens, mask)]
+        if len(tokens) > max_len:
+            if record_kind(rec) == "text":  # plain text: keep all of it, in windows
+                pieces = [(tokens[k:k + max_len], mask[k:k + max_len])
+                          for k in range(0, len(tokens), max_len)]
+            else:
+                stats["truncated"] += 1
+                pieces = [(tokens[:max_len], mask[:max_len])]
+        for tokens, mask in pieces:
+            ex = Example(tokens, mask, where)
+            if len(tokens) < 2 or ex.n_targets == 0:
+                stats["dropped"] += 1
+                continue
+            out.append(ex)
+    return out, stats
+
+
+# --------------------------------------------------------------------------- data folders
+
+
+def find_splits(
+    data: str | os.PathLike, val_fraction: float = 0.0, seed: int = 0
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Records per split from a folder (``train.jsonl`` [+ ``valid``/``test``]) or one file.
+
+    A single file is split into train and valid by ``val_fraction`` (a seeded shuffle).
+    """
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "train.jsonl").is_file():
+            raise MlxgptError(f"{path}: no train.jsonl in this folder")
+        splits = {s: read_jsonl(path / f"{s}.jsonl") for s in SPLITS
+                  if (path / f"{s}.jsonl").is_file()}
+        if val_fraction and "valid" not in splits:
+            splits["train"], splits["valid"] = split_records(splits["train"], val_fraction, seed)
+        return splits
+    if not path.exists():
+        raise MlxgptError(f"{path}: not found")
+    records = read_jsonl(path)
+    if not val_fraction:
+        return {"train": records}
+    train, valid = split_records(records, val_fraction, seed)
+    return {"train": train, "valid": valid}
+
+
+def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    if not 0.0 < val_fraction < 1.0:
+        raise MlxgptError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, round(len(records) * val_fraction))
+    if n_val >= len(records):
+        raise MlxgptError(
+            f"--val-fraction {val_fraction} leaves no training examples ({len(records)} in all)"
+        )
+    order = np.random.default_rng(seed).permutation(len(records))
+    val = set(order[:n_val].tolist())
+    return ([r for i, r in enumerate(records) if i not in val],
+            [r for i, r in enumerate(records) if i in val])
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """Padded batches over examples, in a seeded order that depends only on the step.
+
+    Examples are sorted by length and cut into batches of ``batch_size`` (neighbours have
+    similar lengths, so little padding); each epoch visits the batches in a fresh permutation.
+    ``batch(step)`` is a pure function of ``step``, which makes resuming exact.
+    A batch is ``(inputs (B, T) int32, targets (B, T) int32, mask (B, T) float32)``.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, *, seed: int = 0,
+                 pad_id: int = 0):
+        if not examples:
+            raise MlxgptError("no examples to train on")
+        self.examples = list(examples)
+        self.batch_size = min(batch_size, len(self.examples))
+        self.seed = seed
+        self.pad_id = pad_id
+        order = sorted(range(len(self.examples)), key=lambda i: len(self.examples[i].tokens))
+        n = len(order) // self.batch_size  # drop the ragged end: every batch has B rows
+        self.groups = [order[k * self.batch_size:(k + 1) * self.batch_size] for k in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(e.n_targets for e in self.examples)
+
+    def batch(self, step: int) -> tuple[mx.array, mx.array, mx.array]:
+        epoch, k = divmod(step, len(self.groups))
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+        return self.collate([self.examples[i] for i in self.groups[perm[k]]])
+
+    def epoch(self) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
+        """Every example once, in file order (for evaluation); the last batch may be smaller."""
+        for k in range(0, len(self.examples), self.batch_size):
+            yield self.collate(self.examples[k:k + self.batch_size])
+
+    def collate(self, rows: Sequence[Example]) -> tuple[mx.array, mx.array, mx.array]:
+        longest = max(len(e.tokens) for e in rows) - 1  # inputs drop the last token
+        width = PAD_MULTIPLE * math.ceil(longest / PAD_MULTIPLE)
+        tokens = np.full((len(rows), width + 1), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(rows), width + 1), dtype=np.float32)
+        for r, e in enumerate(rows):
+            tokens[r, :len(e.tokens)] = e.tokens
+            mask[r, :len(e.mask)] = e.mask
+        # (B, T) inputs, (B, T) next-token targets, (B, T) which targets count
+        return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask[:, 1:])
+
+
+def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array,
+                mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the counted targets, and how many there were."""
+    logits = model(inputs)  # (B, T, V)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)  # (B, T)
+    n = mask.sum()
+    return (ce * mask).sum() / mx.maximum(n, 1), n

@@ -1,0 +1,235 @@
+"""LoRA layers: identity at init, fusing, QLoRA, adapter files, parameter counts, refusals."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxgpt.errors import MlxgptError
+from mlxgpt.lora import (
+    ADAPTER_CONFIG,
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    base_identity,
+    count_parameters,
+    dense_weight,
+    fuse,
+    load_adapter,
+    lora_modules,
+    parse_layers,
+    parse_targets,
+    save_adapter,
+)
+from mlxgpt.model import GPT, GPTConfig
+
+TINY = GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=2)
+ALL = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
+
+
+def tiny_model(seed=0, quantized=False, dtype=None, cfg=TINY):
+    mx.random.seed(seed)
+    model = GPT(cfg)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def tokens(seed=1, b=2, t=16):
+    return mx.array(np.random.default_rng(seed).integers(0, TINY.vocab_size, (b, t)), mx.int32)
+
+
+def randomize_b(model, seed=2):
+    """Give every LoRA B non-zero values, as training would."""
+    rng = np.random.default_rng(seed)
+    for _, m in lora_modules(model):
+        m.lora_b = mx.array(rng.normal(0, 0.05, m.lora_b.shape).astype(np.float32))
+    mx.eval(model.parameters())
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fresh_adapter_leaves_logits_unchanged(quantized):
+    model, x = tiny_model(quantized=quantized), tokens()
+    before = model(x)
+    apply_lora(model, LoRAConfig(rank=4, targets=ALL))
+    assert len(lora_modules(model)) == 4 * TINY.n_layer
+    after = model(x)
+    # B = 0, so the update is exactly zero and the logits are bit-identical.
+    assert mx.array_equal(before, after)
+
+
+def test_only_lora_matrices_train_and_base_stays_quantized():
+    model = tiny_model(quantized=True)
+    apply_lora(model, LoRAConfig(rank=4, targets=("c_attn", "c_fc")))
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    assert names and all(k.endswith((".lora_a", ".lora_b")) for k in names)
+    assert len(names) == 2 * 2 * TINY.n_layer
+    for _, m in lora_modules(model):
+        assert isinstance(m.linear, nn.QuantizedLinear)
+    x = tokens()
+
+    def loss(model):
+        return nn.losses.cross_entropy(model(x[:, :-1]), x[:, 1:]).mean()
+
+    _, grads = nn.value_and_grad(model, loss)(model)
+    g = dict(tree_flatten(grads))
+    assert set(g) == set(names)
+    # B starts at zero, so only B gets a gradient at the first step; it must be non-zero.
+    assert all(float(mx.abs(v).max()) > 0 for k, v in g.items() if k.endswith("lora_b"))
+
+
+def test_scale_is_alpha_over_rank():
+    layer = LoRALinear(nn.Linear(8, 6), rank=2, alpha=5.0)
+    assert layer.scale == 2.5
+    layer.lora_b = mx.ones((2, 6))
+    x = mx.ones((1, 8))
+    want = layer.linear(x) + 2.5 * (x @ layer.lora_a) @ layer.lora_b
+    assert mx.allclose(layer(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [None, mx.float16, mx.bfloat16])
+def test_fused_equals_base_plus_adapter_fp(dtype):
+    model, x = tiny_model(dtype=dtype), tokens()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL))
+    randomize_b(model)
+    with_adapter = model(x).astype(mx.float32)
+    # The fused weight is W + (alpha / r) * (A B)^T, checked independently in numpy.
+    layer = dict(lora_modules(model))["h.0.attn.c_attn"]
+    want_w = np.array(layer.linear.weight.astype(mx.float32)) + 2.0 * (
+        np.array(layer.lora_a) @ np.array(layer.lora_b)
+    ).T
+    fuse(model)
+    assert not lora_modules(model)
+    fused_w = np.array(model.h[0].attn.c_attn.weight.astype(mx.float32))
+    tol = 1e-6 if dtype is None else 1e-2
+    np.testing.assert_allclose(fused_w, want_w, atol=tol)
+    # Logits: fp32 agrees to 1e-4; half precision to the rounding of one fused weight.
+    tol = 1e-4 if dtype is None else 0.1
+    np.testing.assert_allclose(np.array(model(x).astype(mx.float32)),
+                               np.array(with_adapter), atol=tol)
+
+
+def test_fused_equals_base_plus_adapter_quantized():
+    model, x = tiny_model(quantized=True), tokens()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL))
+    randomize_b(model)
+    with_adapter = model(x)
+    fused = fuse(model)  # default: dequantize, so the fused model is exact
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                   for _, m in fused.named_modules())
+    # Same function, computed as one dense matmul instead of quantized matmul + low rank.
+    np.testing.assert_allclose(np.array(fused(x)), np.array(with_adapter), atol=1e-4)
+
+
+def test_fuse_requantize_keeps_quantization():
+    model, x = tiny_model(quantized=True), tokens()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    randomize_b(model)
+    with_adapter = model(x)
+    # What the re-quantized layer should hold: quantize(dequantize(W) + delta).
+    layer = dict(lora_modules(model))["h.0.attn.c_attn"]
+    expect = nn.QuantizedLinear.from_linear(layer.fused(), 32, 4)
+    fuse(model, requantize=True)
+    got = model.h[0].attn.c_attn
+    assert isinstance(got, nn.QuantizedLinear) and got.bits == 4 and got.group_size == 32
+    assert mx.array_equal(got.weight, expect.weight)
+    assert isinstance(model.h[0].mlp.c_fc, nn.QuantizedLinear)  # untouched layers stay
+    # Re-quantizing adds 4-bit rounding of the update: close, not equal.
+    err = float(mx.abs(model(x) - with_adapter).max())
+    assert 0 < err < 0.5
+
+
+def test_adapter_save_load_round_trip(tmp_path):
+    model, x = tiny_model(), tokens()
+    cfg = LoRAConfig(rank=4, alpha=4, targets=("c_attn", "mlp.c_proj"), layers=(1,),
+                     base=base_identity(TINY, "base-model"))
+    apply_lora(model, cfg)
+    randomize_b(model)
+    want = model(x)
+    save_adapter(model, tmp_path / "ad", cfg)
+    meta = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
+    assert meta["rank"] == 4 and meta["alpha"] == 4 and meta["layers"] == [1]
+    assert meta["targets"] == ["c_attn", "mlp.c_proj"]
+    assert meta["base_model"]["config"]["n_embd"] == 64
+    # Layer 1 is the last of 2, so mlx-lm's keys are written too.
+    assert meta["num_layers"] == 1
+    assert meta["lora_parameters"]["keys"] == ["attn.c_attn", "mlp.c_proj"]
+
+    fresh = tiny_model()
+    load_adapter(fresh, tmp_path / "ad")
+    assert len(lora_modules(fresh)) == 2
+    assert mx.array_equal(fresh(x), want)
+
+
+def test_adapter_for_another_model_shape_is_refused(tmp_path):
+    model = tiny_model()
+    cfg = LoRAConfig(rank=4, base=base_identity(TINY))
+    apply_lora(model, cfg)
+    save_adapter(model, tmp_path / "ad", cfg)
+    wider = GPTConfig(vocab_size=97, n_positions=32, n_embd=128, n_layer=2, n_head=2)
+    with pytest.raises(MlxgptError, match=r"does not fit this model: n_embd=64 \(model has 128\)"):
+        load_adapter(tiny_model(cfg=wider), tmp_path / "ad")
+    # Without a recorded identity the tensor shapes still catch it.
+    meta = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
+    meta["base_model"] = {}
+    (tmp_path / "ad" / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(MlxgptError, match="does not fit this model"):
+        load_adapter(tiny_model(cfg=wider), tmp_path / "ad")
+
+
+def test_adapter_folder_errors(tmp_path):
+    with pytest.raises(MlxgptError, match="adapter folder not found"):
+        load_adapter(tiny_model(), tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MlxgptError, match="not an adapter folder"):
+        load_adapter(tiny_model(), tmp_path / "empty")
+
+
+def test_rank_larger_than_layer_is_refused():
+    with pytest.raises(MlxgptError, match=r"--rank 65 is larger than layer h.0.attn.c_attn "
+                                          r"\(64 -> 192\) allows; use a rank <= 64"):
+        apply_lora(tiny_model(), LoRAConfig(rank=65))
+
+
+def test_target_and_layer_parsing():
+    assert parse_targets("c_fc,attn.c_attn") == ("c_attn", "c_fc")
+    assert parse_targets("all") == ALL
+    with pytest.raises(MlxgptError, match="unknown LoRA target 'q_proj'"):
+        parse_targets("q_proj")
+    assert parse_layers("all", 12) == tuple(range(12))
+    assert parse_layers("0,2,8-10", 12) == (0, 2, 8, 9, 10)
+    assert parse_layers("last:3", 12) == (9, 10, 11)
+    assert parse_layers("-1", 12) == (11,)
+    with pytest.raises(MlxgptError, match="must be in 0..11"):
+        parse_layers("12", 12)
+    with pytest.raises(MlxgptError, match="not a layer list"):
+        parse_layers("x", 12)
+
+
+def test_gpt2_124m_rank8_c_attn_trainable_count():
+    # Parameters are lazy: nothing of the 124M model is materialized here.
+    model = GPT(GPTConfig())
+    _, base_total = count_parameters(model)
+    assert base_total == 124_439_808
+    apply_lora(model, LoRAConfig(rank=8, targets=("c_attn",)))
+    trainable, total = count_parameters(model)
+    assert trainable == 12 * 8 * (768 + 3 * 768) == 294_912  # about 0.3M
+    assert trainable / total < 0.003
+
+
+def test_quantized_count_uses_logical_sizes():
+    fp, q = tiny_model(), tiny_model(quantized=True)
+    assert count_parameters(fp)[1] == count_parameters(q)[1]
+
+
+def test_dense_weight_of_quantized_layer_is_close():
+    lin = nn.Linear(64, 32)
+    q = nn.QuantizedLinear.from_linear(lin, 32, 8)
+    assert float(mx.abs(dense_weight(q) - lin.weight).max()) < 0.01
