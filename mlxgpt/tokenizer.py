@@ -670,7 +670,7 @@ def load_tokenizer(folder: Path, meta: dict[str, Any] | None) -> Tokenizer:
         pattern = meta.get("pattern", pattern)
         special = meta.get("special_tokens", special)
         tok = _build_bpe(vocab, merges, special, pattern, source)
-        if meta.get("eot_id") is not None and isinstance(tok, BPETokenizer):
+        if meta.get("eot_id") is not None and tok.name == "bpe":  # never alter cached ones
             tok.eot_id = int(meta["eot_id"])
         return tok
     if meta is not None and kind is not None:
