@@ -15,11 +15,12 @@ from mlxgpt.model import GPT, GPTConfig, KVCache  # noqa: E402
 __all__ = ["GPT", "GPTConfig", "KVCache", "MlxgptError", "load"]
 
 
-def load(path_or_hub_id: str, *, dtype: str | None = None, adapter: str | None = None):
+def load(path_or_hub_id: str, *, dtype: str | None = None, adapter: str | None = None,
+         revision: str | None = None):
     """Load a model and its tokenizer: an mlxgpt folder, a Hugging Face folder or a hub id.
 
     Returns ``(model, tokenizer)``. Hugging Face sources are converted in memory.
     """
     from mlxgpt.loading import load as _load
 
-    return _load(path_or_hub_id, dtype=dtype, adapter=adapter)
+    return _load(path_or_hub_id, dtype=dtype, adapter=adapter, revision=revision)
