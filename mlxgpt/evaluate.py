@@ -1,0 +1,173 @@
+"""Evaluation: loss and perplexity on text or JSONL; accuracy of a classifier made by fine-tuning.
+
+Loss is the mean next-token cross-entropy (nats) over the counted tokens, perplexity its
+exponential. For ``{"prompt", "completion"}`` data, :func:`classify` asks the model for each
+prompt's completion (greedy decoding, stopping at end-of-text or after the longest label's
+length plus one token) and compares it with the label, both stripped of surrounding whitespace:
+exact match, nothing fuzzier. It also reports which label the model finds most likely, a score
+that is meaningful even for a base model that never answers with a bare label.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import MlxgptError
+from .sft import Batches, encode_records, masked_loss, read_jsonl, record_kind
+
+OTHER = "(other)"  # confusion-table column for answers that are no label
+
+
+def read_eval_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """JSONL records, or a whole text file as one ``{"text"}`` record."""
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        return read_jsonl(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MlxgptError(f"{p}: not found") from None
+    except UnicodeDecodeError as e:
+        raise MlxgptError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MlxgptError(f"{p}: cannot read ({e.strerror or e})") from None
+    if not text.strip():
+        raise MlxgptError(f"{p}: empty")
+    return [(str(p), {"text": text})]
+
+
+def evaluate_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    mask_prompt: bool = False,
+    batch_size: int = 8,
+    max_len: int | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean loss, perplexity and token count over all records."""
+    max_len = max_len or model.config.n_positions
+    examples, _ = encode_records(records, tokenizer, mask_prompt=mask_prompt, max_len=max_len)
+    batches = Batches(examples, batch_size, pad_id=tokenizer.eot_id or 0)
+    total, count = 0.0, 0
+    for inputs, targets, mask in batches.epoch():
+        loss, n = masked_loss(model, inputs, targets, mask)
+        total += loss.item() * n.item()
+        count += int(n.item())
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
+
+
+@dataclass
+class Classification:
+    labels: list[str]  # stripped labels, sorted
+    gold: list[str] = field(default_factory=list)
+    generated: list[str] = field(default_factory=list)  # stripped generations
+    likeliest: list[str] = field(default_factory=list)  # most likely label per example
+
+    @property
+    def accuracy(self) -> float:
+        return _share_equal(self.gold, self.generated)
+
+    @property
+    def label_accuracy(self) -> float:
+        return _share_equal(self.gold, self.likeliest)
+
+    def confusion(self) -> dict[str, Counter]:
+        """gold label -> Counter of predicted labels (answers that are no label: ``OTHER``)."""
+        table: dict[str, Counter] = {label: Counter() for label in self.labels}
+        for g, p in zip(self.gold, self.generated, strict=True):
+            table[g][p if p in table else OTHER] += 1
+        return table
+
+    def report(self) -> str:
+        n = len(self.gold)
+        majority = max(Counter(self.gold).values()) / max(n, 1)
+        lines = [
+            f"examples: {n}",
+            f"accuracy: {self.accuracy:.4f} (generated completion == label, exact after strip)",
+            f"label accuracy: {self.label_accuracy:.4f} (most likely label)",
+            f"majority-class baseline: {majority:.4f}",
+            "",
+            "confusion (rows: label, columns: generated):",
+        ]
+        table = self.confusion()
+        cols = self.labels + ([OTHER] if any(t[OTHER] for t in table.values()) else [])
+        width = max(len(c) for c in [*cols, "label"]) + 2
+        lines.append("".ljust(width) + "".join(c.rjust(width) for c in cols))
+        for label in self.labels:
+            lines.append(label.ljust(width)
+                         + "".join(str(table[label][c]).rjust(width) for c in cols))
+        return "\n".join(lines)
+
+
+def _share_equal(a: Sequence[str], b: Sequence[str]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / max(len(a), 1)
+
+
+def classify(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Classification:
+    """Generate each prompt's completion and compare it with the label (see module doc)."""
+    if any(record_kind(r) != "completion" for _, r in records):
+        raise MlxgptError('--task classify needs {"prompt", "completion"} lines')
+    labels = sorted({r["completion"].strip() for _, r in records})
+    # Each label as the model would produce it: with the leading space the data uses.
+    forms = sorted({r["completion"] for _, r in records})
+    form_ids = [tokenizer.encode(f) for f in forms]
+    budget = max(len(ids) for ids in form_ids) + 1  # room for one end-of-text or newline
+    out = Classification(labels)
+    for k, (_, rec) in enumerate(records):
+        prompt = tokenizer.encode(rec["prompt"])
+        out.gold.append(rec["completion"].strip())
+        out.generated.append(greedy_text(model, tokenizer, prompt, budget).strip())
+        scores = completion_logprobs(model, tokenizer, prompt, form_ids)
+        out.likeliest.append(forms[max(range(len(forms)), key=scores.__getitem__)].strip())
+        if progress:
+            progress(k + 1, len(records))
+    return out
+
+
+def greedy_text(model: nn.Module, tokenizer: Any, prompt: list[int], max_tokens: int) -> str:
+    """The model's greedy continuation of ``prompt``, up to end-of-text or ``max_tokens``."""
+    # TODO(generate.py): use mlxgpt.generate.generate once it lands.
+    cache = model.make_cache()
+    logits = model(mx.array([prompt], mx.int32), cache)[:, -1]
+    out: list[int] = []
+    for _ in range(max_tokens):
+        tok = int(mx.argmax(logits, axis=-1).item())
+        if tok == tokenizer.eot_id:
+            break
+        out.append(tok)
+        logits = model(mx.array([[tok]], mx.int32), cache)[:, -1]
+    return tokenizer.decode(out)
+
+
+def completion_logprobs(
+    model: nn.Module, tokenizer: Any, prompt: list[int], completions: Sequence[list[int]]
+) -> list[float]:
+    """log p(completion + end-of-text | prompt) for each completion, in one padded batch."""
+    end = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    rows = [prompt + c + end for c in completions]
+    width = max(len(r) for r in rows)
+    tokens = mx.array([r + [0] * (width - len(r)) for r in rows], mx.int32)  # (L, S)
+    logp = nn.log_softmax(model(tokens[:, :-1]).astype(mx.float32), axis=-1)  # (L, S-1, V)
+    picked = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # (L, S-1)
+    scores = []
+    for i, c in enumerate(completions):
+        start = len(prompt) - 1  # position that predicts the completion's first token
+        scores.append(picked[i, start:start + len(c) + len(end)].sum().item())
+    return scores

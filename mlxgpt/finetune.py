@@ -1,0 +1,230 @@
+"""``mlxgpt finetune`` and ``mlxgpt fuse`` as library calls: LoRA (or full) fine-tuning.
+
+Fine-tuning runs through the shared loop of :mod:`mlxgpt.train`; this module only decides what
+trains (the LoRA matrices, or everything with ``full``), what a checkpoint holds (an adapter
+folder, or a model folder) and how the data is batched (:mod:`mlxgpt.sft`).
+
+The output folder OUT::
+
+    OUT/adapters.safetensors, OUT/adapter_config.json   the result: best by validation loss
+                                                        (the last step without validation)
+    OUT/last/      adapter + optimizer state + step     what --resume continues from
+    OUT/best/      adapter at the lowest validation loss
+    OUT/log.jsonl, OUT/loss.png                         the training log and its plot
+
+With ``full`` the result and checkpoints are model folders instead (OUT is then a model folder
+that ``--model OUT`` takes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import checkpoint as ckpt
+from .errors import MlxgptError
+from .lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoRAConfig,
+    apply_lora,
+    base_identity,
+    count_parameters,
+    fuse,
+    load_adapter,
+    model_quantization,
+    read_adapter_config,
+    save_adapter,
+)
+from .sft import Batches, encode_records, find_splits, masked_loss, record_kind
+from .train import LOG_FILE, OPTIMIZER_FILE, PLOT_FILE, STATE_FILE, TrainConfig, TrainResult, train
+
+# What a finetune run writes into OUT; --force removes only these.
+_RUN_ENTRIES = ("last", "best", LOG_FILE, PLOT_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG,
+                ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE)
+
+
+@dataclass
+class FinetuneOptions:
+    model: str
+    data: str
+    out: str
+    lora: LoRAConfig | None = field(default_factory=LoRAConfig)  # None: full fine-tuning
+    # Training settings as a function of the number of train batches per epoch (so a default
+    # of "one pass over the data" can be resolved once the data is read).
+    train: Callable[[int], TrainConfig] = lambda n_batches: TrainConfig(steps=n_batches)
+    mask_prompt: bool = False
+    val_fraction: float | None = None  # None: 0.1 for a single file, no split for a folder
+    batch_size: int = 4
+    max_seq_len: int | None = None  # None: the model's context length
+    dtype: str | None = None
+    quantize: int | None = None  # quantize the base to this many bits first (QLoRA)
+    group_size: int = 64
+    seed: int = 0  # data order and split (the training seed is in the TrainConfig)
+    resume: bool = False
+    force: bool = False
+
+
+def steps_per_epoch(n_batches: int, grad_accum: int = 1) -> int:
+    return max(1, n_batches // grad_accum)
+
+
+def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune ``opts.model`` on ``opts.data``; see the module docstring for what is written."""
+    from .loading import load
+
+    out = Path(opts.out)
+    prepare_out(out, resume=opts.resume, force=opts.force)
+    model, tokenizer = load(opts.model, dtype=opts.dtype)
+    if opts.quantize:
+        from .convert import quantize
+
+        quantize(model, opts.quantize, opts.group_size)
+    quant = model_quantization(model)
+    if opts.lora is None and quant:
+        raise MlxgptError("full fine-tuning needs a float model; use LoRA on a quantized one")
+
+    lora = opts.lora
+    if lora is not None:
+        if opts.resume:  # the adapter's shape comes from the checkpoint being continued
+            lora = read_adapter_config(out / "last")
+        lora.base = base_identity(model.config, opts.model, quant)
+        apply_lora(model, lora)
+    else:
+        model.unfreeze()
+    trainable, total = count_parameters(model)
+    echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+         + (f", base quantized to {quant['bits']} bits" if quant else ""))
+
+    train_data, val_data, sample = load_data(opts, model, tokenizer, echo, opts.seed)
+    cfg = opts.train(len(train_data))
+    if val_data is not None:
+        cfg.eval_batches = min(cfg.eval_batches, len(val_data))
+    if lora is not None:
+        def save(m: nn.Module, folder: Path) -> None:
+            save_adapter(m, folder, lora)
+
+        def restore(m: nn.Module, folder: Path) -> None:
+            weights = ckpt.load_safetensors(folder / ADAPTER_WEIGHTS)
+            m.load_weights([(k.removeprefix(ckpt.KEY_PREFIX), v) for k, v in weights.items()],
+                           strict=False)
+    else:
+        def save(m: nn.Module, folder: Path) -> None:
+            ckpt.write_model_files(m, folder, tokenizer)
+
+        def restore(m: nn.Module, folder: Path) -> None:
+            weights = ckpt.load_safetensors(folder / ckpt.WEIGHTS_FILE)
+            m.load_weights([(k.removeprefix(ckpt.KEY_PREFIX), v) for k, v in weights.items()])
+
+    mx.reset_peak_memory()
+    result = train(model, masked_loss, train_data, cfg, out, save_weights=save,
+                   load_weights=restore, val_data=val_data, sample=sample, resume=opts.resume,
+                   fingerprint={"data": str(opts.data), "lora": str(lora)}, echo=echo)
+    publish(out, "best" if (out / "best").is_dir() else "last")
+    tok_s = result.tokens / result.elapsed if result.elapsed else 0.0
+    echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}: "
+         f"{tok_s:,.0f} tokens/s, peak memory {mx.get_peak_memory() / 2**30:.2f} GiB")
+    what = "adapter" if lora is not None else "model"
+    best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
+    echo(f"{what} written to {out}{best}")
+    return result
+
+
+def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to mix a new run into an old one; ``force`` clears only what a run writes."""
+    if resume:
+        if not (out / "last").is_dir():
+            raise MlxgptError(f"cannot resume: no checkpoint at {out / 'last'}")
+        return
+    if out.exists() and not out.is_dir():
+        raise MlxgptError(f"{out} exists and is not a folder")
+    leftovers = [e for e in _RUN_ENTRIES if (out / e).exists()]
+    if leftovers and not force:
+        raise MlxgptError(f"{out} already holds a fine-tuning run "
+                          "(use --resume to continue it or --force to start over)")
+    for e in leftovers:
+        p = out / e
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MlxgptError(f"cannot write to {out}: {e.strerror or e}") from None
+
+
+def publish(out: Path, name: str) -> None:
+    """Copy checkpoint ``name``'s adapter (or model) files to OUT's top level, atomically."""
+    src = out / name
+    if not src.is_dir():
+        return
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+            tmp = out / f".{f.name}.tmp"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, out / f.name)
+
+
+def load_data(
+    opts: FinetuneOptions, model: nn.Module, tokenizer: Any, echo: Callable[[str], None],
+    seed: int = 0,
+) -> tuple[Batches, Batches | None, Callable[[nn.Module], str] | None]:
+    """Train and validation batches, and a sample function showing one validation answer."""
+    path = Path(opts.data)
+    val_fraction = opts.val_fraction
+    if val_fraction is None:
+        val_fraction = 0.0 if path.is_dir() else 0.1
+    splits = find_splits(path, val_fraction, seed=seed)
+    max_len = min(opts.max_seq_len or model.config.n_positions, model.config.n_positions)
+    pad = tokenizer.eot_id or 0
+    data: dict[str, Batches] = {}
+    for name in ("train", "valid"):
+        if name not in splits:
+            continue
+        examples, stats = encode_records(splits[name], tokenizer, mask_prompt=opts.mask_prompt,
+                                         max_len=max_len)
+        if not examples:
+            raise MlxgptError(f"{opts.data}: no {name} example has a token to learn from")
+        note = "".join(f", {v} {k}" for k, v in stats.items() if v)
+        echo(f"{name}: {len(examples)} examples, "
+             f"{sum(e.n_targets for e in examples):,} target tokens{note}")
+        data[name] = Batches(examples, opts.batch_size, seed=seed, pad_id=pad)
+    sample = None
+    valid = splits.get("valid")
+    if valid and record_kind(valid[0][1]) == "completion":
+        from .evaluate import greedy_text
+
+        first = valid[0][1]
+        prompt_ids = tokenizer.encode(first["prompt"])
+        n = len(tokenizer.encode(first["completion"])) + 8
+
+        def sample(m: nn.Module) -> str:
+            got = greedy_text(m, tokenizer, prompt_ids, n)
+            return f"...{first['prompt'][-40:]!r} -> {got!r} (label {first['completion']!r})"
+
+    return data["train"], data.get("valid"), sample
+
+
+def fuse_adapter(model_path: str, adapter: str, out: str, *, requantize: bool = False,
+                 force: bool = False, dtype: str | None = None) -> Path:
+    """Fold an adapter into its base and write a plain model folder."""
+    from .loading import load
+
+    model, tokenizer = load(model_path, dtype=dtype)
+    quant = model_quantization(model)
+    if requantize and not quant:
+        raise MlxgptError("--requantize needs a quantized base model (this one is float)")
+    load_adapter(model, adapter)
+    fuse(model, requantize=requantize)
+    mx.eval(model.parameters())
+    extra = {"fused_from": {"model": str(model_path), "adapter": str(adapter)}}
+    return ckpt.save_model(model, out, tokenizer, force=force,
+                           quantization=quant if requantize else None, extra=extra)
