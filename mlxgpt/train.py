@@ -295,6 +295,13 @@ class _Stepper:
         return loss_sum / max(n, 1.0)
 
 
+def lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
+    """Next-token cross-entropy, mean over all B*T positions, and the count B*T."""
+    logits = model(inputs)  # (B, T, V)
+    loss = nn.losses.cross_entropy(logits, targets, reduction="mean")
+    return loss, mx.array(targets.size, dtype=mx.float32)
+
+
 def step_seed(seed: int, step: int) -> int:
     """The dropout RNG seed of optimizer step ``step``: a pure function, so resume is exact."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
@@ -356,9 +363,14 @@ class Progress:
         self.every = max(1, (total - start) // 20)  # non-tty: about 20 lines per run
         self.t0 = time.perf_counter()
         self.tokens = 0
+        self.first, self.first_step = True, start
 
     def update(self, step: int, loss: float, tokens: int) -> None:
-        self.tokens += tokens
+        # The first step includes compilation: measure speed from the end of it.
+        if self.first:
+            self.first, self.t0, self.start = False, time.perf_counter(), step
+        else:
+            self.tokens += tokens
         if not self.enabled:
             return
         dt = time.perf_counter() - self.t0
@@ -368,11 +380,11 @@ class Progress:
         width = 24
         fill = int(width * step / self.total)
         line = (f"step {step}/{self.total} [{'#' * fill}{'.' * (width - fill)}] loss {loss:.4f} "
-                f"| {tok_s / 1000:.1f}k tok/s | ETA {_fmt_time(eta)}")
+                f"| {tok_s / 1000:.1f}k tok/s | ETA {_fmt_time(eta) if done else '?'}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()
-        elif done % self.every == 0 or step == self.total:
+        elif (step - self.first_step) % self.every == 0 or step == self.total:
             self.stream.write(line + "\n")
 
     def message(self, text: str) -> None:
