@@ -312,6 +312,8 @@ def convert(
     if quantize_bits is not None:
         check_quant_options(quantize_bits, group_size)  # before any download or reading
     folder = resolve_source(source, revision)
+    if ckpt.is_model_folder(folder):
+        raise MlxgptError(f"{source}: already an mlxgpt model folder (load it as it is)")
     model, tok = load_hf(folder, target)
     n_params = model.n_params  # before quantization packs the weights
     quant, n_quant = None, 0

@@ -144,6 +144,9 @@ def load_torch_bin(path: str | Path) -> dict[str, mx.array]:
     if not path.is_file():
         raise MlxgptError(f"{src}: weights file not found")
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip whose end (the directory) is missing
+                raise MlxgptError(f"{src}: truncated or corrupt (incomplete download?)")
         raise MlxgptError(
             f"{src}: not a zip-format PyTorch checkpoint (the legacy pre-1.6 format is not "
             "supported: re-save it with a current torch, or convert it to safetensors)"
