@@ -96,7 +96,7 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
         if opts.resume:  # the adapter's shape comes from the checkpoint being continued
             lora = read_adapter_config(out / "last")
         lora.base = base_identity(model.config, opts.model, quant)
-        apply_lora(model, lora)
+        apply_lora(model, lora, seed=opts.seed)
     else:
         model.unfreeze()
     trainable, total = count_parameters(model)

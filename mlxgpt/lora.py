@@ -69,7 +69,8 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen linear (plain or quantized) plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 key: mx.array | None = None):
         super().__init__()
         out_dims, in_dims = linear_dims(base)
         self.linear = base
@@ -77,7 +78,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         # Kaiming-uniform-like A (as mlx-lm and the reference implementation), zero B.
         bound = 1.0 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))  # (in, r)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank), key=key)  # (in, r)
         self.lora_b = mx.zeros((rank, out_dims))  # (r, out)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -230,8 +231,11 @@ def model_quantization(model: nn.Module) -> dict[str, int] | None:
 # --------------------------------------------------------------------------- apply / count
 
 
-def apply_lora(model: GPT, cfg: LoRAConfig) -> GPT:
-    """Wrap the chosen linear layers in LoRA layers and freeze everything else (in place)."""
+def apply_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
+    """Wrap the chosen linear layers in LoRA layers and freeze everything else (in place).
+
+    The ``A`` matrices are drawn from ``seed`` alone, so the same call gives the same adapter.
+    """
     if not isinstance(cfg.rank, int) or cfg.rank < 1:
         raise MlxgptError(f"--rank must be a positive integer, got {cfg.rank!r}")
     if not cfg.alpha > 0:
@@ -242,6 +246,7 @@ def apply_lora(model: GPT, cfg: LoRAConfig) -> GPT:
     layers = parse_layers(cfg.layers, len(model.h))
     if lora_modules(model):
         raise MlxgptError("the model already has LoRA layers (fuse them first)")
+    key = mx.random.key(seed)
     for i in layers:
         for t in targets:
             parent, name = _resolve(model.h[i], TARGETS[t])
@@ -252,7 +257,8 @@ def apply_lora(model: GPT, cfg: LoRAConfig) -> GPT:
                     f"--rank {cfg.rank} is larger than layer h.{i}.{TARGETS[t]} "
                     f"({in_dims} -> {out_dims}) allows; use a rank <= {min(out_dims, in_dims)}"
                 )
-            setattr(parent, name, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
+            key, sub = mx.random.split(key)
+            setattr(parent, name, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, sub))
     cfg.targets, cfg.layers = targets, layers
     freeze_base(model)
     return model

@@ -1,5 +1,7 @@
 """``mlxgpt finetune``, ``mlxgpt fuse`` and ``mlxgpt eval``: LoRA fine-tuning and evaluation."""
 
+import sys
+
 import click
 
 
@@ -127,7 +129,7 @@ def evaluate(model, adapter, data, task, mask_prompt, batch_size, limit, dtype):
                    f"tokens: {r['tokens']}")
         return
 
-    tty = click.get_text_stream("stderr").isatty()
+    tty = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
         if tty and (done % 10 == 0 or done == total):
