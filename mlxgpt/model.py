@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .errors import MlxgptError
 
 # Activations GPT-2 checkpoints declare that this model computes exactly.
@@ -137,6 +138,8 @@ class GPTConfig:
 
 def gelu_tanh(x: mx.array) -> mx.array:
     """GPT-2's GELU (Hugging Face ``gelu_new``), written out to match the reference exactly."""
+    if ops.use_fast_math():  # CPU: the same function without libm's tanh (see mlxgpt/ops.py)
+        return ops.gelu_tanh(x)
     return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
@@ -201,7 +204,14 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)  # (B, H, S, D)
         # "causal" aligns the last query with the last key, so it is right with a cache too.
         mask = "causal" if T > 1 else None
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if hasattr(cache, "attention_mask"):
+            # A cache that hands back a fixed-size buffer (generate's compiled decode step)
+            # says which of its keys are real.
+            mask = cache.attention_mask(T)
+        if ops.use_fast_math():  # CPU: softmax without libm's exp (see mlxgpt/ops.py)
+            y = ops.attention(q, k, v, self.scale, mask)
+        else:
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, C))  # (B, T, C)
 
 
@@ -256,12 +266,12 @@ class GPT(nn.Module):
     def hidden(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """Final hidden states (B, T, C) for token ids (B, T)."""
         T = tokens.shape[1]
-        offset = cache[0].offset if cache else 0
-        if offset + T > self.config.n_positions:
+        offset = cache[0].offset if cache else 0  # an int, or a scalar array inside mx.compile
+        if isinstance(offset, int) and offset + T > self.config.n_positions:
             raise ValueError(
                 f"positions {offset}..{offset + T - 1} exceed n_positions={self.config.n_positions}"
             )
-        x = self.wte(tokens) + self.wpe(mx.arange(offset, offset + T))  # (B, T, C)
+        x = self.wte(tokens) + self.wpe(offset + mx.arange(T))  # (B, T, C)
         if self.drop is not None:
             x = self.drop(x)
         for i, block in enumerate(self.h):
