@@ -34,6 +34,7 @@ from .tokenizer import (
     load_tokenizer,
     tokenizer_from_hf_folder,
 )
+from .torch_pickle import load_torch_bin
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -114,8 +115,6 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
 
 def read_hf_weights(folder: Path) -> dict[str, mx.array]:
     """All tensors of a Hugging Face folder, keys as stored (``transformer.`` prefix or not)."""
-    from .torch_pickle import load_torch_bin
-
     if (folder / SAFETENSORS).exists():
         return ckpt.load_safetensors(folder / SAFETENSORS)
     if (folder / SAFETENSORS_INDEX).exists():
@@ -134,10 +133,12 @@ def _read_sharded(folder: Path, index_name: str, read) -> dict[str, mx.array]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise MlxgptError(f"{folder / index_name}: no weight_map")
-    weights: dict[str, mx.array] = {}
-    for shard in sorted(set(weight_map.values())):
+    shards = set(weight_map.values())
+    for shard in shards:  # plain file names next to the index, nothing else
         if not isinstance(shard, str) or Path(shard).name != shard:
             raise MlxgptError(f"{folder / index_name}: bad shard name {shard!r}")
+    weights: dict[str, mx.array] = {}
+    for shard in sorted(shards):
         weights.update(read(folder / shard))
     missing = sorted(set(weight_map) - set(weights))
     if missing:
@@ -151,6 +152,8 @@ def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[GPTConf
     ``lm_head.weight`` equal to ``wte`` (or absent) means tied; a different one is kept as an
     untied head, as ``transformers`` does.
     """
+    if not hf:
+        raise MlxgptError("the weights file holds no tensors")
     weights: dict[str, mx.array] = {}
     for key, value in hf.items():
         key = key.removeprefix("transformer.")

@@ -64,7 +64,7 @@ def main() -> None:
         ref = hf_logits(hf, tokens)[0]  # (T, V)
         sigma = float(ref.std())
         print(f"\nlogits vs transformers fp32 (T={args.seq}, logit std {sigma:.3f}):")
-        print(f"  {'variant':10s} {'max|diff|':>10s} {'/std':>8s} {'rms/std':>8s} {'top-1':>6s}")
+        print(f"  {'variant':10s} {'max|diff|':>10s} {'/std':>9s} {'rms/std':>9s} {'top-1':>6s}")
         for name, opts in VARIANTS.items():
             folder = work / f"out-{name.replace(' ', '')}"
             convert(work / "hf-st", folder, force=True, **opts)
@@ -73,8 +73,8 @@ def main() -> None:
             diff = np.abs(out - ref)
             top1 = float((out.argmax(-1) == ref.argmax(-1)).mean())
             rms = float(np.sqrt((diff**2).mean()))
-            print(f"  {name:10s} {diff.max():10.2e} {diff.max() / sigma:8.4f} "
-                  f"{rms / sigma:8.4f} {top1:6.1%}")
+            print(f"  {name:10s} {diff.max():10.2e} {diff.max() / sigma:9.2e} "
+                  f"{rms / sigma:9.2e} {top1:6.1%}")
 
 
 if __name__ == "__main__":
