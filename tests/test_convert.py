@@ -48,6 +48,11 @@ def assert_refused(result, match: str, out: Path | None = None) -> None:
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
+def assert_convert_refused(src: Path, tmp_path: Path, match: str) -> None:
+    out = tmp_path / "out"
+    assert_refused(cli("convert", src, out), match, out)
+
+
 @pytest.fixture(scope="module")
 def small_src(tmp_path_factory):
     """Valid small HF folders (safetensors and .bin); tests copy them before changing them."""
@@ -285,8 +290,7 @@ def test_legacy_non_zip_bin_is_refused(tmp_path, small_src):
     src = tmp_path / "src"
     shutil.copytree(small_src["bin"], src)
     (src / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}))
-    assert_refused(cli("convert", src, tmp_path / "out"), "not a zip-format PyTorch checkpoint",
-                   tmp_path / "out")
+    assert_convert_refused(src, tmp_path, "not a zip-format PyTorch checkpoint")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -294,7 +298,7 @@ def test_legacy_non_zip_bin_is_refused(tmp_path, small_src):
 
 def test_missing_weights_file(src, tmp_path):
     (src / "model.safetensors").unlink()
-    assert_refused(cli("convert", src, tmp_path / "out"), "no weights file", tmp_path / "out")
+    assert_convert_refused(src, tmp_path, "no weights file")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -304,42 +308,38 @@ def test_truncated_weights_file(small_src, tmp_path, fmt):
     path = src / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     match = "cannot read weights" if fmt == "safetensors" else "truncated"
-    assert_refused(cli("convert", src, tmp_path / "out"), match, tmp_path / "out")
+    assert_convert_refused(src, tmp_path, match)
 
 
 def test_wrong_tensor_shape(src, tmp_path):
     weights = load_file(src / "model.safetensors")
     weights["transformer.h.0.mlp.c_fc.weight"] = np.zeros((48, 100), np.float32)
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
-    assert_refused(cli("convert", src, tmp_path / "out"),
-                   "tensor h.0.mlp.c_fc.weight has shape (100, 48), expected (192, 48)",
-                   tmp_path / "out")
+    assert_convert_refused(
+        src, tmp_path, "tensor h.0.mlp.c_fc.weight has shape (100, 48), expected (192, 48)"
+    )
 
 
 def test_missing_tensor(src, tmp_path):
     weights = load_file(src / "model.safetensors")
     del weights["transformer.ln_f.bias"]
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
-    assert_refused(cli("convert", src, tmp_path / "out"), "missing tensor ln_f.bias",
-                   tmp_path / "out")
+    assert_convert_refused(src, tmp_path, "missing tensor ln_f.bias")
 
 
 def test_vocab_size_not_matching_weights(src, tmp_path):
     edit_config(src, vocab_size=102)
-    assert_refused(cli("convert", src, tmp_path / "out"), "wte.weight has shape (101, 48)",
-                   tmp_path / "out")
+    assert_convert_refused(src, tmp_path, "wte.weight has shape (101, 48)")
 
 
 def test_missing_config_key(src, tmp_path):
     edit_config(src, n_layer=None)
-    assert_refused(cli("convert", src, tmp_path / "out"), "missing key(s) n_layer",
-                   tmp_path / "out")
+    assert_convert_refused(src, tmp_path, "missing key(s) n_layer")
 
 
 def test_unknown_config_key(src, tmp_path):
     edit_config(src, rotary_dim=16)
-    assert_refused(cli("convert", src, tmp_path / "out"), "unknown key(s) rotary_dim",
-                   tmp_path / "out")
+    assert_convert_refused(src, tmp_path, "unknown key(s) rotary_dim")
 
 
 @pytest.mark.parametrize("change,match", [
@@ -349,17 +349,16 @@ def test_unknown_config_key(src, tmp_path):
 ])
 def test_unsupported_config_option(src, tmp_path, change, match):
     edit_config(src, **change)
-    assert_refused(cli("convert", src, tmp_path / "out"), match, tmp_path / "out")
+    assert_convert_refused(src, tmp_path, match)
 
 
 def test_missing_config_file(src, tmp_path):
     (src / "config.json").unlink()
-    assert_refused(cli("convert", src, tmp_path / "out"), "no config.json", tmp_path / "out")
+    assert_convert_refused(src, tmp_path, "no config.json")
 
 
 def test_source_not_found(tmp_path):
-    assert_refused(cli("convert", tmp_path / "nowhere", tmp_path / "out"), "no such folder",
-                   tmp_path / "out")
+    assert_convert_refused(tmp_path / "nowhere", tmp_path, "no such folder")
 
 
 def test_existing_output_refused_without_force(src, tmp_path):
