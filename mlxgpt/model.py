@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import ops
 from .errors import MlxgptError
 
 # Activations GPT-2 checkpoints declare that this model computes exactly.
@@ -137,6 +138,8 @@ class GPTConfig:
 
 def gelu_tanh(x: mx.array) -> mx.array:
     """GPT-2's GELU (Hugging Face ``gelu_new``), written out to match the reference exactly."""
+    if ops.use_fast_math():  # CPU: the same function without libm's tanh (see mlxgpt/ops.py)
+        return ops.gelu_tanh(x)
     return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
@@ -205,7 +208,10 @@ class Attention(nn.Module):
             # A cache that hands back a fixed-size buffer (generate's compiled decode step)
             # says which of its keys are real.
             mask = cache.attention_mask(T)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if ops.use_fast_math():  # CPU: softmax without libm's exp (see mlxgpt/ops.py)
+            y = ops.attention(q, k, v, self.scale, mask)
+        else:
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, C))  # (B, T, C)
 
 

@@ -62,6 +62,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import ops
 from .checkpoint import atomic_dir, atomic_write_text
 from .errors import MlxgptError
 
@@ -298,7 +299,10 @@ class _Stepper:
 def lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
     """Next-token cross-entropy, mean over all B*T positions, and the count B*T."""
     logits = model(inputs)  # (B, T, V)
-    loss = nn.losses.cross_entropy(logits, targets, reduction="mean")
+    if ops.use_fast_math():  # CPU: log-sum-exp without libm's exp (see mlxgpt/ops.py)
+        loss = ops.cross_entropy(logits, targets).mean()
+    else:
+        loss = nn.losses.cross_entropy(logits, targets, reduction="mean")
     return loss, mx.array(targets.size, dtype=mx.float32)
 
 
