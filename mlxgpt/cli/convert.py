@@ -5,7 +5,7 @@ import click
 
 @click.command()
 @click.argument("source")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Cast floating-point weights (default: as stored).")
@@ -29,8 +29,8 @@ def convert(source, out_dir, revision, dtype, bits, group_size, force):
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("model")
+@click.argument("out_dir")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def export(model, out_dir, force):
     """Write an mlxgpt model folder back out as a Hugging Face GPT-2 folder.
