@@ -187,14 +187,18 @@ class Context:
         if not ids:
             raise MlxgptError("nothing to read: the prompt is empty")
         have = self.tokens
-        common = 0
-        for a, b in zip(have, ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)
+        common = min(_common_prefix(have, ids), len(ids) - 1)
         self.trim(len(have) - common)
         return self.prefill(ids[common:])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------- token loop
@@ -252,17 +256,28 @@ def generate_tokens(
         mx.async_eval(tok, *([] if lp is None else [lp]))
         return tok, lp
 
+    def advance(y: mx.array):
+        """Queue the step after token y (None when the context is full and we stop)."""
+        if ctx.offset < n_pos:
+            return pick(ctx.step(y))
+        if context == "slide":
+            ids = ctx.tokens[-(keep - 1) :] if keep > 1 else []
+            ctx.reset()
+            return pick(ctx.prefill([*ids, y.item()]))
+        return None
+
+    def read(y: mx.array, lp: mx.array | None) -> tuple[int, float | None]:
+        return y.item(), (lp.item() if lp is not None else None)
+
     y, lp = pick(ctx.sync(prompt))
     for n in range(max_tokens):
-        nxt = None
-        if n + 1 < max_tokens:
-            if ctx.offset < n_pos:
-                nxt = pick(ctx.step(y))  # queued before y is read: the CPU/GPU stays busy
-            elif context == "slide":
-                ids = ctx.tokens[-(keep - 1) :] if keep > 1 else []
-                ctx.reset()
-                nxt = pick(ctx.prefill([*ids, y.item()]))
-        yield y.item(), (lp.item() if lp is not None else None)
+        last = n + 1 == max_tokens
+        if n == 0:
+            yield read(y, lp)  # the first token goes out at once (time to first token)
+            nxt = None if last else advance(y)
+        else:
+            nxt = None if last else advance(y)  # queued before y is read: no idle gap
+            yield read(y, lp)
         if nxt is None:
             return
         y, lp = nxt
@@ -282,8 +297,9 @@ class GenerationResponse:
     logprob: float | None = None
     finish_reason: str | None = None  # "stop" (stop string), "eos" (<|endoftext|>), "length"
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens already in the KV cache (not read again)
     generation_tokens: int = 0
-    prompt_tps: float = 0.0  # prompt tokens read per second (time to first token)
+    prompt_tps: float = 0.0  # prompt tokens read per second (up to the first token)
     generation_tps: float = 0.0  # tokens per second after the first
     ttft: float = 0.0  # seconds to the first token
     peak_memory_gb: float = 0.0
@@ -351,6 +367,7 @@ def stream_generate(
     eos = tokenizer.eot_id if stop_at_eos else None
 
     mx.reset_peak_memory()
+    cached = _common_prefix(ctx.tokens, ids)
     start = time.perf_counter()
     first = last = start
     n = 0
@@ -380,8 +397,9 @@ def stream_generate(
         text=tail,
         finish_reason=reason,
         prompt_tokens=len(ids),
+        cached_tokens=cached,
         generation_tokens=n,
-        prompt_tps=len(ids) / max(first - start, 1e-9),
+        prompt_tps=(len(ids) - cached) / max(first - start, 1e-9),
         generation_tps=(n - 1) / (last - first) if n > 1 and last > first else 0.0,
         ttft=first - start,
         peak_memory_gb=mx.get_peak_memory() / 1e9,

@@ -17,7 +17,8 @@ def info() -> None:
     backend = "metal" if mx.metal.is_available() else ("cuda" if _cuda() else "cpu")
     click.echo(f"mlxgpt      {_version()}")
     click.echo(f"mlx         {mx.__version__}")
-    click.echo(f"python      {platform.python_version()} ({platform.system()} {platform.machine()})")
+    system = f"{platform.system()} {platform.machine()}"
+    click.echo(f"python      {platform.python_version()} ({system})")
     click.echo(f"device      {device}")
     click.echo(f"backend     {backend}")
     click.echo(f"dtype       {str(default_dtype()).removeprefix('mlx.core.')} (default for models)")

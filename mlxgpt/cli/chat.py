@@ -1,0 +1,24 @@
+"""``mlxgpt chat``: talk to a model in the terminal (or one turn per line of piped input)."""
+
+from __future__ import annotations
+
+import click
+
+from mlxgpt.cli.generate import load_model, model_options, sampling_options, sampling_settings
+
+
+@click.command()
+@model_options
+@click.option("--system", default=None, help="System text written above the conversation.")
+@sampling_options
+def chat(model, adapter, dtype, system, **opts) -> None:
+    """Chat with a model: streamed replies, /help for commands.
+
+    With stdin not a terminal each input line is one turn and only the replies are printed.
+    """
+    from mlxgpt.chat import ChatSession, ChatSettings, run_repl
+
+    max_tokens = opts.pop("max_tokens")
+    settings = ChatSettings(max_tokens=max_tokens, sampling=sampling_settings(opts))
+    m, tok = load_model(model, adapter, dtype)
+    run_repl(ChatSession(m, tok, settings, system=system))
