@@ -130,8 +130,9 @@ def classify(
     form_ids = [tokenizer.encode(f) for f in forms]
     budget = max(len(ids) for ids in form_ids) + 1  # room for one end-of-text or newline
     out = Classification(labels)
+    room = model.config.n_positions - budget - 1  # keep the prompt's end if it is too long
     for k, (_, rec) in enumerate(records):
-        prompt = tokenizer.encode(rec["prompt"])
+        prompt = tokenizer.encode(rec["prompt"])[-room:]
         out.gold.append(rec["completion"].strip())
         out.generated.append(greedy_text(model, tokenizer, prompt, budget).strip())
         scores = completion_logprobs(model, tokenizer, prompt, form_ids)

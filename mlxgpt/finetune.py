@@ -203,8 +203,8 @@ def load_data(
         from .evaluate import greedy_text
 
         first = valid[0][1]
-        prompt_ids = tokenizer.encode(first["prompt"])
         n = len(tokenizer.encode(first["completion"])) + 8
+        prompt_ids = tokenizer.encode(first["prompt"])[-(model.config.n_positions - n - 1):]
 
         def sample(m: nn.Module) -> str:
             got = greedy_text(m, tokenizer, prompt_ids, n)

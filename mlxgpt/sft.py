@@ -188,7 +188,8 @@ def encode_records(
     max_len: int,
 ) -> tuple[list[Example], dict[str, int]]:
     """Tokenize records. Text longer than ``max_len`` tokens is cut into windows; a longer
-    prompt/completion or chat is truncated; examples left with nothing to learn are dropped.
+    prompt/completion or chat loses its first tokens; examples left with nothing to learn are
+    dropped.
     Returns the examples and counts of what was truncated or dropped."""
     out, stats = [], {"truncated": 0, "dropped": 0}
     for where, rec in records:
@@ -198,9 +199,9 @@ def encode_records(
             if record_kind(rec) == "text":  # plain text: keep all of it, in windows
                 pieces = [(tokens[k:k + max_len], mask[k:k + max_len])
                           for k in range(0, len(tokens), max_len)]
-            else:
+            else:  # keep the end: the completion (or the last reply) is what is learnt
                 stats["truncated"] += 1
-                pieces = [(tokens[:max_len], mask[:max_len])]
+                pieces = [(tokens[-max_len:], mask[-max_len:])]
         for tokens, mask in pieces:
             ex = Example(tokens, mask, where)
             if len(tokens) < 2 or ex.n_targets == 0:

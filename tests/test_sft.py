@@ -64,13 +64,16 @@ def test_text_examples_train_on_everything_and_long_text_is_windowed(tmp_path):
     assert stats == {"truncated": 0, "dropped": 0}
 
 
-def test_long_completion_is_truncated_and_counted(tmp_path):
-    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p" * 10, "completion": "c"},
-                                           {"prompt": "p", "completion": "cc"}])
+def test_long_prompt_loses_its_start_and_is_counted(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "0123456789", "completion": "c"},
+                                           {"prompt": "p", "completion": "cc"},
+                                           {"prompt": "p", "completion": "c" * 9}])
     examples, stats = encode_records(read_jsonl(f), TOK, mask_prompt=True, max_len=6)
-    # The first one lost its completion: nothing left to learn, so it is dropped.
-    assert stats == {"truncated": 1, "dropped": 1}
-    assert len(examples) == 1
+    assert examples[0].tokens == [*b"6789c", TOK.eot_id]  # the completion survives
+    assert examples[0].mask == [0, 0, 0, 0, 1, 1]
+    # The third keeps only completion tokens: the first of them has no context, the rest count.
+    assert examples[2].tokens == [*b"ccccc", TOK.eot_id] and examples[2].n_targets == 5
+    assert stats == {"truncated": 2, "dropped": 0}
 
 
 @pytest.mark.parametrize(
