@@ -144,17 +144,11 @@ def classify(
 
 def greedy_text(model: nn.Module, tokenizer: Any, prompt: list[int], max_tokens: int) -> str:
     """The model's greedy continuation of ``prompt``, up to end-of-text or ``max_tokens``."""
-    # TODO(generate.py): use mlxgpt.generate.generate once it lands.
-    cache = model.make_cache()
-    logits = model(mx.array([prompt], mx.int32), cache)[:, -1]
-    out: list[int] = []
-    for _ in range(max_tokens):
-        tok = int(mx.argmax(logits, axis=-1).item())
-        if tok == tokenizer.eot_id:
-            break
-        out.append(tok)
-        logits = model(mx.array([[tok]], mx.int32), cache)[:, -1]
-    return tokenizer.decode(out)
+    from .generate import generate
+    from .sample import SamplingSettings
+
+    return generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                    sampling=SamplingSettings(temperature=0.0))
 
 
 def completion_logprobs(

@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import ops
 from .errors import MlxgptError
 
 SPLITS = ("train", "valid", "test")
@@ -164,14 +165,15 @@ def message_segments(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     ``mlxgpt chat`` shows it. Each assistant reply is the text that rendering the conversation
     up to it adds after rendering the prompt that asks for it.
     """
-    from .chat import render_prompt, render_transcript
+    from .chat import render_transcript
 
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = render_prompt(messages[:i])  # transcript so far + the assistant's cue
+        # The transcript so far plus the assistant's cue, then with the reply added.
+        prompt = render_transcript(messages[:i], add_generation_prompt=True)
         full = render_transcript(messages[: i + 1])
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise MlxgptError("chat transcript format is not prefix-stable; cannot mask turns")
@@ -310,6 +312,9 @@ def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array,
                 mask: mx.array) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the counted targets, and how many there were."""
     logits = model(inputs)  # (B, T, V)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)  # (B, T)
+    if ops.use_fast_math():  # CPU: log-sum-exp without libm's exp (see mlxgpt/ops.py)
+        ce = ops.cross_entropy(logits, targets)  # (B, T)
+    else:
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
     n = mask.sum()
     return (ce * mask).sum() / mx.maximum(n, 1), n

@@ -143,3 +143,17 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path):
     order = [int(b.batch(s)[2].sum()) for s in range(len(b))]
     order2 = [int(b.batch(len(b) + s)[2].sum()) for s in range(len(b))]
     assert sorted(order) == sorted(order2) and order != order2
+
+
+def test_messages_use_the_chat_transcript_and_mask_all_but_assistant_turns(tmp_path):
+    from mlxgpt.chat import render_transcript
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye!"}]
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
+    (e,), _ = encode_records(read_jsonl(f), TOK, mask_prompt=True, max_len=256)
+    assert TOK.decode(e.tokens[:-1]) == render_transcript(msgs)  # exactly what chat shows
+    assert e.tokens[-1] == TOK.eot_id
+    learnt = bytes(t for t, m in zip(e.tokens[:-1], e.mask[:-1], strict=True) if m)
+    assert learnt == b" Hello.\n Bye!\n"  # the replies after "Assistant:", nothing else
