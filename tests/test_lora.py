@@ -233,3 +233,23 @@ def test_dense_weight_of_quantized_layer_is_close():
     lin = nn.Linear(64, 32)
     q = nn.QuantizedLinear.from_linear(lin, 32, 8)
     assert float(mx.abs(dense_weight(q) - lin.weight).max()) < 0.01
+
+
+def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path):
+    """Adapters are written in mlx-lm's layout: mlx_lm.load(model, adapter_path=...) agrees."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    pytest.importorskip("transformers")
+    from mlxgpt.checkpoint import save_model
+    from mlxgpt.tokenizer import gpt2_tokenizer
+
+    cfg = GPTConfig(n_positions=32, n_embd=64, n_layer=2, n_head=2)  # GPT-2 vocabulary
+    model = tiny_model(cfg=cfg)
+    save_model(model, tmp_path / "base", gpt2_tokenizer())
+    lcfg = LoRAConfig(rank=4, alpha=8, targets=("c_attn", "c_fc"), layers=(1,),
+                      base=base_identity(cfg))
+    apply_lora(model, lcfg)
+    randomize_b(model)
+    save_adapter(model, tmp_path / "ad", lcfg)
+    theirs, _ = mlx_lm_utils.load(str(tmp_path / "base"), adapter_path=str(tmp_path / "ad"))
+    x = tokens()
+    np.testing.assert_allclose(np.array(theirs(x)), np.array(model(x)), atol=1e-4)
