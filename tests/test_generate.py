@@ -1,0 +1,316 @@
+"""Generation: parity with transformers, streaming text, stop strings, the context limit, CLI."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from _generate_helpers import byte_model_folder, random_model
+from _hf_helpers import SMALL, random_hf_model, save_hf_checkpoint
+
+import mlxgpt
+from mlxgpt.errors import MlxgptError
+from mlxgpt.generate import (
+    Context,
+    StopMatcher,
+    generate,
+    generate_tokens,
+    prepare_for_inference,
+    shipped_model,
+    stream_generate,
+)
+from mlxgpt.sample import SamplingSettings, TokenSampler
+from mlxgpt.tokenizer import byte_tokenizer, gpt2_tokenizer
+
+GREEDY = SamplingSettings(temperature=0)
+PROMPT = [5, 17, 42, 3, 99, 0, 64, 23]
+
+
+def greedy(n_vocab: int) -> TokenSampler:
+    return TokenSampler(GREEDY, n_vocab)
+
+
+def full_forward_greedy(model, ids, n):
+    """Reference decoding without any cache: the whole sequence through the model each step."""
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(mx.argmax(model(mx.array([seq]))[0, -1]).item())
+    return seq[len(ids):]
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    import torch
+
+    hf = random_hf_model({**SMALL, "n_positions": 128})
+    with torch.no_grad():  # larger weights: greedy decoding then wanders instead of repeating
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+    folder = save_hf_checkpoint(hf, tmp_path_factory.mktemp("hf"))
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+
+    def reference(prompt, n, use_cache):
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, use_cache=use_cache)
+        return out[0, len(prompt):].tolist()
+
+    model, tok = mlxgpt.load(str(folder))
+    return reference, model, folder
+
+
+def test_greedy_matches_transformers_with_kv_cache(hf_pair):
+    reference, model, _ = hf_pair
+    ref = reference(PROMPT, 80, use_cache=True)
+    ours = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(101), max_tokens=80)]
+    assert ours == ref
+    assert len(set(ref)) > 5  # a real sequence, not one token repeated
+
+
+def test_greedy_matches_transformers_without_cache(hf_pair):
+    reference, model, _ = hf_pair
+    ref = reference(PROMPT, 70, use_cache=False)
+    assert full_forward_greedy(model, PROMPT, 70) == ref
+
+
+def test_greedy_matches_with_inference_layout_and_small_prefill_chunks(hf_pair):
+    reference, _, folder = hf_pair
+    ref = reference(PROMPT * 4, 64, use_cache=True)
+    fast, _ = mlxgpt.load(str(folder))
+    prepare_for_inference(fast)
+    ctx = Context(fast, prefill_step=5)  # the 32-token prompt is read in 7 chunks
+    ours = [t for t, _ in generate_tokens(ctx, PROMPT * 4, greedy(101), max_tokens=64)]
+    assert ours == ref
+
+
+def test_logprobs_are_the_model_log_softmax(hf_pair):
+    _, model, _ = hf_pair
+    out = list(generate_tokens(Context(model), PROMPT, greedy(101), max_tokens=3, logprobs=True))
+    logits = model(mx.array([PROMPT + [out[0][0], out[1][0]]]))[0, len(PROMPT) - 1 :]
+    expect = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    for i, (tok, lp) in enumerate(out):
+        assert lp == pytest.approx(expect[i, tok].item(), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- the KV context
+
+
+def test_sync_reuses_the_common_prefix_and_matches_a_fresh_forward():
+    model = random_model(101, n_positions=64)
+    ctx = Context(model)
+    a = [1, 2, 3, 4, 5, 6]
+    ctx.sync(a)
+    b = [1, 2, 3, 9, 8]
+    logits = ctx.sync(b)
+    assert ctx.tokens == b
+    ref = model(mx.array([b]))[0, -1]
+    np.testing.assert_allclose(np.array(logits[0]), np.array(ref), atol=1e-5)
+    # Everything cached already: the last token is read again for its logits.
+    again = ctx.sync(b)
+    np.testing.assert_allclose(np.array(again[0]), np.array(ref), atol=1e-5)
+    # Growing past one buffer step keeps the earlier keys/values.
+    long = list(range(60))
+    ctx.sync(long[:10])
+    for t in long[10:]:
+        logits = ctx.step(mx.array([t], mx.int32))
+    np.testing.assert_allclose(np.array(logits[0]), np.array(model(mx.array([long]))[0, -1]),
+                               atol=1e-4)
+
+
+def test_context_refuses_to_overflow():
+    model = random_model(101, n_positions=16)
+    ctx = Context(model)
+    with pytest.raises(MlxgptError, match="do not fit"):
+        ctx.prefill(list(range(17)))
+    ctx.prefill(list(range(16)))
+    with pytest.raises(MlxgptError, match="context is full"):
+        ctx.step(mx.array([1], mx.int32))
+
+
+# --------------------------------------------------------------------------- the context limit
+
+
+def sliding_reference(model, prompt, n, keep):
+    """Greedy decoding with the documented window policy, each step a full forward pass."""
+    n_pos = model.config.n_positions
+    window = list(prompt) if len(prompt) <= n_pos else list(prompt)[-keep:]
+    out = []
+    for _ in range(n):
+        y = mx.argmax(model(mx.array([window]))[0, -1]).item()
+        out.append(y)
+        window = window[-(keep - 1):] + [y] if len(window) == n_pos else window + [y]
+    return out
+
+
+@pytest.mark.parametrize("keep", [None, 5])
+def test_generation_slides_past_n_positions(keep):
+    model = random_model(101, n_positions=24)
+    n = 70  # crosses the 24-position limit several times
+    ours = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(101), max_tokens=n,
+                                          window_keep=keep)]
+    assert ours == sliding_reference(model, PROMPT, n, keep or 12)
+
+
+def test_a_long_prompt_is_cut_to_the_window_or_refused():
+    model = random_model(101, n_positions=24)
+    prompt = list(range(40))
+    ours = [t for t, _ in generate_tokens(Context(model), prompt, greedy(101), max_tokens=10)]
+    assert ours == sliding_reference(model, prompt, 10, 12)
+    with pytest.raises(MlxgptError, match="context is 24"):
+        next(generate_tokens(Context(model), prompt, greedy(101), context="stop"))
+
+
+def test_stop_policy_ends_with_length_at_the_limit():
+    model = random_model(257, n_positions=24)
+    rs = list(stream_generate(model, byte_tokenizer(), "abcdefgh", max_tokens=100,
+                              sampling=GREEDY, stop_at_eos=False, context="stop"))
+    assert rs[-1].finish_reason == "length"
+    assert rs[-1].generation_tokens == 24 - 8 + 1  # the last token is sampled, not read
+
+
+# --------------------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+def test_streamed_pieces_join_to_the_full_decode(tokenizer):
+    if tokenizer == "byte":
+        tok, model = byte_tokenizer(), random_model(257, n_positions=512)
+        # "é" is C3 A9, "€" E2 82 AC: push the model towards their bytes, one token each.
+        bias = {0xC3: 6.0, 0xA9: 6.0, 0xE2: 5.0, 0x82: 5.0, 0xAC: 5.0}
+    else:
+        tok, model = gpt2_tokenizer(), random_model(50257, n_positions=512)
+        # Byte-fallback tokens: pieces of multi-byte characters (e.g. id 156 = byte 0xE2).
+        bias = {i: 5.0 for i in range(128, 188)}
+    settings = SamplingSettings(temperature=1.0, seed=3, logit_bias=bias)
+    rs = list(stream_generate(model, tok, "Hi", max_tokens=300, sampling=settings,
+                              stop_at_eos=False))
+    pieces, ids = [r.text for r in rs], [r.token for r in rs[:-1]]
+    full = tok.decode(ids)
+    assert "".join(pieces) == full
+    assert len(ids) == 300
+    multibyte = [c for c in full if ord(c) > 127 and c != "\ufffd"]
+    assert multibyte, "the test should see whole multi-byte characters"
+    assert len(multibyte) > sum(1 for p in pieces if any(ord(c) > 127 for c in p)) / 10
+
+
+def test_stop_strings_never_leak_even_split_across_tokens():
+    tok, model = byte_tokenizer(), random_model(257, n_positions=256)
+    # Make "a", "b" and "c" likely, so "abc" is bound to appear: one byte per token.
+    settings = SamplingSettings(temperature=1.0, seed=0,
+                                logit_bias={ord("a"): 6.0, ord("b"): 6.0, ord("c"): 6.0})
+    plain = generate(model, tok, "x", max_tokens=200, sampling=settings, stop_at_eos=False)
+    cut = plain.find("abc")
+    assert cut >= 0
+    rs = list(stream_generate(model, tok, "x", max_tokens=200, sampling=settings,
+                              stop=["abc", "zzzz"], stop_at_eos=False))
+    shown = ""
+    for r in rs:
+        shown += r.text
+        assert "abc" not in shown
+    assert shown == plain[:cut]
+    assert rs[-1].finish_reason == "stop"
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    m = StopMatcher(["\nUser:", "END"])
+    assert m.feed("Hello\n") == ("Hello", False)  # "\n" could start "\nUser:"
+    assert m.feed("Us") == ("", False)
+    assert m.feed("ually") == ("\nUsually", False)
+    assert m.feed(" E") == (" ", False)
+    assert m.feed("N") == ("", False)
+    assert m.feed("Dless") == ("", True)
+    m = StopMatcher([])
+    assert m.feed("abc") == ("abc", False)
+
+
+def test_eos_ends_generation_without_its_text():
+    tok, model = byte_tokenizer(), random_model(257, n_positions=64)
+    settings = SamplingSettings(temperature=0, logit_bias={256: 50.0})
+    rs = list(stream_generate(model, tok, "hi", max_tokens=10, sampling=settings))
+    assert rs[-1].finish_reason == "eos" and "".join(r.text for r in rs) == ""
+    assert rs[-1].generation_tokens == 1
+
+
+def test_seeded_generation_is_reproducible():
+    tok, model = byte_tokenizer(), random_model(257, n_positions=128)
+    s = SamplingSettings(temperature=1.0, top_k=50, top_p=0.9, seed=11)
+    a = generate(model, tok, "Once", max_tokens=60, sampling=s, stop_at_eos=False)
+    b = generate(model, tok, "Once", max_tokens=60, sampling=s, stop_at_eos=False)
+    c = generate(model, tok, "Once", max_tokens=60, sampling=s.replace(seed=12),
+                 stop_at_eos=False)
+    assert a == b and a != c
+
+
+def test_penalties_apply_over_the_generated_window():
+    # With a huge frequency penalty over a window of 20, no token repeats within 20 steps.
+    model = random_model(101, n_positions=128)
+    s = SamplingSettings(temperature=0, frequency_penalty=1e4, penalty_window=20)
+    out = [t for t, _ in generate_tokens(Context(model), [1], TokenSampler(s, 101),
+                                         max_tokens=60)]
+    window = [1] + out
+    for i in range(len(out)):
+        recent = window[max(0, i + 1 - 20): i + 1]
+        assert out[i] not in recent
+    plain = [t for t, _ in generate_tokens(Context(model), [1], greedy(101), max_tokens=60)]
+    assert len(set(plain)) < len(set(out))  # greedy alone repeats
+
+
+def test_summary_reports_speed_and_memory():
+    tok, model = byte_tokenizer(), random_model(257, n_positions=64)
+    r = list(stream_generate(model, tok, "hello", max_tokens=8, sampling=GREEDY,
+                             stop_at_eos=False))[-1]
+    assert (r.prompt_tokens, r.generation_tokens, r.finish_reason) == (5, 8, "length")
+    assert r.prompt_tps > 0 and r.generation_tps > 0 and r.ttft > 0 and r.peak_memory_gb > 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "mlxgpt", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_generate_streams_and_matches_the_library(tmp_path):
+    folder = byte_model_folder(tmp_path)
+    p = run_cli("generate", "-m", str(folder), "-p", "Hello", "-n", "20", "--temp", "0",
+                "--ignore-eos")
+    assert p.returncode == 0, p.stderr
+    model, tok = mlxgpt.load(str(folder))
+    expect = generate(model, tok, "Hello", max_tokens=20, sampling=GREEDY, stop_at_eos=False)
+    assert p.stdout == expect + "\n"
+    assert "tok/s" in p.stderr and "finish: length" in p.stderr
+    # The prompt from stdin, and every sampling option accepted.
+    p = run_cli("generate", "-m", str(folder), "-p", "-", "-n", "5", "--top-k", "5",
+                "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.2",
+                "--presence-penalty", "0.1", "--frequency-penalty", "0.1", "--penalty-window",
+                "8", "--logit-bias", "65=2", "--seed", "1", "--stop", "zz", "--context", "stop",
+                "-q", stdin="Hello")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+
+
+def test_cli_generate_bad_input_is_one_line(tmp_path):
+    folder = byte_model_folder(tmp_path)
+    for args in (["--top-p", "0"], ["--logit-bias", "x"], ["--logit-bias", "999=1"]):
+        p = run_cli("generate", "-m", str(folder), "-p", "a", "-n", "2", *args)
+        assert p.returncode == 1 and p.stderr.startswith("Error: "), p.stderr
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run_cli("generate", "-m", str(tmp_path / "missing"), "-p", "a")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+
+
+def test_without_a_model_the_shipped_one_is_used_or_the_fix_is_named():
+    try:
+        folder = shipped_model()
+    except MlxgptError as e:
+        assert "--model" in str(e) and "mlxgpt pretrain" in str(e)
+    else:
+        assert (folder / "config.json").is_file()
