@@ -1,0 +1,203 @@
+"""The chat: transcript format, the KV cache across turns, overflow, and the REPL as a user
+drives it (piped stdin, and a pseudo-terminal with Ctrl-C)."""
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from _generate_helpers import byte_model_folder, gpt2_model_folder, random_model
+
+from mlxgpt.chat import (
+    ChatSession,
+    ChatSettings,
+    Message,
+    apply_setting,
+    render_transcript,
+)
+from mlxgpt.errors import MlxgptError
+from mlxgpt.sample import SamplingSettings
+from mlxgpt.tokenizer import byte_tokenizer, gpt2_tokenizer
+
+GREEDY = ChatSettings(max_tokens=12, sampling=SamplingSettings(temperature=0))
+
+
+def test_transcript_format():
+    msgs = [
+        {"role": "system", "content": "A helpful assistant."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": " Hello. "},
+        Message("user", "How are you?"),
+    ]
+    assert render_transcript(msgs) == (
+        "A helpful assistant.\n\nUser: Hi!\nAssistant: Hello.\nUser: How are you?\n"
+    )
+    assert render_transcript(msgs[1:2], add_generation_prompt=True) == "User: Hi!\nAssistant:"
+    with pytest.raises(MlxgptError, match="role"):
+        render_transcript([{"role": "bot", "content": "x"}])
+
+
+def test_turns_reuse_the_kv_cache_and_match_a_fresh_read():
+    model = random_model(50257, n_positions=256)
+    chat = ChatSession(model, gpt2_tokenizer(), GREEDY, system="Be brief.")
+    first = "".join(chat.reply("Hello there"))
+    read_first = chat.last.prompt_tokens
+    second = "".join(chat.reply("And then?"))
+    # Turn two re-read nothing of turn one's prompt.
+    assert chat.last.cached_tokens >= read_first
+    assert chat.last.prompt_tokens > read_first
+    assert [m.role for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert chat.messages[1].content == first.strip()
+    # A new session reading the whole conversation at once replies the same (greedy).
+    fresh = ChatSession(model, gpt2_tokenizer(), GREEDY, system="Be brief.")
+    fresh.messages = chat.messages[:2]
+    assert "".join(fresh.reply("And then?")) == second
+    assert fresh.last.cached_tokens == 0
+
+
+def test_oldest_turns_are_dropped_when_the_context_would_overflow():
+    model = random_model(257, n_positions=64)
+    chat = ChatSession(model, byte_tokenizer(), ChatSettings(max_tokens=8), system="S")
+    for i in range(6):
+        "".join(chat.reply(f"message number {i}"))
+    assert chat.dropped > 0
+    assert chat.messages[0].role == "user"
+    assert chat.messages[-2].content == "message number 5"
+    assert len(chat.prompt_ids()) + 8 <= 64 + 8  # the kept conversation fits with its reply
+    assert chat.transcript()[0] == Message("system", "S")
+
+
+def test_settings_change_by_name():
+    s = ChatSettings()
+    assert apply_setting(s, "temp", "0.5") == "temperature = 0.5"
+    apply_setting(s, "top-k", "40")
+    apply_setting(s, "max_tokens", "99")
+    apply_setting(s, "seed", "none")
+    assert (s.sampling.temperature, s.sampling.top_k, s.max_tokens) == (0.5, 40, 99)
+    for name, value in (("nope", "1"), ("temp", "hot"), ("top_p", "2"), ("max_tokens", "0")):
+        with pytest.raises(MlxgptError):
+            apply_setting(s, name, value)
+
+
+# --------------------------------------------------------------------------- the REPL
+
+
+def chat_cmd(folder, *args):
+    return [sys.executable, "-m", "mlxgpt", "chat", "-m", str(folder), *args]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return gpt2_model_folder(tmp_path_factory.mktemp("chat"))
+
+
+def test_piped_stdin_is_one_turn_per_line(folder, tmp_path):
+    save = tmp_path / "conv.json"
+    lines = [
+        "/set temp 0",
+        "Hello",
+        "Tell me more",
+        "/stats",
+        f"/save {save}",
+        "/reset",
+        "Hello",  # the same first turn after /reset: the same greedy reply
+        "/system You are terse.",
+        "/bogus",
+        "/quit",
+        "never read",
+    ]
+    p = subprocess.run(chat_cmd(folder, "-n", "10"), input="\n".join(lines) + "\n",
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    assert out[0] == "temperature = 0.0"
+    reply1, reply2 = out[1], out[2]
+    assert out[3].startswith("conversation: 4 messages")
+    assert out[4].startswith("last reply: ") and "tok/s" in out[4]
+    assert out[5] == f"(saved to {save})"
+    assert out[6] == "(conversation cleared)"
+    assert out[7] == reply1 and reply1 != reply2
+    assert out[8] == "(system text set)"
+    assert "Error: unknown command /bogus" in p.stderr
+    saved = json.loads(save.read_text())
+    assert [m["role"] for m in saved] == ["user", "assistant", "user", "assistant"]
+    assert saved[1]["content"] == reply1.strip()
+
+
+def read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
+    buf, deadline = b"", time.monotonic() + timeout
+    while marker not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {buf[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_terminal_session_with_ctrl_c_during_a_reply(folder, tmp_path):
+    env = {**os.environ, "MLXGPT_HISTORY": str(tmp_path / "history"), "TERM": "dumb"}
+    # Replies as long as they like (the window slides), so one is still running at Ctrl-C.
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat on the pseudo-terminal
+        os.execvpe(sys.executable, chat_cmd(folder, "-n", "100000", "--seed", "0"), env)
+    try:
+        read_until(fd, b">>> ")
+        os.write(fd, b"/set temp 1.5\r")
+        assert b"temperature = 1.5" in read_until(fd, b">>> ")
+        os.write(fd, b"Write a long story\r")
+        shown = read_until(fd, b"Write a long story")
+        while len(shown) < 400:  # the reply is streaming
+            ready, _, _ = select.select([fd], [], [], 10)
+            assert ready, "the reply should stream"
+            shown += os.read(fd, 4096)
+        os.write(fd, b"\x03")  # Ctrl-C, through the terminal: SIGINT
+        after = read_until(fd, b">>> ", 30)
+        assert b"(stopped)" in after
+        os.write(fd, b"/stats\r")
+        stats = read_until(fd, b">>> ")
+        assert b"conversation: 2 messages" in stats
+        os.write(fd, b"/quit\r")
+        read_until(fd, b"\n", 10)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert "Write a long story" in (tmp_path / "history").read_text()  # readline history
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def test_terminal_ctrl_d_leaves(tmp_path):
+    folder = byte_model_folder(tmp_path)
+    env = {**os.environ, "MLXGPT_HISTORY": "", "TERM": "dumb"}
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(sys.executable, chat_cmd(folder, "-n", "5"), env)
+    try:
+        read_until(fd, b">>> ")
+        os.write(fd, b"hi\r")
+        read_until(fd, b">>> ")
+        os.write(fd, b"\x04")  # Ctrl-D on an empty line: end of input
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
