@@ -91,6 +91,7 @@ class ChatSession:
         self.last: GenerationResponse | None = None  # the last reply's summary
         self.dropped = 0  # turns dropped to fit the context, over the session
         self._encoded: dict[tuple[str, str], list[int]] = {}
+        self._reply_prompt = tokenizer.encode(f"{ASSISTANT}:")  # refuses an ids-only tokenizer
 
     # -- transcript
 
@@ -108,7 +109,7 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         ids = [i for m in self.transcript() for i in self._ids(m)]
-        return ids + self.tokenizer.encode(f"{ASSISTANT}:")
+        return ids + self._reply_prompt
 
     def _fit(self) -> list[int]:
         """Drop the oldest turns until the prompt leaves room for a reply."""
@@ -227,7 +228,7 @@ def _parse(kind: type, name: str, value: str):
 
 def format_stats(session: ChatSession) -> str:
     n_pos = session.model.config.n_positions
-    used = len(session.prompt_ids()) - len(session.tokenizer.encode(f"{ASSISTANT}:"))
+    used = len(session.prompt_ids()) - len(session._reply_prompt)
     lines = [f"conversation: {len(session.messages)} messages, {used} of {n_pos} tokens"
              + (f" ({session.dropped} oldest messages dropped to fit)" if session.dropped else "")]
     r = session.last
@@ -323,8 +324,10 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, out: TextIO = sys.
         while True:
             try:
                 line = input(">>> ") if interactive else stdin.readline()
-            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as a shell does
-                print("\n(Ctrl-D or /quit to leave)", file=err)
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                print("\n(Ctrl-D or /quit to leave)", file=err)  # a fresh line, as a shell
                 continue
             except EOFError:
                 break

@@ -221,11 +221,11 @@ def profile_decode(folder: Path, short: list[int]) -> dict:
     head = step_time(lambda: mx.eval(model.logits(h)))
     with tempfile.TemporaryDirectory() as tmp:
         # Operations one token dispatches, eager vs the compiled step (fused kernels count 1).
-        layers = ctx._layers()
-        eager = model.logits(model.hidden(tok[None], layers)[:, -1])
-        mx.export_to_dot(os.path.join(tmp, "eager.dot"), eager)
         out = ctx._step(tok.reshape(1, 1), mx.array(ctx.offset, mx.int32), *ctx._buffers)
         mx.export_to_dot(os.path.join(tmp, "compiled.dot"), *out)
+        del out
+        eager = model.logits(model.hidden(tok[None], ctx._layers())[:, -1])
+        mx.export_to_dot(os.path.join(tmp, "eager.dot"), eager)
         counts = {k: _dot_ops(os.path.join(tmp, f"{k}.dot")) for k in ("eager", "compiled")}
     return {
         "decode_step_ms": round(total, 2),
