@@ -43,6 +43,7 @@ from .lora import (
     read_adapter_config,
     save_adapter,
 )
+from .model import GPT, Block
 from .sft import Batches, encode_records, find_splits, masked_loss, record_kind
 from .train import LOG_FILE, OPTIMIZER_FILE, PLOT_FILE, STATE_FILE, TrainConfig, TrainResult, train
 
@@ -67,9 +68,33 @@ class FinetuneOptions:
     dtype: str | None = None
     quantize: int | None = None  # quantize the base to this many bits first (QLoRA)
     group_size: int = 64
+    grad_checkpoint: bool = False  # recompute block activations in backward: less memory
     seed: int = 0  # data order and split (the training seed is in the TrainConfig)
     resume: bool = False
     force: bool = False
+
+
+class _CheckpointedBlock(Block):
+    """A block that keeps only its input for the backward pass and recomputes the rest."""
+
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        if cache is not None or not self.training:
+            return Block.__call__(self, x, cache)
+
+        def inner(params: Any, x: mx.array) -> mx.array:
+            self.update(params)
+            return Block.__call__(self, x)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+
+def grad_checkpoint(model: GPT) -> GPT:
+    """Trade compute for memory: activations inside each block are recomputed when the
+    backward pass needs them (about one more forward pass of work). In place; returns model."""
+    for block in model.h:
+        block.__class__ = _CheckpointedBlock  # same parameters and names, another __call__
+        block.drop = None  # see finetune(): recomputation needs deterministic blocks
+    return model
 
 
 def steps_per_epoch(n_batches: int, grad_accum: int = 1) -> int:
@@ -99,6 +124,15 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
         apply_lora(model, lora, seed=opts.seed)
     else:
         model.unfreeze()
+    if opts.grad_checkpoint:
+        # The recomputed forward pass would draw other dropout masks than the first one.
+        if lora is not None and lora.dropout > 0:
+            raise MlxgptError("--grad-checkpoint needs --dropout 0 (recomputed activations "
+                              "would use other dropout masks)")
+        if any(b.drop is not None for b in model.h):
+            echo(f"note: --grad-checkpoint turns off the model's residual dropout "
+                 f"({model.config.dropout}) for this run")
+        grad_checkpoint(model)
     trainable, total = count_parameters(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
          + (f", base quantized to {quant['bits']} bits" if quant else ""))

@@ -216,3 +216,31 @@ def test_out_holding_a_run_needs_resume_or_force(tiny, tmp_path):
     r = run("finetune", "--model", model_dir, "--data", data, "--out", tmp_path / "new",
             "--resume", ok=False)
     assert "cannot resume: no checkpoint" in one_error_line(r)
+
+
+def test_grad_checkpoint_gives_the_same_gradients():
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlxgpt.finetune import grad_checkpoint
+    from mlxgpt.lora import LoRAConfig, apply_lora, lora_modules
+    from mlxgpt.sft import masked_loss
+
+    x = mx.array(np.random.default_rng(0).integers(0, 97, (2, 17)), mx.int32)
+
+    def grads(ckpt):
+        mx.random.seed(0)
+        m = GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=2))
+        apply_lora(m, LoRAConfig(rank=4, targets="all"))
+        for _, layer in lora_modules(m):
+            layer.lora_b = mx.full(layer.lora_b.shape, 0.01)
+        if ckpt:
+            grad_checkpoint(m)
+        m.train()
+        (loss, _), g = nn.value_and_grad(m, masked_loss)(m, x[:, :-1], x[:, 1:],
+                                                         mx.ones((2, 16)))
+        return loss, dict(tree_flatten(g))
+
+    (l1, g1), (l2, g2) = grads(False), grads(True)
+    assert l1.item() == l2.item()
+    assert all(np.allclose(g1[k], g2[k], atol=1e-6) for k in g1)

@@ -1,0 +1,182 @@
+"""LoRA fine-tuning benchmark: trainable share, peak memory vs full fine-tuning, speed vs mlx-lm.
+
+On the GPT-2 124M shape (random weights: speed and memory do not depend on the values), with
+batch 4 x 512 tokens of Shakespeare, three short runs, each in its own process so each peak is
+its own:
+
+- ``mlxgpt-lora``: ``mlxgpt finetune`` (rank 8, alpha 16, c_attn, all 12 layers)
+- ``mlx_lm-lora``: mlx-lm's own LoRA trainer (``mlx_lm.lora``'s ``train_model``) on the SAME model
+  folder and data files, same rank, scale 2 (= alpha / rank), keys, layers, batch and length
+- ``mlxgpt-full``: ``mlxgpt finetune --full``
+- ``mlxgpt-lora-ckpt``, ``mlxgpt-full-ckpt``: both again with ``--grad-checkpoint`` (a couple of
+  steps: peak memory only)
+
+Tokens/s counts the loss tokens (padding excluded), as mlx-lm does, over the steps after the
+first report window (compilation excluded). Both trainers run with the same BLAS (this process
+and each worker import mlxgpt first, which preloads OpenBLAS); it is printed with the results.
+
+    python tools/bench_lora.py                 # ~5 minutes on 2 CPU cores
+    python tools/bench_lora.py --steps 20 --window 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import mlxgpt  # noqa: F401  (preloads OpenBLAS before mlx)
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "data" / "shakespeare.txt"
+SEQ = 512  # tokens per example, end-of-text included
+BATCH = 4
+RANK, ALPHA = 8, 16.0
+KINDS = ["mlxgpt-lora", "mlx_lm-lora", "mlxgpt-full", "mlxgpt-lora-ckpt", "mlxgpt-full-ckpt"]
+
+
+def make_inputs(work: Path, corpus: Path, n_lines: int = 64) -> tuple[Path, Path]:
+    """A 124M-shape model folder and JSONL files of texts that tokenize to SEQ - 1 tokens."""
+    import mlx.core as mx
+
+    from mlxgpt.checkpoint import save_model
+    from mlxgpt.model import GPT, GPTConfig
+    from mlxgpt.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    model_dir, data_dir = work / "model", work / "data"
+    if not model_dir.exists():
+        mx.random.seed(0)
+        save_model(GPT(GPTConfig()), model_dir, tok)
+    data_dir.mkdir(exist_ok=True)
+    ids = tok.encode(corpus.read_text(encoding="utf-8")[: 400 * n_lines * 5])
+    lines, k = [], 0
+    while len(lines) < n_lines and k + SEQ < len(ids):
+        text = tok.decode(ids[k : k + SEQ - 1])
+        k += SEQ - 1
+        if len(tok.encode(text)) == SEQ - 1:  # + end-of-text = SEQ in both trainers
+            lines.append(json.dumps({"text": text}))
+    for name, part in (("train", lines), ("valid", lines[:BATCH])):
+        (data_dir / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    return model_dir, data_dir
+
+
+def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full: bool,
+                  ckpt: bool) -> dict:
+    import mlx.core as mx
+
+    from mlxgpt.finetune import FinetuneOptions, finetune
+    from mlxgpt.lora import LoRAConfig
+    from mlxgpt.train import TrainConfig
+
+    opts = FinetuneOptions(
+        model=model, data=data, out=out, batch_size=BATCH, max_seq_len=SEQ, force=True,
+        grad_checkpoint=ckpt,
+        lora=None if full else LoRAConfig(rank=RANK, alpha=ALPHA, targets=("c_attn",)),
+        train=lambda n: TrainConfig(steps=steps, lr=2e-5 if full else 1e-4, min_lr=0.0,
+                                    warmup=0, weight_decay=0.0, eval_every=0,
+                                    log_every=window, save_every=10**9),
+    )
+    lines: list[str] = []
+    finetune(opts, echo=lines.append)
+    log = [json.loads(s) for s in (Path(out) / "log.jsonl").read_text().splitlines()]
+    windows = [r for r in log if "tok_per_s" in r]
+    return {"tok_per_s": windows[-1]["tok_per_s"], "peak_bytes": mx.get_peak_memory(),
+            "trainable": next(s for s in lines if s.startswith("trainable"))}
+
+
+def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm import lora as mlx_lm_lora
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.utils import load
+
+    reports: list[dict] = []
+
+    class Capture(TrainingCallback):
+        def on_train_loss_report(self, info: dict) -> None:
+            reports.append(info)
+
+    args = dict(mlx_lm_lora.CONFIG_DEFAULTS)
+    args.update(model=model, data=data, train=True, adapter_path=out, iters=steps,
+                batch_size=BATCH, max_seq_length=SEQ, num_layers=12, learning_rate=1e-4,
+                steps_per_report=window, steps_per_eval=10**9, val_batches=1,
+                save_every=10**9,
+                lora_parameters={"rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0,
+                                 "keys": ["attn.c_attn"]})
+    args = types.SimpleNamespace(**args)
+    m, tokenizer = load(model)
+    train_set, valid_set, _ = mlx_lm_lora.load_dataset(args, tokenizer)
+    mx.reset_peak_memory()
+    mlx_lm_lora.train_model(args, m, train_set, valid_set, Capture())
+    return {"tok_per_s": reports[-1]["tokens_per_second"], "peak_bytes": mx.get_peak_memory()}
+
+
+def run_worker(kind: str, model: Path, data: Path, work: Path, steps: int, window: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--data", str(data),
+           "--out", str(work / f"out-{kind}"), "--steps", str(steps), "--window", str(window)]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if r.returncode != 0:
+        sys.exit(f"worker {kind} failed (exit {r.returncode}):\n{r.stdout[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--window", type=int, default=5, help="steps per timing window")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--corpus", type=Path, default=CORPUS)
+    ap.add_argument("--ckpt-steps", type=int, default=2,
+                    help="steps of the --grad-checkpoint runs (memory only)")
+    ap.add_argument("--worker", choices=KINDS)
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.steps < 2 * args.window:
+        ap.error("--steps must be at least twice --window (the first window is warm-up)")
+
+    if args.worker:
+        if args.worker == "mlx_lm-lora":
+            res = worker_mlx_lm(args.model, args.data, args.out, args.steps, args.window)
+        else:
+            res = worker_mlxgpt(args.model, args.data, args.out, args.steps, args.window,
+                                full="full" in args.worker, ckpt="ckpt" in args.worker)
+        print(json.dumps(res))
+        return
+
+    from mlxgpt import _blas
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-lora-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, data = make_inputs(work, args.corpus)
+    res = {}
+    for k in KINDS:
+        steps, window = (args.ckpt_steps, 1) if "ckpt" in k else (args.steps, args.window)
+        res[k] = run_worker(k, model, data, work, steps, window)
+        print(f"{k}: {res[k]['tok_per_s']:,.0f} tokens/s, peak "
+              f"{res[k]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+    gib = 2**30
+    print(f"GPT-2 124M shape, batch {BATCH} x {SEQ} tokens, rank {RANK} alpha {ALPHA:g} on "
+          f"c_attn x 12 layers, {args.steps} steps (timing: last {args.window})")
+    print(f"BLAS: {_blas.blas_in_use()}")
+    print(res["mlxgpt-lora"]["trainable"])
+    print(f"{'run':<18}{'tokens/s':>10}{'peak GiB':>10}")
+    for k, r in res.items():
+        print(f"{k:<18}{r['tok_per_s']:>10,.0f}{r['peak_bytes'] / gib:>10.2f}")
+    lora, ref, full = res["mlxgpt-lora"], res["mlx_lm-lora"], res["mlxgpt-full"]
+    print(f"LoRA peak / full fine-tuning peak: {lora['peak_bytes'] / full['peak_bytes']:.0%}; "
+          f"both with --grad-checkpoint: "
+          f"{res['mlxgpt-lora-ckpt']['peak_bytes'] / res['mlxgpt-full-ckpt']['peak_bytes']:.0%}"
+          f" (target <= 60%)")
+    print(f"mlxgpt LoRA tokens/s / mlx_lm.lora: {lora['tok_per_s'] / ref['tok_per_s']:.2f}x "
+          f"(target >= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()
