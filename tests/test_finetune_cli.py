@@ -244,3 +244,25 @@ def test_grad_checkpoint_gives_the_same_gradients():
     (l1, g1), (l2, g2) = grads(False), grads(True)
     assert l1.item() == l2.item()
     assert all(np.allclose(g1[k], g2[k], atol=1e-6) for k in g1)
+
+
+def test_eval_loss_on_text_and_jsonl(tiny, tmp_path):
+    import math
+
+    model_dir, data = tiny
+    (tmp_path / "t.txt").write_text("the sky is blue and the grass is green\n" * 3)
+    out = run("eval", "--model", model_dir, "--data", tmp_path / "t.txt").output
+    values = dict(line.split(": ") for line in out.splitlines())
+    # A random byte model: about ln(257) nats per token; perplexity is exp(loss).
+    assert abs(float(values["loss"]) - math.log(257)) < 0.5
+    assert abs(float(values["perplexity"]) - math.exp(float(values["loss"]))) < 0.01 * 257
+    # 117 bytes + <|endoftext|> in two 64-token windows; each window's first token has no
+    # context and is not scored.
+    assert int(values["tokens"]) == 3 * 39 + 1 - 2
+    masked = run("eval", "--model", model_dir, "--data", data / "valid.jsonl", "--mask-prompt")
+    full = run("eval", "--model", model_dir, "--data", data / "valid.jsonl")
+    count = dict(line.split(": ") for line in masked.output.splitlines())["tokens"]
+    assert int(count) < int(dict(line.split(": ") for line in full.output.splitlines())["tokens"])
+    r = run("eval", "--model", model_dir, "--data", tmp_path / "t.txt", "--task", "classify",
+            ok=False)
+    assert 'needs {"prompt", "completion"} lines' in one_error_line(r)
