@@ -21,7 +21,8 @@ With ``--run --model M`` it then does what the README shows, through the ``mlxgp
 ``eval`` again with the adapter, and prints accuracy before and after.
 
     python tools/sentiment_example.py --out data/sentiment
-    python tools/sentiment_example.py --out data/sentiment --run --model MODEL --steps 400
+    python tools/sentiment_example.py --out data/sentiment --run [--model MODEL] --steps 400 \\
+        -- --lr 1e-3 --batch-size 16          # anything after -- goes to mlxgpt finetune
 """
 
 from __future__ import annotations
@@ -126,11 +127,11 @@ def mlxgpt(*args: str) -> str:
     return r.stdout
 
 
-def accuracy(report: str) -> str:
-    for line in report.splitlines():
-        if line.startswith("accuracy"):
-            return line.split(":", 1)[1].strip()
-    return "?"
+def scores(report: str) -> str:
+    """ "accuracy X, label accuracy Y" from an ``mlxgpt eval --task classify`` report."""
+    got = dict(line.split(": ", 1) for line in report.splitlines() if ": " in line)
+    return (f"accuracy {got['accuracy'].split()[0]}, "
+            f"label accuracy {got['label accuracy'].split()[0]}")
 
 
 def main() -> None:
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mlxgpt-dl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", action="store_true", help="also evaluate, fine-tune, evaluate")
-    ap.add_argument("--model", help="base model for --run")
+    ap.add_argument("--model", help="base model for --run (default: the shipped model)")
     ap.add_argument("--adapter-out", type=Path, help="adapter folder (default OUT/adapter)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval-limit", type=int, default=0, help="score only the first N test lines")
@@ -150,8 +151,10 @@ def main() -> None:
     print(f"wrote {args.out}: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
     if not args.run:
         return
-    if not args.model:
-        ap.error("--run needs --model")
+    if not args.model:  # the model that ships with mlxgpt
+        from mlxgpt.generate import shipped_model
+
+        args.model = str(shipped_model())
     adapter = args.adapter_out or args.out / "adapter"
     test = str(args.out / "test.jsonl")
     limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
@@ -162,8 +165,9 @@ def main() -> None:
     minutes = (time.time() - t0) / 60
     after = mlxgpt("eval", "--model", args.model, "--adapter", str(adapter), "--data", test,
                    "--task", "classify", *limit)
-    print(f"\ntest accuracy before: {accuracy(before)}  after: {accuracy(after)}  "
-          f"(fine-tuning took {minutes:.1f} min)")
+    print(f"\nbase model {args.model}, test split of {args.out}")
+    print(f"before: {scores(before)}")
+    print(f"after:  {scores(after)}  (fine-tuning took {minutes:.1f} min)")
 
 
 if __name__ == "__main__":
