@@ -31,7 +31,7 @@ from typing import TextIO
 
 from .checkpoint import atomic_write_text
 from .errors import MlxgptError
-from .generate import Context, GenerationResponse, prepare_for_inference, stream_generate
+from .generate import Context, GenerationResponse, stream_generate
 from .model import GPT
 from .sample import SamplingSettings
 
@@ -87,7 +87,7 @@ class ChatSession:
         self.settings = settings or ChatSettings()
         self.system = system
         self.messages: list[Message] = []  # user and assistant turns, oldest first
-        self.ctx = Context(prepare_for_inference(model))
+        self.ctx = Context(model)
         self.last: GenerationResponse | None = None  # the last reply's summary
         self.dropped = 0  # turns dropped to fit the context, over the session
         self._encoded: dict[tuple[str, str], list[int]] = {}

@@ -440,16 +440,18 @@ def shipped_model() -> Path:
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Store dense weight matrices column-major on the CPU (same values, no extra memory).
+    """Convert ``model`` in place for fast generation on the CPU; a GPU keeps it as it is.
 
-    ``x @ W.T`` then reaches BLAS as a plain (non-transposed) operand, the layout OpenBLAS's
-    sgemm reads fastest for a single row; a GPU keeps the layout it was given. Idempotent.
+    Float32 weight matrices are stored as column blocks that reach BLAS's small-matrix kernel
+    when one token is decoded (see :mod:`mlxgpt.layout`): same numbers, another layout. The
+    model is for inference afterwards (its parameter names changed: do not train or save it).
+    Idempotent; returns the model.
     """
-    if mx.default_device() != mx.cpu or getattr(model, "_mlxgpt_colmajor", False):
+    if mx.default_device() != mx.cpu or getattr(model, "_mlxgpt_blocked", False):
         return model
-    for _, module in model.named_modules():
-        if type(module) in (nn.Linear, nn.Embedding) and module.weight.ndim == 2:
-            module.weight = mx.contiguous(module.weight.T).T  # (out, in) viewed over (in, out)
-    mx.eval(model.parameters())
-    model._mlxgpt_colmajor = True
+    from .layout import block_weights
+
+    block_weights(model)
+    model._mlxgpt_blocked = True
+    model._mlxgpt_decode_step = None  # traced for the old parameters: trace again
     return model

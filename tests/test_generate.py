@@ -314,3 +314,44 @@ def test_without_a_model_the_shipped_one_is_used_or_the_fix_is_named():
         assert "--model" in str(e) and "mlxgpt pretrain" in str(e)
     else:
         assert (folder / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- CPU layout
+
+
+def test_blocked_layers_compute_what_the_plain_ones_do():
+    import mlx.nn as nn
+
+    from mlxgpt.layout import BlockedEmbedding, BlockedLinear, block_width, to_blocks
+
+    assert block_width(768, 3072) == 1024 and block_width(768, 50257) == 1289
+    assert block_width(3072, 768) == 256 and block_width(768, 768) == 768
+    mx.random.seed(0)
+    lin = nn.Linear(768, 3001)  # 3 blocks of 1001 (the last with 2 zero columns)
+    assert to_blocks(lin.weight).shape == (3, 768, 1001)
+    for shape in [(1, 1, 768), (2, 5, 768), (7, 768)]:
+        x = mx.random.normal(shape)
+        np.testing.assert_allclose(np.array(BlockedLinear(lin)(x)), np.array(lin(x)),
+                                   atol=2e-5)
+    nobias = nn.Linear(3072, 700, bias=False)
+    x = mx.random.normal((1, 1, 3072))
+    np.testing.assert_allclose(np.array(BlockedLinear(nobias)(x)), np.array(nobias(x)),
+                               atol=2e-5)
+    emb = nn.Embedding(5003, 768)
+    blocked = BlockedEmbedding(emb)
+    ids = mx.array([[0, 1, 1288, 1289, 5002], [17, 4000, 2, 3, 4]])
+    assert mx.array_equal(blocked(ids), emb(ids))  # lookups are exact
+    h = mx.random.normal((2, 3, 768))
+    np.testing.assert_allclose(np.array(blocked.as_linear(h)), np.array(emb.as_linear(h)),
+                               atol=2e-5)
+
+
+def test_prepared_model_generates_the_same_tokens():
+    model = random_model(50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+    plain = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
+                                           max_tokens=30)]
+    prepare_for_inference(model)
+    assert mx.default_device() != mx.cpu or "blocks" in model.wte
+    fast = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
+                                          max_tokens=30)]
+    assert fast == plain

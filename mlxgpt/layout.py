@@ -1,0 +1,112 @@
+"""Weight layouts for fast generation on MLX's CPU backend.
+
+Decoding multiplies one row of activations by every weight matrix: ``(1, K) @ (K, N)``.
+MLX's CPU matmul always calls BLAS ``sgemm``, and OpenBLAS's sgemm handles a single row badly:
+it packs the whole weight matrix before multiplying, so it moves the weights through memory
+three times. Its AVX-512 kernels (see :mod:`mlxgpt._blas`) have a small-matrix path that skips
+the packing, but only while ``M * N * K <= 1e6``.
+
+So for inference each float32 Linear weight is stored as column blocks ``(n_blocks, K, n)``
+with ``K * n <= 1e6``: one batched matmul multiplies the row by every block, each block taking
+the small-matrix path. The blocks hold the same numbers (plus zero padding up to a multiple of
+``n``), the results agree with the plain layout to float32 rounding, and prompts (many rows)
+run at the same speed as before. The tied embedding is blocked the same way and still looks up
+token rows from its blocks, so nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# OpenBLAS's sgemm_small_kernel_permit (SkylakeX): the unpacked path runs when M*N*K <= 1e6.
+SMALL_GEMM_MNK = 1_000_000
+
+
+def block_width(k: int, n: int, limit: int = SMALL_GEMM_MNK) -> int:
+    """Columns per block: as even a split of ``n`` as blocks of at most ``limit // k`` allow."""
+    widest = max(1, limit // k)
+    n_blocks = -(-n // widest)
+    return -(-n // n_blocks)
+
+
+def to_blocks(weight: mx.array) -> mx.array:
+    """(N, K) weight -> (n_blocks, K, width) column blocks of its transpose, zero-padded."""
+    n, k = weight.shape
+    width = block_width(k, n)
+    n_blocks = -(-n // width)
+    wt = weight.T  # (K, N)
+    if n_blocks * width > n:
+        wt = mx.concatenate([wt, mx.zeros((k, n_blocks * width - n), weight.dtype)], axis=1)
+    return mx.contiguous(wt.reshape(k, n_blocks, width).transpose(1, 0, 2))
+
+
+def _blocked_matmul(x: mx.array, blocks: mx.array, n_out: int) -> mx.array:
+    """x (..., K) @ W.T, W given as blocks (n_blocks, K, width) -> (..., n_out)."""
+    lead = x.shape[:-1]
+    rows = x.reshape(1, -1, x.shape[-1])  # (1, M, K)
+    y = rows @ blocks  # (n_blocks, M, width): one small matmul per block
+    y = y.transpose(1, 0, 2).reshape(rows.shape[1], -1)  # (M, n_blocks * width)
+    if y.shape[-1] != n_out:
+        y = y[:, :n_out]
+    return y.reshape(*lead, n_out)
+
+
+class BlockedLinear(nn.Module):
+    """An ``nn.Linear`` (inference only) whose weight is stored as column blocks."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.n_out = linear.weight.shape[0]
+        self.blocks = to_blocks(linear.weight)  # (n_blocks, in, width)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _blocked_matmul(x, self.blocks, self.n_out)
+        return y + self.bias if "bias" in self else y
+
+
+class BlockedEmbedding(nn.Module):
+    """An ``nn.Embedding`` (inference only) stored as the column blocks of its output head."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.n_rows = embedding.weight.shape[0]
+        self.blocks = to_blocks(embedding.weight)  # (n_blocks, dims, width)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        width = self.blocks.shape[2]
+        flat = ids.reshape(-1)
+        rows = self.blocks[flat // width, :, flat % width]  # (N, dims): token t's column
+        return rows.reshape(*ids.shape, -1)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _blocked_matmul(x, self.blocks, self.n_rows)
+
+
+def block_weights(model: nn.Module) -> int:
+    """Replace float32 ``nn.Linear``/``nn.Embedding`` layers by blocked ones, in place.
+
+    Quantized and half-precision layers are left alone (they do not go through sgemm).
+    Returns how many layers were converted.
+    """
+    swaps = []
+    for path, module in model.named_modules():
+        if not path or module.get("weight") is None or module.weight.dtype != mx.float32:
+            continue
+        if type(module) is nn.Linear:
+            swaps.append((path, BlockedLinear(module)))
+        elif type(module) is nn.Embedding:
+            swaps.append((path, BlockedEmbedding(module)))
+    for path, new in swaps:
+        *parents, name = path.split(".")
+        owner = model
+        for p in parents:
+            owner = owner[int(p)] if isinstance(owner, list) else getattr(owner, p)
+        if isinstance(owner, list):
+            owner[int(name)] = new
+        else:
+            setattr(owner, name, new)
+    mx.eval(model.parameters())
+    return len(swaps)
