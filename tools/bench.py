@@ -214,9 +214,10 @@ def profile_decode(folder: Path, short: list[int]) -> dict:
     total = step_time(compiled_step)
     x = {d: mx.random.normal((1, 1, d)) for d in {model.config.n_embd, model.config.hidden_dim}}
     mx.eval(x)
-    linears = [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
-                                               b.mlp.c_proj)]
-    mm = step_time(lambda: mx.eval([lin(x[lin.weight.shape[1]]) for lin in linears]))
+    c, hidden = model.config.n_embd, model.config.hidden_dim
+    linears = [(m, x[d]) for b in model.h for m, d in ((b.attn.c_attn, c), (b.attn.c_proj, c),
+                                                         (b.mlp.c_fc, c), (b.mlp.c_proj, hidden))]
+    mm = step_time(lambda: mx.eval([lin(v) for lin, v in linears]))
     h = x[model.config.n_embd]
     head = step_time(lambda: mx.eval(model.logits(h)))
     with tempfile.TemporaryDirectory() as tmp:
