@@ -4,6 +4,11 @@ MLX's Linux CPU wheel links a slow reference BLAS. When an optimized OpenBLAS is
 (Debian/Ubuntu: ``libopenblas0-pthread``), loading it with ``RTLD_GLOBAL`` before ``mlx`` is
 first imported makes MLX's sgemm calls resolve to it (~36x faster matmuls on x86_64).
 Set ``MLXGPT_NO_BLAS_PRELOAD=1`` to turn this off. This module must not import mlx.
+
+OpenBLAS releases older than the CPU (0.3.21 on Debian 12 vs AMD Zen 4/5) do not recognise it
+and fall back to AVX2 ("Haswell") kernels, half the speed of its AVX-512 ones. On AMD CPUs
+with AVX-512, mlxgpt asks for the AVX-512 (SkylakeX) kernels through ``OPENBLAS_CORETYPE``
+unless that variable is already set.
 """
 
 from __future__ import annotations
@@ -28,6 +33,23 @@ _NAMES = ("libopenblas.so.0", "libopenblas.so", "openblas-pthread/libopenblas.so
 # What happened at import: the path loaded, or why nothing was.
 preloaded_path: str | None = None
 preload_note: str = "not attempted"
+
+
+CORETYPE_ENV = "OPENBLAS_CORETYPE"
+_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what SkylakeX kernels use
+
+
+def _amd_with_avx512() -> bool:
+    """An AMD CPU with the AVX-512 subsets OpenBLAS's SkylakeX kernels need (Zen 4 and later)."""
+    try:
+        cpu0 = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return False
+    flags = set()
+    for line in cpu0.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    return "AuthenticAMD" in cpu0 and _AVX512 <= flags
 
 
 def find_openblas() -> str | None:
@@ -57,13 +79,16 @@ def preload() -> None:
     if path is None:
         preload_note = "no OpenBLAS found"
         return
+    coretype = ""
+    if CORETYPE_ENV not in os.environ and _amd_with_avx512():
+        os.environ[CORETYPE_ENV] = coretype = "SKYLAKEX"  # read once, when OpenBLAS loads
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         preload_note = f"failed to load {path}: {e}"
         return
     preloaded_path = path
-    preload_note = "preloaded by mlxgpt"
+    preload_note = "preloaded by mlxgpt" + (f", {CORETYPE_ENV}={coretype}" if coretype else "")
 
 
 def blas_in_use() -> str:

@@ -228,6 +228,11 @@ class _Stepper:
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: optim.Optimizer,
                  cfg: TrainConfig, group: mx.distributed.Group):
         self.model, self.opt, self.cfg, self.group = model, opt, cfg, group
+        # Keep freed buffers for the next step. MLX's CPU allocator caches only 32 MB by
+        # default, so a step's big activations went back to the OS and every step paid for
+        # fresh zeroed pages (a third of the step time at 6/6/384, block 256). On Metal the
+        # cache limit already equals the memory limit; this changes nothing there.
+        mx.set_cache_limit(max(mx.get_memory_limit(), 1 << 30))
         self.state = [model.state, opt.state, mx.random.state]
         value_grad = nn.value_and_grad(model, loss_fn)
         clip = cfg.grad_clip

@@ -1,0 +1,274 @@
+"""The training loop: learning, exact resume, gradient accumulation, parity with PyTorch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxgpt import checkpoint as ckpt
+from mlxgpt.data import TokenBatches
+from mlxgpt.errors import MlxgptError
+from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.pretrain import init_weights
+from mlxgpt.train import (
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    TrainConfig,
+    _Stepper,
+    all_sum_tree,
+    lm_loss,
+    lr_schedule,
+    make_optimizer,
+    train,
+    world,
+)
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        * 40).encode()
+TOKENS = np.frombuffer(TEXT, dtype=np.uint8).astype(np.uint16)
+
+
+def tiny_model(dropout: float = 0.0, seed: int = 0) -> GPT:
+    cfg = GPTConfig(vocab_size=257, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                    dropout=dropout)
+    model = GPT(cfg)
+    init_weights(model, seed)
+    return model
+
+
+def save_weights(model: nn.Module, folder) -> None:
+    ckpt.write_model_files(model, folder)
+
+
+def load_weights(model: nn.Module, folder) -> None:
+    w = ckpt.load_safetensors(folder / ckpt.WEIGHTS_FILE)
+    model.load_weights([(k.removeprefix(ckpt.KEY_PREFIX), v) for k, v in w.items()])
+
+
+def run(tmp_path, name, cfg, *, dropout=0.0, resume=False, should_stop=None, batch_size=8,
+        val=True):
+    model = tiny_model(dropout)
+    data = TokenBatches(TOKENS[:3000], batch_size, 32, seed=1)
+    val_data = TokenBatches(TOKENS[3000:], batch_size, 32, seed=2) if val else None
+    result = train(model, lm_loss, data, cfg, tmp_path / name, save_weights=save_weights,
+                   load_weights=load_weights, val_data=val_data, resume=resume,
+                   should_stop=should_stop, progress=False, echo=lambda m: None)
+    return model, result
+
+
+def test_loss_decreases_in_a_few_dozen_steps(tmp_path):
+    cfg = TrainConfig(steps=40, lr=3e-3, min_lr=3e-4, warmup=5, eval_every=20, eval_batches=4,
+                      log_every=1)
+    _, result = run(tmp_path, "run", cfg)
+    first = np.mean([v for _, v in result.losses[:3]])
+    last = np.mean([v for _, v in result.losses[-3:]])
+    assert first > 5.0  # about ln(257) at the start
+    assert last < first - 2.0, (first, last)
+    assert result.val_losses[-1][1] < result.val_losses[0][1]
+    # log, plot and both checkpoints are there
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
+               .splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+    assert any("val_loss" in r for r in records)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    state = json.loads((tmp_path / "run" / "last" / STATE_FILE).read_text())
+    assert state["step"] == 40
+    assert (tmp_path / "run" / "last" / OPTIMIZER_FILE).is_file()
+    assert (tmp_path / "run" / "best" / ckpt.WEIGHTS_FILE).is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # Dropout on: the per-step RNG must be restored too, not only weights and data position.
+    cfg = TrainConfig(steps=16, lr=3e-3, warmup=3, eval_every=5, eval_batches=2, log_every=1)
+    straight, r_straight = run(tmp_path, "a", cfg, dropout=0.1)
+    _, r_first = run(tmp_path, "b", cfg, dropout=0.1, should_stop=lambda step: step == 7)
+    assert r_first.interrupted and r_first.step == 7
+    resumed, r_rest = run(tmp_path, "b", cfg, dropout=0.1, resume=True)
+    losses = r_first.losses + r_rest.losses
+    assert [s for s, _ in losses] == list(range(1, 17))
+    np.testing.assert_allclose([v for _, v in losses], [v for _, v in r_straight.losses],
+                               rtol=0, atol=1e-6)
+    for (k, a), (_, b) in zip(tree_flatten(straight.parameters()),
+                              tree_flatten(resumed.parameters()), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-6, err_msg=k)
+    # the log of the resumed run reads like one run
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text()
+             .splitlines() if "loss" in json.loads(x)]
+    assert steps == list(range(1, 17))
+
+
+class Halves:
+    """Global batch i of ``full`` split in two micro-batches (2i, 2i+1)."""
+
+    def __init__(self, full: TokenBatches):
+        self.full = full
+
+    def batch(self, index: int):
+        x, y = self.full.batch(index // 2)
+        h = x.shape[0] // 2
+        part = slice(0, h) if index % 2 == 0 else slice(h, None)
+        return x[part], y[part]
+
+
+def test_grad_accumulation_equals_the_big_batch(tmp_path):
+    data = TokenBatches(TOKENS, 8, 32, seed=3)
+    results = {}
+    for accum, source in ((1, data), (2, Halves(data))):
+        model = tiny_model()
+        cfg = TrainConfig(steps=3, lr=1e-3, warmup=0, grad_accum=accum, eval_every=0,
+                          log_every=1)
+        r = train(model, lm_loss, source, cfg, tmp_path / f"acc{accum}",
+                  save_weights=save_weights, load_weights=load_weights, progress=False,
+                  echo=lambda m: None)
+        results[accum] = (r, dict(tree_flatten(model.parameters())))
+    (r1, p1), (r2, p2) = results[1], results[2]
+    np.testing.assert_allclose([v for _, v in r1.losses], [v for _, v in r2.losses],
+                               rtol=0, atol=1e-5)
+    assert r1.tokens == r2.tokens == 3 * 8 * 32
+    for k in p1:
+        np.testing.assert_allclose(np.array(p1[k]), np.array(p2[k]), rtol=0, atol=1e-5,
+                                   err_msg=k)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    sched = lr_schedule(TrainConfig(steps=110, lr=1e-3, min_lr=1e-4, warmup=10))
+    lrs = [sched(mx.array(s)).item() for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-3 / 11)  # warmup ramps linearly
+    assert lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert lrs[10] == pytest.approx(1e-3)  # peak, then cosine down
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = tiny_model()
+    opt = make_optimizer(TrainConfig(weight_decay=0.5))
+    no_decay, decay = opt.optimizers
+    assert no_decay.weight_decay == 0.0 and decay.weight_decay == 0.5
+    names = [k for k, v in tree_flatten(model.parameters())]
+    routed = {k: opt.filters[0](k, v) for k, v in tree_flatten(model.parameters())}
+    assert routed["h.0.ln_1.weight"] and routed["h.0.attn.c_attn.bias"]
+    assert not routed["h.0.attn.c_attn.weight"] and not routed["wte.weight"]
+    assert len(names) == len(routed)
+
+
+def test_resume_refuses_a_missing_or_corrupt_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=4, eval_every=0, log_every=1)
+    with pytest.raises(MlxgptError, match="no checkpoint"):
+        run(tmp_path, "none", cfg, resume=True)
+    run(tmp_path, "ok", cfg, val=False)
+    (tmp_path / "ok" / "last" / STATE_FILE).write_text("{not json")
+    with pytest.raises(MlxgptError, match="corrupt"):
+        run(tmp_path, "ok", TrainConfig(steps=8, eval_every=0), resume=True, val=False)
+
+
+def test_all_sum_tree_is_identity_on_one_process():
+    tree = {"a": mx.ones((2, 3)), "b": [mx.zeros((4,))]}
+    assert all_sum_tree(tree, world()) is tree
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def test_one_step_matches_pytorch(tmp_path):
+    """llm.c-style check: loss, every gradient and the AdamW update against transformers'
+    GPT2LMHeadModel + torch.optim.AdamW on the same weights and batch.
+
+    Tolerances: loss 1e-5, gradients 2e-5 x the tensor's largest gradient, updated weights
+    5e-6 absolute (an update is up to lr = 1e-3; Adam's m / sqrt(v) magnifies rounding in
+    near-zero gradients). MLX's CPU path uses arithmetic-only exp and tanh (mlxgpt/ops.py,
+    ~1e-6 relative); the rest is float32 rounding.
+    """
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from _hf_helpers import random_hf_model, save_hf_checkpoint
+
+    from mlxgpt.convert import load_hf
+
+    hf = random_hf_model({"n_layer": 2, "n_embd": 48, "n_head": 3, "vocab_size": 101,
+                          "n_positions": 32})
+    folder = save_hf_checkpoint(hf, tmp_path / "hf")
+    model, _ = load_hf(folder)
+    model.train()
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 101, size=(4, 33))
+    x, y = rows[:, :-1], rows[:, 1:]
+
+    # PyTorch reference
+    hf.train()
+    out = hf(torch.from_numpy(x), labels=None)
+    ref_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 101),
+                                                 torch.from_numpy(y).reshape(-1))
+    ref_loss.backward()
+    ref_grads = {n: p.grad.detach().numpy().copy() for n, p in hf.named_parameters()}
+
+    # MLX
+    (loss, n), grads = nn.value_and_grad(model, lm_loss)(model, mx.array(x), mx.array(y))
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+    assert n.item() == 4 * 32
+    for k, g in tree_flatten(grads):
+        ref = ref_grads[hf_name(k)]
+        g = np.array(g)
+        if is_conv1d(k):
+            g = g.T
+        scale = max(np.abs(ref).max(), 1e-8)
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2e-5 * scale, err_msg=k)
+
+    # one AdamW update with clipping and decay on 2-D weights only
+    cfg = TrainConfig(steps=10, lr=1e-3, min_lr=1e-3, warmup=0, weight_decay=0.1, beta2=0.99,
+                      grad_clip=0.5)
+    opt = make_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    stepper = _Stepper(model, lm_loss, opt, cfg, world())
+    mx.eval(stepper.step([(mx.array(x), mx.array(y))]), stepper.state)
+    params = list(hf.parameters())
+    topt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2],
+                               "weight_decay": 0.1},
+                              {"params": [p for p in params if p.dim() < 2],
+                               "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    topt.step()
+    hf_params = dict(hf.named_parameters())
+    for k, v in tree_flatten(model.parameters()):
+        v = np.array(v)
+        if is_conv1d(k):
+            v = v.T
+        ref = hf_params[hf_name(k)].detach().numpy()
+        np.testing.assert_allclose(v, ref, rtol=0, atol=5e-6, err_msg=k)
+
+
+def is_conv1d(name: str) -> bool:
+    return any(name.endswith(f"{m}.weight") for m in ("c_attn", "c_proj", "c_fc"))
+
+
+def hf_name(name: str) -> str:
+    return "transformer." + name
+
+
+def test_fast_cpu_math_matches_exact_functions():
+    from mlxgpt import ops
+
+    x = mx.random.normal((64, 300), key=mx.random.key(0)) * 4
+    exp_err = (mx.abs(ops.exp(x) - mx.exp(x)) / mx.exp(x)).max().item()
+    assert exp_err < 2e-6
+    assert mx.abs(ops.tanh(x) - mx.tanh(x)).max().item() < 5e-7
+    assert mx.abs(ops.softmax(x) - mx.softmax(x, axis=-1)).max().item() < 1e-6
+    y = mx.random.randint(0, 300, (64,), key=mx.random.key(1))
+    ce = ops.cross_entropy(x, y)
+    assert mx.abs(ce - nn.losses.cross_entropy(x, y)).max().item() < 1e-5
+    g = mx.random.normal(x.shape, key=mx.random.key(2))
+    for fast, exact in ((ops.softmax, lambda a: mx.softmax(a, axis=-1)),
+                        (ops.gelu_tanh, lambda a: 0.5 * a * (1 + mx.tanh(
+                            math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))),
+                        (lambda a: ops.cross_entropy(a, y)[:, None],
+                         lambda a: nn.losses.cross_entropy(a, y)[:, None])):
+        ga = mx.grad(lambda a, f=fast: (f(a) * g[:, : f(a).shape[1]]).sum())(x)
+        gb = mx.grad(lambda a, f=exact: (f(a) * g[:, : f(a).shape[1]]).sum())(x)
+        assert mx.abs(ga - gb).max().item() < 2e-5 * max(1.0, mx.abs(gb).max().item())

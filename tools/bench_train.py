@@ -1,0 +1,339 @@
+"""Training speed: mlxgpt's compiled step vs a PyTorch CPU implementation of the same model.
+
+Both sides train the same GPT-2 architecture (biases, tied embeddings, tanh GELU, pre-LN) from
+the same initial weights on the same batches: forward + backward + gradient clipping + AdamW
+(no decay on biases/norms). The MLX side is the exact step ``mlxgpt pretrain`` runs
+(:class:`mlxgpt.train._Stepper` with :func:`mlxgpt.train.lm_loss`); the torch side is plain eager
+PyTorch (``F.scaled_dot_product_attention``, ``torch.optim.AdamW``). Timings are interleaved
+(MLX steps, torch steps, MLX steps, ...) so both see the same machine load; each figure is the
+median over rounds.
+
+MFU = model FLOPs/s (6 N + 12 L T C per token, as nanoGPT counts them) divided by the best
+single-matmul FLOP/s measured in the same run (a 2048^3 sgemm, torch and MLX, best of both):
+"share of what this machine's BLAS can do", not of a datasheet peak.
+
+    python tools/bench_train.py                     # baby (4/4/128 T64 B12) and small (6/6/384)
+    python tools/bench_train.py --only baby --rounds 5
+    python tools/bench_train.py --profile           # where MLX's step time goes (baby config)
+
+torch is an optional benchmark dependency: pip install 'mlxgpt[bench]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import mlxgpt  # noqa: F401  (preloads the fast BLAS: must come before mlx)
+
+# isort: split
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxgpt import _blas, ops
+from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.pretrain import init_weights
+from mlxgpt.train import TrainConfig, _Stepper, lm_loss, make_optimizer, world
+
+CONFIGS = {
+    # name: (n_layer, n_head, n_embd, block, batch)
+    "baby": (4, 4, 128, 64, 12),
+    "small": (6, 6, 384, 256, 64),
+}
+VOCAB = 257  # the byte tokenizer
+
+
+# --------------------------------------------------------------------------- torch side
+
+
+def torch_gpt(cfg: GPTConfig, weights: dict[str, np.ndarray], dropout: float):
+    """A minimal eager PyTorch GPT-2 (nanoGPT-style) holding the MLX model's weights."""
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    C, H = cfg.n_embd, cfg.n_head
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = tnn.LayerNorm(C), tnn.LayerNorm(C)
+            self.c_attn, self.attn_proj = tnn.Linear(C, 3 * C), tnn.Linear(C, C)
+            self.c_fc, self.mlp_proj = tnn.Linear(C, 4 * C), tnn.Linear(4 * C, C)
+            self.drop = tnn.Dropout(dropout)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (a.view(B, T, H, C // H).transpose(1, 2) for a in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.drop(self.attn_proj(y.transpose(1, 2).reshape(B, T, C)))
+            h = F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")
+            return x + self.drop(self.mlp_proj(h))
+
+    class Model(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = tnn.Embedding(cfg.vocab_size, C)
+            self.wpe = tnn.Embedding(cfg.n_positions, C)
+            self.h = tnn.ModuleList([Block() for _ in range(cfg.n_layer)])
+            self.ln_f = tnn.LayerNorm(C)
+            self.drop = tnn.Dropout(dropout)
+
+        def forward(self, idx, targets):
+            pos = torch.arange(idx.shape[1])
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+            for block in self.h:
+                x = block(x)
+            logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    model = Model()
+    rename = {"attn.c_attn": "c_attn", "attn.c_proj": "attn_proj", "mlp.c_fc": "c_fc",
+              "mlp.c_proj": "mlp_proj"}
+    state = {}
+    for k, v in weights.items():
+        for a, b in rename.items():
+            k = k.replace(a, b)
+        state[k] = torch.from_numpy(np.array(v))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def torch_stepper(model, tcfg: TrainConfig):
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+
+    def step(x, y) -> float:
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
+    n = n_params - cfg.n_positions * cfg.n_embd  # position embeddings do no matmul work
+    return 6 * n + 12 * cfg.n_layer * cfg.n_positions * cfg.n_embd
+
+
+def peak_sgemm(framework: str) -> float:
+    """FLOP/s of a 2048^3 float32 matmul in this process, best of 3."""
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    if framework == "mlx":
+        ma = mx.array(a)
+
+        def mm():
+            mx.eval(ma @ ma)
+    else:
+        import torch
+
+        ta = torch.from_numpy(a)
+
+        def mm():
+            ta @ ta
+    mm()
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        mm()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def setup(name: str, dropout: float):
+    L, H, C, T, B = CONFIGS[name]
+    cfg = GPTConfig(vocab_size=VOCAB, n_positions=T, n_embd=C, n_layer=L, n_head=H,
+                    dropout=dropout)
+    model = GPT(cfg)
+    init_weights(model, 0)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, VOCAB, size=(8, B, T + 1)).astype(np.int32)  # 8 distinct batches
+    return cfg, model, rows
+
+
+def run_worker(framework: str, name: str, steps: int, dropout: float) -> dict:
+    """Warm up (compile) then time ``steps`` training steps in this process."""
+    cfg, model, rows = setup(name, dropout)
+    tcfg = TrainConfig(steps=10**6, warmup=0, lr=1e-3, min_lr=1e-3)
+    n_batches = len(rows)
+    if framework == "mlx":
+        opt = make_optimizer(tcfg)
+        opt.init(model.trainable_parameters())
+        model.train()
+        stepper = _Stepper(model, lm_loss, opt, tcfg, world())
+        batches = [(mx.array(r[:, :-1]), mx.array(r[:, 1:])) for r in rows]
+
+        def one(i: int) -> float:
+            mx.random.seed(i)
+            loss, _, _ = stepper.step([batches[i % n_batches]])
+            mx.eval(loss, stepper.state)
+            return loss.item()
+    else:
+        import torch
+
+        torch.manual_seed(0)
+        weights = {k: np.array(v) for k, v in _flat(model.parameters())}
+        tmodel = torch_gpt(cfg, weights, dropout)
+        tmodel.train()
+        tstep = torch_stepper(tmodel, tcfg)
+        batches = [(torch.from_numpy(r[:, :-1].astype(np.int64)),
+                    torch.from_numpy(r[:, 1:].astype(np.int64))) for r in rows]
+
+        def one(i: int) -> float:
+            return tstep(*batches[i % n_batches])
+
+    sgemm = peak_sgemm(framework)
+    first = one(0)  # compiles on the MLX side
+    one(1)
+    t = time.perf_counter()
+    for i in range(steps):
+        one(2 + i)
+    return {"step_s": (time.perf_counter() - t) / steps, "first_loss": first, "sgemm": sgemm,
+            "tokens": rows.shape[1] * (rows.shape[2] - 1), "n_params": model.n_params}
+
+
+def bench_config(name: str, steps: int, rounds: int, dropout: float) -> dict:
+    """Alternate MLX and torch worker processes (one process per round and framework).
+
+    Separate processes keep each framework's thread pools (OpenBLAS, OpenMP) from spinning
+    while the other works; alternating them spreads the machine's load evenly over both.
+    """
+    times: dict[str, list[float]] = {"mlx": [], "torch": []}
+    sgemm: dict[str, float] = {"mlx": 0.0, "torch": 0.0}
+    info: dict[str, dict] = {}
+    for _ in range(rounds):
+        for fw in ("mlx", "torch"):
+            env = dict(os.environ)
+            if fw == "torch":  # MLX only initialises weights there: keep its BLAS out of the way
+                env[_blas.DISABLE_ENV] = "1"
+            cmd = [sys.executable, __file__, "--worker", fw, "--only", name,
+                   "--steps", str(steps), "--dropout", str(dropout)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if out.returncode:
+                raise SystemExit(f"{fw} worker failed:\n{out.stderr[-2000:]}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            times[fw].append(res["step_s"])
+            sgemm[fw] = max(sgemm[fw], res["sgemm"])
+            info[fw] = res
+    m, t = statistics.median(times["mlx"]), statistics.median(times["torch"])
+    cfg = setup(name, dropout)[0]
+    return {"name": name, "cfg": cfg, "tokens": info["mlx"]["tokens"], "mlx_s": m, "torch_s": t,
+            "n_params": info["mlx"]["n_params"], "sgemm": sgemm,
+            "first_loss": (info["mlx"]["first_loss"], info["torch"]["first_loss"])}
+
+
+def _flat(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+def profile(name: str, steps: int) -> None:
+    """Time the pieces of MLX's step, with and without the arithmetic-only CPU math."""
+    for fast in (False, True):
+        ops.use_fast_math = (lambda f: (lambda: f))(fast)
+        for dropout in (0.0, 0.2):
+            for label, ms in _profile_parts(name, dropout, steps):
+                print(f"{name} fast_math={fast!s:5} dropout={dropout}: {label:18s} {ms:8.2f} ms")
+
+
+def _profile_parts(name: str, dropout: float, steps: int) -> list[tuple[str, float]]:
+    cfg, model, rows = setup(name, dropout)
+    model.train()
+    x, y = mx.array(rows[0, :, :-1]), mx.array(rows[0, :, 1:])
+    tcfg = TrainConfig(steps=10**6, warmup=0)
+    opt = make_optimizer(tcfg)
+    opt.init(model.trainable_parameters())
+    state = [model.state, opt.state, mx.random.state]
+    vg = nn.value_and_grad(model, lm_loss)
+    fwd = mx.compile(lambda x, y: lm_loss(model, x, y)[0], inputs=state, outputs=state)
+    fwd_bwd = mx.compile(lambda x, y: vg(model, x, y), inputs=state, outputs=state)
+    grads = vg(model, x, y)[1]
+    mx.eval(grads)
+    upd = mx.compile(lambda g: opt.update(model, g), inputs=state, outputs=state)
+    stepper = _Stepper(model, lm_loss, opt, tcfg, world())
+    parts = {
+        "forward": lambda: mx.eval(fwd(x, y)),
+        "forward+backward": lambda: mx.eval(fwd_bwd(x, y)),
+        "AdamW update": lambda: (upd(grads), mx.eval(state)),
+        "whole step": lambda: mx.eval(stepper.step([(x, y)]), stepper.state),
+    }
+    out = []
+    for label, f in parts.items():
+        f()
+        f()
+        best = math.inf
+        for _ in range(steps):  # the fastest call: the one least disturbed by other processes
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+        out.append((label, best * 1e3))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=sorted(CONFIGS), help="one configuration")
+    ap.add_argument("--steps", type=int, default=0, help="steps per round (default per config)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--profile", action="store_true", help="break MLX's step down instead")
+    ap.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, args.only, args.steps, args.dropout)))
+        return
+    import torch
+
+    print(f"mlx {mx.__version__}, device {mx.default_device()}; BLAS: {_blas.blas_in_use()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"MKL {torch.backends.mkl.is_available()}, oneDNN {torch.backends.mkldnn.is_available()}")
+    if args.profile:
+        profile(args.only or "baby", args.steps or 10)
+        return
+    names = [args.only] if args.only else list(CONFIGS)
+    rows = []
+    for name in names:
+        steps = args.steps or (20 if name == "baby" else 2)
+        rows.append(bench_config(name, steps, args.rounds, args.dropout))
+    peak_m = max(r["sgemm"]["mlx"] for r in rows)
+    peak_t = max(r["sgemm"]["torch"] for r in rows)
+    peak = max(peak_m, peak_t)
+    print(f"sgemm 2048^3: mlx {peak_m / 1e9:.0f} GFLOP/s, torch {peak_t / 1e9:.0f} GFLOP/s "
+          f"(MFU is against the best)")
+    print("| config | tokens/step | MLX tok/s | torch tok/s | MLX / torch | MLX MFU | torch MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cfg = r["cfg"]
+        fpt = flops_per_token(cfg, r["n_params"])
+        m_tok, t_tok = r["tokens"] / r["mlx_s"], r["tokens"] / r["torch_s"]
+        label = (f"{r['name']} {cfg.n_layer}/{cfg.n_head}/{cfg.n_embd} T{cfg.n_positions} "
+                 f"B{r['tokens'] // cfg.n_positions}")
+        print(f"| {label} | {r['tokens']} | {m_tok:,.0f} | {t_tok:,.0f} | {m_tok / t_tok:.2f}x | "
+              f"{m_tok * fpt / peak:.1%} | {t_tok * fpt / peak:.1%} |")
+        print(f"  (first-step loss, same weights and batch: mlx {r['first_loss'][0]:.5f}, "
+              f"torch {r['first_loss'][1]:.5f})")
+
+
+if __name__ == "__main__":
+    main()
