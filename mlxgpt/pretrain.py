@@ -225,11 +225,15 @@ def sample_text(model: GPT, tokenizer: Any, prompt: str, n_tokens: int,
 
 
 def _check_writable(out: Path) -> None:
+    """Fail now, not after tokenizing, when RUN_DIR cannot be written; leave no trace."""
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
+        if created:
+            out.rmdir()
     except OSError as e:
         raise MlxgptError(f"cannot write to {out}: {e.strerror or e}") from None
 
@@ -287,6 +291,7 @@ def pretrain(
     say(f"model: {s.n_layer} layers, {s.n_head} heads, {s.n_embd} wide, block {s.block_size}: "
         f"{n / 1e6:.2f}M parameters; {s.tokens_per_step:,} tokens per step, {s.steps} steps")
     if not resume:
+        out.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(out / RUN_FILE, json.dumps(asdict(s), indent=2) + "\n")
     extra = {"trained_by": "mlxgpt pretrain", "data": str(s.data)}
 
