@@ -253,3 +253,18 @@ def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path):
     theirs, _ = mlx_lm_utils.load(str(tmp_path / "base"), adapter_path=str(tmp_path / "ad"))
     x = tokens()
     np.testing.assert_allclose(np.array(theirs(x)), np.array(model(x)), atol=1e-4)
+
+
+def test_reads_adapters_written_by_mlx_lm(tmp_path):
+    model, x = tiny_model(), tokens()
+    cfg = LoRAConfig(rank=4, alpha=8, targets=("c_attn",), layers=(1,))
+    apply_lora(model, cfg)
+    randomize_b(model)
+    save_adapter(model, tmp_path / "ad", cfg)
+    # The config mlx_lm.lora writes: no mlxgpt keys, scale instead of alpha, last-N layers.
+    (tmp_path / "ad" / ADAPTER_CONFIG).write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": 1, "model": "somewhere",
+        "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["attn.c_attn"]},
+    }))
+    fresh = load_adapter(tiny_model(), tmp_path / "ad")
+    assert mx.array_equal(fresh(x), model(x))
