@@ -238,6 +238,19 @@ def profile_decode(folder: Path, short: list[int]) -> dict:
     }
 
 
+def _openblas_core() -> str | None:
+    """The kernel set the loaded OpenBLAS uses (Haswell = AVX2, SkylakeX = AVX-512)."""
+    import ctypes
+
+    path = _blas.preloaded_path or _blas.find_openblas()
+    try:
+        lib = ctypes.CDLL(path)
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        return lib.openblas_get_corename().decode()
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def _dot_ops(path: str) -> int:
     """Primitive nodes in an ``mx.export_to_dot`` graph (arrays are drawn as boxes)."""
     text = Path(path).read_text()
@@ -278,6 +291,8 @@ def main() -> None:
     result = {
         "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
         "blas": _blas.blas_in_use(),
+        "openblas_kernels": _openblas_core(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -287,7 +302,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": {},
     }
-    log(f"BLAS: {result['blas']}")
+    log(f"BLAS: {result['blas']}; kernels: {result['openblas_kernels']}")
     with tempfile.TemporaryDirectory(prefix="mlxgpt-bench-") as tmp:
         folders = make_folders(args.model, names, Path(tmp))
         vocab = load_model(folders[names[0]]).config.vocab_size
