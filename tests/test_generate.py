@@ -355,3 +355,23 @@ def test_prepared_model_generates_the_same_tokens():
     fast = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                           max_tokens=30)]
     assert fast == plain
+
+
+def test_cli_generate_applies_an_adapter(tmp_path):
+    from mlxgpt.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+
+    folder = byte_model_folder(tmp_path)
+    model, tok = mlxgpt.load(str(folder))
+    cfg = LoRAConfig(rank=4)
+    apply_lora(model, cfg)
+    mx.random.seed(1)
+    for _, layer in lora_modules(model):  # a trained-looking adapter: B is not zero
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
+    save_adapter(model, tmp_path / "adapter", cfg)
+    args = ["generate", "-m", str(folder), "-p", "Hello", "-n", "16", "--temp", "0",
+            "--ignore-eos", "-q"]
+    plain = run_cli(*args)
+    tuned = run_cli(*args, "--adapter", str(tmp_path / "adapter"))
+    assert plain.returncode == 0 and tuned.returncode == 0, tuned.stderr
+    expect = generate(model, tok, "Hello", max_tokens=16, sampling=GREEDY, stop_at_eos=False)
+    assert tuned.stdout == expect + "\n" != plain.stdout
