@@ -34,8 +34,9 @@ from .model import GPT
 from .sample import SamplingSettings, TokenSampler
 
 CONTEXT_POLICIES = ("slide", "stop")
-CACHE_STEP = 256  # KV buffers grow in steps of this many positions
+CACHE_STEP = 64  # KV buffers grow in steps of this many positions (attention spans the buffer)
 PREFILL_STEP = 512  # prompt tokens read per chunk
+PAD_TO = 64  # prompt chunks are padded to a multiple of this: few shapes to trace
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -67,19 +68,24 @@ class _LayerCache:
     def attention_mask(self, t: int) -> mx.array | str | None:
         if isinstance(self.offset, int):
             return "causal" if t > 1 else None
-        # Only single-token steps are traced: the query sees every key written so far.
-        return mx.arange(self.keys.shape[2]) < self.offset  # (capacity,)
+        # Each query sees the keys up to its own position; the unwritten tail is masked.
+        keys = mx.arange(self.keys.shape[2])
+        if t == 1:
+            return keys < self.offset  # (capacity,)
+        queries = self.offset - t + mx.arange(t)  # positions of the t new tokens
+        return keys[None, :] <= queries[:, None]  # (t, capacity)
 
 
-def _decode_fn(model: GPT):
-    """The compiled single-token step: (token (1, 1), offset (), *buffers) -> logits, *buffers."""
+def _forward_fn(model: GPT):
+    """The compiled forward: (tokens (1, T), offset (), last (), *buffers) -> logits (1, V) at
+    position ``last``, *buffers. Traced once per (T, buffer size); decoding uses T = 1."""
 
-    def step(tok: mx.array, offset: mx.array, *buffers: mx.array):
+    def step(tok: mx.array, offset: mx.array, last: mx.array, *buffers: mx.array):
         pairs = zip(buffers[0::2], buffers[1::2], strict=True)
         caches = [_LayerCache(k, v, offset) for k, v in pairs]
-        h = model.hidden(tok, caches)  # (1, 1, C)
+        h = model.hidden(tok, caches)  # (1, T, C)
         out = [a for c in caches for a in (c.keys, c.values)]
-        return (model.logits(h[:, -1]), *out)  # logits (1, V)
+        return (model.logits(mx.take(h, last, axis=1)), *out)  # logits (1, V)
 
     # The weights are inputs, not constants, so a model changed later (LoRA, training) is seen.
     return mx.compile(step, inputs=model.state)
@@ -95,10 +101,10 @@ class Context:
         self._tokens: list[int | mx.array] = []
         self._buffers: list[mx.array] = []  # keys, values of each layer (1, H, capacity, D)
         self._dtype = model.ln_f.weight.dtype
-        step = getattr(model, "_mlxgpt_decode_step", None)
+        step = getattr(model, "_mlxgpt_forward", None)
         if step is None:
-            step = _decode_fn(model)
-            model._mlxgpt_decode_step = step  # traced once per model and buffer size
+            step = _forward_fn(model)
+            model._mlxgpt_forward = step  # shared by the model's contexts
         self._step = step
 
     # -- state
@@ -140,14 +146,27 @@ class Context:
         mx.eval(new)
         self._buffers = new
 
-    def _layers(self) -> list[_LayerCache]:
-        b = self._buffers
-        return [_LayerCache(b[2 * i], b[2 * i + 1], self.offset) for i in range(len(b) // 2)]
+    def _forward(self, tokens: mx.array, n: int) -> mx.array:
+        """Run tokens (1, T) after the cached ones, of which the first n are real and the rest
+        padding; logits (1, V) of the last real one (not evaluated yet).
+
+        Padding writes keys/values past the real tokens, where no real query looks (causal
+        mask) and later tokens overwrite them.
+        """
+        self._reserve(self.offset + tokens.shape[1])
+        pos = mx.array(self.offset, mx.int32)
+        out = self._step(tokens, pos, mx.array(n - 1, mx.int32), *self._buffers)
+        self._buffers = list(out[1:])  # the old buffers are donated to the in-place update
+        return out[0]
 
     # -- reading tokens
 
     def prefill(self, ids: Sequence[int]) -> mx.array:
-        """Read ``ids`` after what is cached, in chunks; the last position's logits (1, V)."""
+        """Read ``ids`` after what is cached; the last position's logits (1, V).
+
+        The prompt goes in chunks of at most ``prefill_step`` tokens, each padded to a multiple
+        of PAD_TO, so the compiled forward is traced for a few shapes whatever the lengths.
+        """
         ids = [int(i) for i in ids]
         if not ids:
             raise MlxgptError("nothing to read: the prompt is empty")
@@ -156,29 +175,23 @@ class Context:
                 f"{self.offset + len(ids)} tokens do not fit the model's context "
                 f"({self.n_positions} positions)"
             )
-        self._reserve(self.offset + len(ids))
-        for i in range(0, len(ids), self.prefill_step):
-            chunk = ids[i : i + self.prefill_step]
-            layers = self._layers()
-            h = self.model.hidden(mx.array(chunk, mx.int32)[None], layers)  # (1, T, C)
-            self._buffers = [a for c in layers for a in (c.keys, c.values)]
+        for start in range(0, len(ids), self.prefill_step):
+            chunk = ids[start : start + self.prefill_step]
+            padded = min(-(-len(chunk) // PAD_TO) * PAD_TO, self.n_positions - self.offset)
+            tokens = mx.array(chunk + [0] * (padded - len(chunk)), mx.int32)[None]
+            logits = self._forward(tokens, len(chunk))
             self._tokens.extend(chunk)
-            if i + self.prefill_step >= len(ids):
-                logits = self.model.logits(h[:, -1])  # (1, V): only the last position is needed
-                mx.eval(logits, self._buffers)
-                return logits
             mx.eval(self._buffers)
-        raise AssertionError("unreachable")
+        mx.eval(logits)
+        return logits
 
     def step(self, token: mx.array) -> mx.array:
         """Read one token (a (1,) array, possibly not evaluated yet); return logits (1, V)."""
         if self.offset >= self.n_positions:
             raise MlxgptError(f"the context is full ({self.n_positions} positions)")
-        self._reserve(self.offset + 1)
-        out = self._step(token.reshape(1, 1), mx.array(self.offset, mx.int32), *self._buffers)
-        self._buffers = list(out[1:])  # the old buffers are donated to the in-place update
+        logits = self._forward(token.reshape(1, 1), 1)
         self._tokens.append(token.reshape(()))
-        return out[0]
+        return logits
 
     def sync(self, ids: Sequence[int]) -> mx.array:
         """Make the cache hold exactly ``ids``, reusing the common prefix; logits (1, V) of the
@@ -453,5 +466,5 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
 
     block_weights(model)
     model._mlxgpt_blocked = True
-    model._mlxgpt_decode_step = None  # traced for the old parameters: trace again
+    model._mlxgpt_forward = None  # traced for the old parameters: trace again
     return model

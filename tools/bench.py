@@ -33,7 +33,7 @@ import numpy as np
 
 from mlxgpt import _blas
 from mlxgpt.checkpoint import load_model, save_model
-from mlxgpt.generate import Context, generate_tokens, prepare_for_inference
+from mlxgpt.generate import Context, _LayerCache, generate_tokens, prepare_for_inference
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.sample import SamplingSettings, TokenSampler
 
@@ -222,10 +222,13 @@ def profile_decode(folder: Path, short: list[int]) -> dict:
     head = step_time(lambda: mx.eval(model.logits(h)))
     with tempfile.TemporaryDirectory() as tmp:
         # Operations one token dispatches, eager vs the compiled step (fused kernels count 1).
-        out = ctx._step(tok.reshape(1, 1), mx.array(ctx.offset, mx.int32), *ctx._buffers)
+        out = ctx._step(tok.reshape(1, 1), mx.array(ctx.offset, mx.int32), mx.array(0),
+                        *ctx._buffers)
         mx.export_to_dot(os.path.join(tmp, "compiled.dot"), *out)
         del out
-        eager = model.logits(model.hidden(tok[None], ctx._layers())[:, -1])
+        b = ctx._buffers
+        layers = [_LayerCache(k, v, ctx.offset) for k, v in zip(b[0::2], b[1::2], strict=True)]
+        eager = model.logits(model.hidden(tok[None], layers)[:, -1])
         mx.export_to_dot(os.path.join(tmp, "eager.dot"), eager)
         counts = {k: _dot_ops(os.path.join(tmp, f"{k}.dot")) for k in ("eager", "compiled")}
     return {
