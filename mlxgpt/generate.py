@@ -2,11 +2,11 @@
 
 Three layers, each usable on its own:
 
-- :class:`Context` holds the tokens a model has read and their keys/values. Prompts are read in
-  chunks (prefill); each new token runs through one compiled decode step that writes its keys
-  and values in place into a buffer that grows in fixed steps (so the step is traced once per
-  buffer size, not once per token). ``sync(ids)`` keeps the longest common prefix and reads
-  only the rest: a chat re-reads nothing it already read.
+- :class:`Context` holds the tokens a model has read and their keys/values. Prompts (in
+  chunks, padded to a few sizes) and then each new token run through one compiled forward that
+  writes keys and values in place into a buffer grown in fixed steps, so it is traced once per
+  (chunk size, buffer size), not once per token. ``sync(ids)`` keeps the longest common prefix
+  and reads only the rest: a chat re-reads nothing it already read.
 - :func:`generate_tokens` yields token ids. It builds step n+1 and starts evaluating it
   (``mx.async_eval``) before reading token n, so Python overhead hides behind the model.
 - :func:`stream_generate` / :func:`generate` turn ids into text with the tokenizer's UTF-8-safe
