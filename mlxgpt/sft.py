@@ -310,9 +310,48 @@ class Batches:
 def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array,
                 mask: mx.array) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the counted targets, and how many there were."""
-    logits = model(inputs)  # (B, T, V)
-    # MLX's own cross-entropy, not ops.cross_entropy: at GPT-2 vocabulary size its backward
-    # keeps several (B, T, V) float32 arrays alive (+2.5 GiB at batch 4 x 512 measured here).
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)  # (B, T)
+    h = model.hidden(inputs)  # (B, T, C)
+    head = model.lm_head if "lm_head" in model else model.wte
+    if type(head) in (nn.Linear, nn.Embedding):  # float head: never hold all (B, T, V) logits
+        ce = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1))
+        ce = ce.reshape(targets.shape)  # (B, T)
+    else:  # quantized head
+        ce = nn.losses.cross_entropy(model.logits(h).astype(mx.float32), targets)
     n = mask.sum()
     return (ce * mask).sum() / mx.maximum(n, 1), n
+
+
+CE_ROWS = 512  # rows of logits made at a time by linear_cross_entropy
+
+
+@mx.custom_function
+def linear_cross_entropy(h: mx.array, w: mx.array, targets: mx.array) -> mx.array:
+    """Cross-entropy of the logits ``h @ w.T`` without keeping them: (N, C), (V, C), (N,) -> (N,).
+
+    Why: at GPT-2's vocabulary the logits and their gradient are the largest activations of a
+    fine-tuning step (batch 4 x 512: 0.4 GB per (B, T, V) float32 copy, several alive at once).
+    Here they exist CE_ROWS rows at a time, in the forward pass and again (recomputed, one more
+    head matmul) in the backward pass.
+    """
+    out = []
+    for s in range(0, h.shape[0], CE_ROWS):
+        logits = (h[s:s + CE_ROWS] @ w.T).astype(mx.float32)  # (rows, V)
+        picked = mx.take_along_axis(logits, targets[s:s + CE_ROWS, None], axis=-1)[:, 0]
+        out.append(mx.logsumexp(logits, axis=-1) - picked)
+    return mx.concatenate(out)
+
+
+@linear_cross_entropy.vjp
+def _linear_cross_entropy_vjp(primals, cotangent, output):
+    h, w, targets = primals
+    dh, dw = [], None
+    for s in range(0, h.shape[0], CE_ROWS):
+        hs, ts = h[s:s + CE_ROWS], targets[s:s + CE_ROWS]
+        logits = (hs @ w.T).astype(mx.float32)  # (rows, V), recomputed
+        g = mx.softmax(logits, axis=-1, precise=True)
+        g = g - (mx.arange(g.shape[-1]) == ts[:, None])  # d ce / d logits
+        g = (g * cotangent[s:s + CE_ROWS, None]).astype(w.dtype)
+        dh.append(g @ w)  # (rows, C)
+        part = g.T @ hs  # (V, C); only evaluated when w trains (lazy otherwise)
+        dw = part if dw is None else dw + part
+    return mx.concatenate(dh), dw, mx.zeros_like(targets)

@@ -157,3 +157,26 @@ def test_messages_use_the_chat_transcript_and_mask_all_but_assistant_turns(tmp_p
     assert e.tokens[-1] == TOK.eot_id
     learnt = bytes(t for t, m in zip(e.tokens[:-1], e.mask[:-1], strict=True) if m)
     assert learnt == b" Hello.\n Bye!\n"  # the replies after "Assistant:", nothing else
+
+
+def test_linear_cross_entropy_matches_logits_then_cross_entropy(monkeypatch):
+    import mlx.nn as nn
+
+    import mlxgpt.sft as sft
+
+    monkeypatch.setattr(sft, "CE_ROWS", 7)  # several chunks and a ragged last one
+    mx.random.seed(0)
+    h, w = mx.random.normal((20, 16)), mx.random.normal((50, 16))
+    t = mx.random.randint(0, 50, (20,)).astype(mx.int32)
+    weight = mx.random.normal((20,))
+
+    def reference(h, w):
+        return (nn.losses.cross_entropy(h @ w.T, t) * weight).sum()
+
+    def chunked(h, w):
+        return (sft.linear_cross_entropy(h, w, t) * weight).sum()
+
+    assert abs(reference(h, w).item() - chunked(h, w).item()) < 1e-4
+    for a, b in zip(mx.grad(reference, argnums=(0, 1))(h, w),
+                    mx.grad(chunked, argnums=(0, 1))(h, w), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
