@@ -8,32 +8,60 @@ the packing, but only while ``M * N * K <= 1e6``.
 
 So for inference each float32 Linear weight is stored as column blocks ``(n_blocks, K, n)``
 with ``K * n <= 1e6``: one batched matmul multiplies the row by every block, each block taking
-the small-matrix path. The blocks hold the same numbers (plus zero padding up to a multiple of
-``n``), the results agree with the plain layout to float32 rounding, and prompts (many rows)
-run at the same speed as before. The tied embedding is blocked the same way and still looks up
-token rows from its blocks, so nothing is stored twice.
+the small-matrix path. Where the BLAS has no such path (OpenBLAS's AVX2 kernels, other BLAS)
+the matrix is one block, i.e. stored transposed, ``(1, K, N)``: one call instead of many, in
+the layout (no transpose flag) that sgemm reads fastest for a single row.
+
+The blocks hold the same numbers (plus zero padding up to a multiple of ``n``), the results
+agree with the plain layout to float32 rounding, and prompts (many rows) run at the same speed
+as before. The tied embedding is blocked the same way and still looks up token rows from its
+blocks, so nothing is stored twice.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
 
 import mlx.core as mx
 import mlx.nn as nn
 
 # OpenBLAS's sgemm_small_kernel_permit (SkylakeX): the unpacked path runs when M*N*K <= 1e6.
 SMALL_GEMM_MNK = 1_000_000
+# OpenBLAS kernel sets with that small-matrix path (AVX-512).
+_SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 
-def block_width(k: int, n: int, limit: int = SMALL_GEMM_MNK) -> int:
-    """Columns per block: as even a split of ``n`` as blocks of at most ``limit // k`` allow."""
+@functools.lru_cache(maxsize=1)
+def small_gemm_limit() -> int | None:
+    """M*N*K below which the loaded BLAS multiplies without packing, or None if it cannot."""
+    from . import _blas
+
+    if _blas.preloaded_path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(_blas.preloaded_path)
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        core = lib.openblas_get_corename().decode().lower()
+    except (OSError, AttributeError):
+        return None
+    return SMALL_GEMM_MNK if core in _SMALL_GEMM_CORES else None
+
+
+def block_width(k: int, n: int, limit: int | None = SMALL_GEMM_MNK) -> int:
+    """Columns per block: as even a split of ``n`` as blocks of at most ``limit // k`` allow
+    (all of them, one block, without a limit)."""
+    if limit is None:
+        return n
     widest = max(1, limit // k)
     n_blocks = -(-n // widest)
     return -(-n // n_blocks)
 
 
-def to_blocks(weight: mx.array) -> mx.array:
+def to_blocks(weight: mx.array, limit: int | None = SMALL_GEMM_MNK) -> mx.array:
     """(N, K) weight -> (n_blocks, K, width) column blocks of its transpose, zero-padded."""
     n, k = weight.shape
-    width = block_width(k, n)
+    width = block_width(k, n, limit)
     n_blocks = -(-n // width)
     wt = weight.T  # (K, N)
     if n_blocks * width > n:
@@ -55,10 +83,10 @@ def _blocked_matmul(x: mx.array, blocks: mx.array, n_out: int) -> mx.array:
 class BlockedLinear(nn.Module):
     """An ``nn.Linear`` (inference only) whose weight is stored as column blocks."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, limit: int | None = SMALL_GEMM_MNK):
         super().__init__()
         self.n_out = linear.weight.shape[0]
-        self.blocks = to_blocks(linear.weight)  # (n_blocks, in, width)
+        self.blocks = to_blocks(linear.weight, limit)  # (n_blocks, in, width)
         if "bias" in linear:
             self.bias = linear.bias
 
@@ -70,10 +98,10 @@ class BlockedLinear(nn.Module):
 class BlockedEmbedding(nn.Module):
     """An ``nn.Embedding`` (inference only) stored as the column blocks of its output head."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, limit: int | None = SMALL_GEMM_MNK):
         super().__init__()
         self.n_rows = embedding.weight.shape[0]
-        self.blocks = to_blocks(embedding.weight)  # (n_blocks, dims, width)
+        self.blocks = to_blocks(embedding.weight, limit)  # (n_blocks, dims, width)
 
     def __call__(self, ids: mx.array) -> mx.array:
         width = self.blocks.shape[2]
@@ -85,20 +113,23 @@ class BlockedEmbedding(nn.Module):
         return _blocked_matmul(x, self.blocks, self.n_rows)
 
 
-def block_weights(model: nn.Module) -> int:
+def block_weights(model: nn.Module, limit: int | None | str = "auto") -> int:
     """Replace float32 ``nn.Linear``/``nn.Embedding`` layers by blocked ones, in place.
 
-    Quantized and half-precision layers are left alone (they do not go through sgemm).
-    Returns how many layers were converted.
+    ``limit``: the M*N*K of the BLAS's small-matrix path ("auto": ask the loaded BLAS; None:
+    one block per matrix). Quantized and half-precision layers are left alone (they do not go
+    through sgemm). Returns how many layers were converted.
     """
+    if limit == "auto":
+        limit = small_gemm_limit()
     swaps = []
     for path, module in model.named_modules():
         if not path or module.get("weight") is None or module.weight.dtype != mx.float32:
             continue
         if type(module) is nn.Linear:
-            swaps.append((path, BlockedLinear(module)))
+            swaps.append((path, BlockedLinear(module, limit)))
         elif type(module) is nn.Embedding:
-            swaps.append((path, BlockedEmbedding(module)))
+            swaps.append((path, BlockedEmbedding(module, limit)))
     for path, new in swaps:
         *parents, name = path.split(".")
         owner = model

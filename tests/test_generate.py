@@ -346,11 +346,18 @@ def test_blocked_layers_compute_what_the_plain_ones_do():
                                atol=2e-5)
 
 
-def test_prepared_model_generates_the_same_tokens():
+@pytest.mark.parametrize("limit", ["auto", None, 100_000])
+def test_blocked_model_generates_the_same_tokens(limit):
+    from mlxgpt.layout import block_weights
+
     model = random_model(50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
     plain = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                            max_tokens=30)]
-    prepare_for_inference(model)
+    if limit == "auto":
+        prepare_for_inference(model)  # what the commands do
+    else:
+        block_weights(model, limit)
+        model._mlxgpt_forward = None
     assert mx.default_device() != mx.cpu or "blocks" in model.wte
     fast = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                           max_tokens=30)]
