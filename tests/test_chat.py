@@ -147,57 +147,67 @@ def read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
     return buf
 
 
-def test_terminal_session_with_ctrl_c_during_a_reply(folder, tmp_path):
-    env = {**os.environ, "MLXGPT_HISTORY": str(tmp_path / "history"), "TERM": "dumb"}
+class Terminal:
+    """The chat run on a pseudo-terminal, as a person at a keyboard would run it."""
+
+    def __init__(self, cmd: list[str], history: str):
+        env = {**os.environ, "MLXGPT_HISTORY": history, "TERM": "dumb"}
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the chat, its stdin/stdout the terminal
+            os.execvpe(cmd[0], cmd, env)
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+    def until(self, marker: bytes, timeout: float = 60.0) -> bytes:
+        return read_until(self.fd, marker, timeout)
+
+    def exit_status(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        assert os.WIFEXITED(status)
+        return os.WEXITSTATUS(status)
+
+    def close(self) -> None:
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+@pytest.fixture
+def terminal():
+    opened = []
+    yield lambda cmd, history="": opened.append(Terminal(cmd, history)) or opened[-1]
+    for t in opened:
+        t.close()
+
+
+def test_terminal_session_with_ctrl_c_during_a_reply(folder, tmp_path, terminal):
     # Replies as long as they like (the window slides), so one is still running at Ctrl-C.
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the chat on the pseudo-terminal
-        os.execvpe(sys.executable, chat_cmd(folder, "-n", "100000", "--seed", "0"), env)
-    try:
-        read_until(fd, b">>> ")
-        os.write(fd, b"/set temp 1.5\r")
-        assert b"temperature = 1.5" in read_until(fd, b">>> ")
-        os.write(fd, b"Write a long story\r")
-        shown = read_until(fd, b"Write a long story")
-        while len(shown) < 400:  # the reply is streaming
-            ready, _, _ = select.select([fd], [], [], 10)
-            assert ready, "the reply should stream"
-            shown += os.read(fd, 4096)
-        os.write(fd, b"\x03")  # Ctrl-C, through the terminal: SIGINT
-        after = read_until(fd, b">>> ", 30)
-        assert b"(stopped)" in after
-        os.write(fd, b"/stats\r")
-        stats = read_until(fd, b">>> ")
-        assert b"conversation: 2 messages" in stats
-        os.write(fd, b"/quit\r")
-        read_until(fd, b"\n", 10)
-        _, status = os.waitpid(pid, 0)
-        pid = 0
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        assert "Write a long story" in (tmp_path / "history").read_text()  # readline history
-    finally:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(fd)
+    term = terminal(chat_cmd(folder, "-n", "100000", "--seed", "0"), str(tmp_path / "history"))
+    term.until(b">>> ")
+    term.type(b"/set temp 1.5\r")
+    assert b"temperature = 1.5" in term.until(b">>> ")
+    term.type(b"Write a long story\r")
+    shown = term.until(b"Write a long story")
+    while len(shown) < 400:  # the reply is streaming
+        ready, _, _ = select.select([term.fd], [], [], 10)
+        assert ready, "the reply should stream"
+        shown += os.read(term.fd, 4096)
+    term.type(b"\x03")  # Ctrl-C, through the terminal: SIGINT
+    assert b"(stopped)" in term.until(b">>> ", 30)
+    term.type(b"/stats\r")
+    assert b"conversation: 2 messages" in term.until(b">>> ")
+    term.type(b"/quit\r")
+    assert term.exit_status() == 0
+    assert "Write a long story" in (tmp_path / "history").read_text()  # readline history
 
 
-def test_terminal_ctrl_d_leaves(tmp_path):
-    folder = byte_model_folder(tmp_path)
-    env = {**os.environ, "MLXGPT_HISTORY": "", "TERM": "dumb"}
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execvpe(sys.executable, chat_cmd(folder, "-n", "5"), env)
-    try:
-        read_until(fd, b">>> ")
-        os.write(fd, b"hi\r")
-        read_until(fd, b">>> ")
-        os.write(fd, b"\x04")  # Ctrl-D on an empty line: end of input
-        _, status = os.waitpid(pid, 0)
-        pid = 0
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    finally:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(fd)
+def test_terminal_ctrl_d_leaves(tmp_path, terminal):
+    term = terminal(chat_cmd(byte_model_folder(tmp_path), "-n", "5"))
+    term.until(b">>> ")
+    term.type(b"hi\r")
+    term.until(b">>> ")
+    term.type(b"\x04")  # Ctrl-D on an empty line: end of input
+    assert term.exit_status() == 0
