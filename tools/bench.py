@@ -148,12 +148,15 @@ def run_torch(folder: Path, dtype: str, long: list[int], short: list[int], n_gen
 
 def measure(impls: list[Impl], long: list[int], short: list[int], n_gen: int, repeats: int,
             log) -> tuple[dict, dict]:
-    """Median over ``repeats`` rounds; in each round every implementation runs once."""
-    for impl in impls:  # warm-up: compiled graphs, kernels, allocator
-        impl.first_token(long[:64])
-        impl.decode(short, 8)
+    """Median over ``repeats`` rounds; in each round every implementation runs once.
+
+    A first, unrecorded round warms up each implementation with the same sizes (traced and
+    compiled graphs, kernels, the allocator)."""
     raw = {i.name: {"ttft_s": [], "decode_tps": [], "peak_gb": []} for i in impls}
     tokens = {}
+    for impl in impls:
+        impl.first_token(long)
+        impl.decode(short, n_gen)
     for r in range(repeats):
         for impl in impls:
             mx.reset_peak_memory()

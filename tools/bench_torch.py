@@ -42,8 +42,8 @@ def main() -> None:
 
     result = {"ttft_s": [], "decode_tps": [], "tokens": []}
     with torch.no_grad():
-        first_token(job["long"][:64])  # warm-up
-        decode(job["short"], 8)
+        first_token(job["long"])  # warm-up, with the measured sizes
+        decode(job["short"], job["gen_tokens"])
         for _ in range(job["repeats"]):
             result["ttft_s"].append(first_token(job["long"]))
             tps, toks = decode(job["short"], job["gen_tokens"])
