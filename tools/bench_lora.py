@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2,
                     help="alternating mlxgpt / mlx_lm speed runs")
     ap.add_argument("--speed-only", action="store_true", help="skip the memory-only runs")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only peak memory: every run for --ckpt-steps steps, no mlx-lm")
     ap.add_argument("--ckpt-steps", type=int, default=2,
                     help="steps of the --grad-checkpoint runs (memory only)")
     ap.add_argument("--worker", choices=KINDS)
@@ -142,7 +144,7 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--out")
     args = ap.parse_args()
-    if args.steps < 2 * args.window:
+    if args.steps < 2 * args.window and not args.memory_only:
         ap.error("--steps must be at least twice --window (the first window is warm-up)")
 
     if args.worker:
@@ -162,7 +164,7 @@ def main() -> None:
     res: dict[str, dict] = {}
     ratios = []
     # Speed: mlxgpt and mlx-lm alternate, so a change in the machine's load hits both alike.
-    for rep in range(args.repeats):
+    for rep in range(0 if args.memory_only else args.repeats):
         for k in ("mlxgpt-lora", "mlx_lm-lora"):
             r = run_worker(k, model, data, work, args.steps, args.window)
             res.setdefault(k, r)
@@ -170,8 +172,10 @@ def main() -> None:
             print(f"{k} (run {rep + 1}): {r['tok_per_s']:,.0f} tokens/s, peak "
                   f"{r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
         ratios.append(res["mlxgpt-lora"]["runs"][-1] / res["mlx_lm-lora"]["runs"][-1])
-    for k in KINDS[2:] if not args.speed_only else []:
-        steps, window = (args.ckpt_steps, 1) if "ckpt" in k else (args.steps, args.window)
+    memory_kinds = ["mlxgpt-lora", *KINDS[2:]] if args.memory_only else KINDS[2:]
+    for k in memory_kinds if not args.speed_only else []:
+        steps, window = (args.ckpt_steps, 1) if "ckpt" in k or args.memory_only else (
+            args.steps, args.window)
         res[k] = run_worker(k, model, data, work, steps, window)
         print(f"{k}: {res[k]['tok_per_s']:,.0f} tokens/s, peak "
               f"{res[k]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -189,9 +193,10 @@ def main() -> None:
         both = res["mlxgpt-lora-ckpt"]["peak_bytes"] / res["mlxgpt-full-ckpt"]["peak_bytes"]
         print(f"LoRA peak / full fine-tuning peak: {lora['peak_bytes'] / full['peak_bytes']:.0%};"
               f" both with --grad-checkpoint: {both:.0%} (target <= 60%)")
-    print(f"mlxgpt LoRA tokens/s / mlx_lm.lora, per alternating pair: "
-          f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x "
-          f"(target >= 1.2x)")
+    if ratios:
+        print(f"mlxgpt LoRA tokens/s / mlx_lm.lora, per alternating pair: "
+              f"{', '.join(f'{r:.2f}x' for r in ratios)}; "
+              f"median {statistics.median(ratios):.2f}x (target >= 1.2x)")
 
 
 if __name__ == "__main__":
