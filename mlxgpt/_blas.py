@@ -91,6 +91,31 @@ def preload() -> None:
     preload_note = "preloaded by mlxgpt" + (f", {CORETYPE_ENV}={coretype}" if coretype else "")
 
 
+def openblas_core() -> str | None:
+    """The kernel set the preloaded OpenBLAS chose ("Haswell" = AVX2, "SkylakeX" = AVX-512)."""
+    if preloaded_path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(preloaded_path)
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        return lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        return None
+
+
+def kernels_note() -> str | None:
+    """The OpenBLAS kernels in use, with a hint when AVX2 kernels run on an AVX-512 AMD CPU
+    because ``OPENBLAS_CORETYPE`` was set by hand (the environment's choice is kept)."""
+    core = openblas_core()
+    if core is None:
+        return None
+    if core.lower() in ("haswell", "zen") and _amd_with_avx512():
+        forced = f"{CORETYPE_ENV}={os.environ.get(CORETYPE_ENV)}"
+        return (f"{core} (AVX2); this CPU has AVX-512: without {forced} mlxgpt would use "
+                "the SkylakeX kernels (about 2x faster matmuls)")
+    return core
+
+
 def blas_in_use() -> str:
     """A one-line description of the BLAS that MLX's CPU matmul resolves to in this process."""
     if sys.platform == "darwin":

@@ -20,9 +20,6 @@ blocks, so nothing is stored twice.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -32,20 +29,12 @@ SMALL_GEMM_MNK = 1_000_000
 _SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 
-@functools.lru_cache(maxsize=1)
 def small_gemm_limit() -> int | None:
     """M*N*K below which the loaded BLAS multiplies without packing, or None if it cannot."""
     from . import _blas
 
-    if _blas.preloaded_path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(_blas.preloaded_path)
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        core = lib.openblas_get_corename().decode().lower()
-    except (OSError, AttributeError):
-        return None
-    return SMALL_GEMM_MNK if core in _SMALL_GEMM_CORES else None
+    core = _blas.openblas_core()
+    return SMALL_GEMM_MNK if core and core.lower() in _SMALL_GEMM_CORES else None
 
 
 def block_width(k: int, n: int, limit: int | None = SMALL_GEMM_MNK) -> int:

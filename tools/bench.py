@@ -244,19 +244,6 @@ def profile_decode(folder: Path, short: list[int]) -> dict:
     }
 
 
-def _openblas_core() -> str | None:
-    """The kernel set the loaded OpenBLAS uses (Haswell = AVX2, SkylakeX = AVX-512)."""
-    import ctypes
-
-    path = _blas.preloaded_path or _blas.find_openblas()
-    try:
-        lib = ctypes.CDLL(path)
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        return lib.openblas_get_corename().decode()
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
 def _dot_ops(path: str) -> int:
     """Primitive nodes in an ``mx.export_to_dot`` graph (arrays are drawn as boxes)."""
     text = Path(path).read_text()
@@ -297,7 +284,7 @@ def main() -> None:
     result = {
         "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
         "blas": _blas.blas_in_use(),
-        "openblas_kernels": _openblas_core(),
+        "openblas_kernels": _blas.openblas_core(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),

@@ -23,6 +23,9 @@ def info() -> None:
     click.echo(f"backend     {backend}")
     click.echo(f"dtype       {str(default_dtype()).removeprefix('mlx.core.')} (default for models)")
     click.echo(f"blas        {_blas.blas_in_use()}")
+    kernels = _blas.kernels_note()
+    if kernels:
+        click.echo(f"kernels     {kernels}")
 
 
 def _cuda() -> bool:

@@ -1,0 +1,32 @@
+"""``mlxgpt info`` and the BLAS preload it reports."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlxgpt import _blas
+
+
+def info(**env) -> str:
+    p = subprocess.run([sys.executable, "-m", "mlxgpt", "info"], capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_info_names_versions_device_and_blas():
+    out = info()
+    for key in ("mlxgpt", "mlx", "device", "backend", "blas"):
+        assert any(line.startswith(key + " ") for line in out.splitlines()), out
+
+
+@pytest.mark.skipif(_blas.find_openblas() is None or not sys.platform.startswith("linux"),
+                    reason="needs Linux with OpenBLAS installed")
+def test_preload_is_used_and_can_be_turned_off():
+    assert "OpenBLAS" in info() and "preloaded by mlxgpt" in info()
+    off = info(MLXGPT_NO_BLAS_PRELOAD="1")
+    blas = next(line for line in off.splitlines() if line.startswith("blas"))
+    assert "reference BLAS" in blas and "disabled by MLXGPT_NO_BLAS_PRELOAD" in blas
+    assert _blas.INSTALL_HINT in blas
