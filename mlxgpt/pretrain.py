@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .data import TokenBatches, split_tokens, tokenize_corpus
 from .errors import MlxgptError
 from .model import GPT, GPTConfig
-from .train import TrainConfig, TrainResult, lm_loss, train
+from .train import TrainConfig, TrainResult, lm_loss, train, world
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
@@ -257,7 +257,8 @@ def prepare_run(flags: dict[str, Any], config_file: str | None, resume: bool) ->
         s = resolve_settings(flags, config_file, base=saved)
     else:
         s = resolve_settings(flags, config_file)
-        if run.exists() and any(run.iterdir()):
+        # Under mlx.launch only rank 0 checks (and later writes): the others would see its files.
+        if world().rank() == 0 and run.exists() and any(run.iterdir()):
             raise MlxgptError(f"{run} already exists and is not empty; continue it with "
                               f"--resume or choose another --out")
     if not s.data:
@@ -273,10 +274,15 @@ def pretrain(
     progress: bool = True,
     should_stop: Callable[[int], bool] | None = None,
 ) -> TrainResult:
-    """Tokenize the corpus (cached), build or restore the model, train, write RUN_DIR."""
-    say = echo or (lambda m: print(m, file=sys.stderr))
+    """Tokenize the corpus (cached), build or restore the model, train, write RUN_DIR.
+
+    Under ``mlx.launch`` every process runs this; only rank 0 writes files and messages.
+    """
+    rank0 = world().rank() == 0
+    say = (echo or (lambda m: print(m, file=sys.stderr))) if rank0 else (lambda m: None)
     out = Path(s.out)
-    _check_writable(out)
+    if rank0:
+        _check_writable(out)
     tokenizer = make_tokenizer(s.tokenizer)
     tokens = tokenize_corpus(s.data, tokenizer, s.cache_dir, progress=progress)
     train_tok, val_tok = split_tokens(tokens.tokens, s.val_fraction, s.block_size, str(s.data))
@@ -290,7 +296,7 @@ def pretrain(
     n = model.n_params
     say(f"model: {s.n_layer} layers, {s.n_head} heads, {s.n_embd} wide, block {s.block_size}: "
         f"{n / 1e6:.2f}M parameters; {s.tokens_per_step:,} tokens per step, {s.steps} steps")
-    if not resume:
+    if not resume and rank0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(out / RUN_FILE, json.dumps(asdict(s), indent=2) + "\n")
     extra = {"trained_by": "mlxgpt pretrain", "data": str(s.data)}
@@ -309,9 +315,9 @@ def pretrain(
 
     result = train(model, lm_loss, train_data, s.train_config(), out, save_weights=save,
                    load_weights=load, val_data=val_data, sample=sample if s.sample_tokens else None,
-                   resume=resume, last_name=LAST_DIR, best_name=MODEL_DIR,
+                   resume=resume, last_name=LAST_DIR, best_name=MODEL_DIR, progress=progress,
                    fingerprint={"data": tokens.meta.get("n_tokens"), "file": tokens.path.name},
-                   echo=say, progress=progress, should_stop=should_stop)
-    if val_data is None and not result.interrupted:
+                   echo=say, should_stop=should_stop)
+    if val_data is None and not result.interrupted and rank0:
         ckpt.save_model(model, out / MODEL_DIR, tokenizer, force=True, extra=extra)
     return result

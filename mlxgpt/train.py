@@ -311,9 +311,11 @@ def lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array) -> tuple[mx.a
     return loss, mx.array(targets.size, dtype=mx.float32)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The dropout RNG seed of optimizer step ``step``: a pure function, so resume is exact."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The dropout RNG seed of optimizer step ``step`` on ``rank``: a pure function, so resume
+    is exact; ranks differ so their rows do not share dropout masks."""
+    key = [seed, step] if rank == 0 else [seed, step, rank]
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -548,6 +550,7 @@ def train(
                               f"ask for more --steps to continue")
         say(f"resuming from {last_dir} at step {start}")
     micro_index = start * cfg.grad_accum
+    shard(train_data.batch(micro_index), group)  # a batch that does not divide fails here
     mx.eval(model.parameters(), opt.state)
     stepper = _Stepper(model, loss_fn, opt, cfg, group)
     result = TrainResult(step=start, best_val_loss=best, tokens=tokens, elapsed=elapsed)
@@ -601,7 +604,7 @@ def train(
             t0 = time.perf_counter()
             batches = [shard(train_data.batch(micro_index + k), group)
                        for k in range(cfg.grad_accum)]
-            mx.random.seed(step_seed(cfg.seed, result.step))
+            mx.random.seed(step_seed(cfg.seed, result.step, group.rank()))
             loss, ntok, gnorm = stepper.step(batches)
             mx.eval(loss, ntok, gnorm, stepper.state)
             loss_v, ntok_v = loss.item(), int(ntok.item())
