@@ -12,8 +12,11 @@ its own:
   steps: peak memory only)
 
 Tokens/s counts the loss tokens (padding excluded), as mlx-lm does, over the steps after the
-first report window (compilation excluded). Both trainers run with the same BLAS (this process
-and each worker import mlxgpt first, which preloads OpenBLAS); it is printed with the results.
+first report window (compilation excluded). On a shared machine wall-clock speed swings with
+other load, so the speed runs alternate and the ratio is also given from each process's CPU time
+per step (``time.process_time``, all its threads). Both trainers run with the same BLAS (this
+process and each worker import mlxgpt first, which preloads OpenBLAS); it is printed with the
+results.
 
     python tools/bench_lora.py                 # ~5 minutes on 2 CPU cores
     python tools/bench_lora.py --steps 20 --window 10
@@ -27,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -82,11 +86,26 @@ def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full
                                     warmup=0, weight_decay=0.0, eval_every=0,
                                     log_every=window, save_every=10**9),
     )
+    # CPU seconds of this process at the start of every step (the loop asks for the batch).
+    from mlxgpt import sft
+
+    cpu_at: dict[int, float] = {}
+    real_batch = sft.Batches.batch
+
+    def timed_batch(self, index):
+        if len(self.examples) > BATCH:  # the train set
+            cpu_at.setdefault(index, time.process_time())
+        return real_batch(self, index)
+
+    sft.Batches.batch = timed_batch
     lines: list[str] = []
     finetune(opts, echo=lines.append)
     log = [json.loads(s) for s in (Path(out) / "log.jsonl").read_text().splitlines()]
     windows = [r for r in log if "tok_per_s" in r]
+    # Steps window+1 .. steps-1 (the last step is followed by evaluation and saving).
+    cpu = (cpu_at[steps - 1] - cpu_at[window]) / max(1, steps - 1 - window)
     return {"tok_per_s": windows[-1]["tok_per_s"], "peak_bytes": mx.get_peak_memory(),
+            "cpu_s_per_step": cpu,
             "trainable": next(s for s in lines if s.startswith("trainable"))}
 
 
@@ -100,7 +119,7 @@ def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int) -> d
 
     class Capture(TrainingCallback):
         def on_train_loss_report(self, info: dict) -> None:
-            reports.append(info)
+            reports.append({**info, "cpu": time.process_time()})
 
     args = dict(mlx_lm_lora.CONFIG_DEFAULTS)
     args.update(model=model, data=data, train=True, adapter_path=out, iters=steps,
@@ -114,7 +133,9 @@ def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int) -> d
     train_set, valid_set, _ = mlx_lm_lora.load_dataset(args, tokenizer)
     mx.reset_peak_memory()
     mlx_lm_lora.train_model(args, m, train_set, valid_set, Capture())
-    return {"tok_per_s": reports[-1]["tokens_per_second"], "peak_bytes": mx.get_peak_memory()}
+    cpu = (reports[-1]["cpu"] - reports[-2]["cpu"]) / window  # steps window+1 .. 2*window
+    return {"tok_per_s": reports[-1]["tokens_per_second"], "peak_bytes": mx.get_peak_memory(),
+            "cpu_s_per_step": cpu}
 
 
 def run_worker(kind: str, model: Path, data: Path, work: Path, steps: int, window: int) -> dict:
@@ -162,16 +183,19 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, data = make_inputs(work, args.corpus)
     res: dict[str, dict] = {}
-    ratios = []
+    ratios, cpu_ratios = [], []
     # Speed: mlxgpt and mlx-lm alternate, so a change in the machine's load hits both alike.
     for rep in range(0 if args.memory_only else args.repeats):
         for k in ("mlxgpt-lora", "mlx_lm-lora"):
             r = run_worker(k, model, data, work, args.steps, args.window)
             res.setdefault(k, r)
             res[k]["runs"] = [*res[k].get("runs", []), r["tok_per_s"]]
-            print(f"{k} (run {rep + 1}): {r['tok_per_s']:,.0f} tokens/s, peak "
+            res[k]["cpu"] = [*res[k].get("cpu", []), r["cpu_s_per_step"]]
+            print(f"{k} (run {rep + 1}): {r['tok_per_s']:,.0f} tokens/s wall, "
+                  f"{r['cpu_s_per_step']:.1f} CPU-s/step, peak "
                   f"{r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
         ratios.append(res["mlxgpt-lora"]["runs"][-1] / res["mlx_lm-lora"]["runs"][-1])
+        cpu_ratios.append(res["mlx_lm-lora"]["cpu"][-1] / res["mlxgpt-lora"]["cpu"][-1])
     memory_kinds = ["mlxgpt-lora", *KINDS[2:]] if args.memory_only else KINDS[2:]
     for k in memory_kinds if not args.speed_only else []:
         steps, window = (args.ckpt_steps, 1) if "ckpt" in k or args.memory_only else (
@@ -197,6 +221,9 @@ def main() -> None:
         print(f"mlxgpt LoRA tokens/s / mlx_lm.lora, per alternating pair: "
               f"{', '.join(f'{r:.2f}x' for r in ratios)}; "
               f"median {statistics.median(ratios):.2f}x (target >= 1.2x)")
+        print(f"same, from CPU time per step (robust to other load on the machine): "
+              f"{', '.join(f'{r:.2f}x' for r in cpu_ratios)}; "
+              f"median {statistics.median(cpu_ratios):.2f}x")
 
 
 if __name__ == "__main__":
