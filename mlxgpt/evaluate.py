@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import MlxgptError
-from .sft import Batches, encode_records, masked_loss, read_jsonl, record_kind
+from .sft import Batches, encode_records, masked_loss, read_jsonl, read_text, record_kind
 
 OTHER = "(other)"  # confusion-table column for answers that are no label
 
@@ -32,14 +32,7 @@ def read_eval_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]
     p = Path(path)
     if p.suffix == ".jsonl":
         return read_jsonl(p)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MlxgptError(f"{p}: not found") from None
-    except UnicodeDecodeError as e:
-        raise MlxgptError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise MlxgptError(f"{p}: cannot read ({e.strerror or e})") from None
+    text = read_text(p)
     if not text.strip():
         raise MlxgptError(f"{p}: empty")
     return [(str(p), {"text": text})]

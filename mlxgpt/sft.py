@@ -51,17 +51,22 @@ class Example:
 # --------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """Parse a JSONL file into ``("file:line", record)`` pairs, checking every record's form."""
-    path = Path(path)
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 file's text, or one line saying why it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MlxgptError(f"{path}: not found") from None
     except UnicodeDecodeError as e:
         raise MlxgptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise MlxgptError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """Parse a JSONL file into ``("file:line", record)`` pairs, checking every record's form."""
+    path = Path(path)
+    text = read_text(path)
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
