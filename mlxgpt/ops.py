@@ -115,21 +115,75 @@ def _cross_entropy_vjp(primals, cotangent, output):
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
+def _softmax_rows(x: mx.array) -> mx.array:
+    """Softmax over the last axis in float32, returned in x's dtype; no gradient rule (used
+    inside explicit backward passes)."""
+    xf = x.astype(mx.float32)
+    e = exp(xf - xf.max(axis=-1, keepdims=True))
+    return (e * (1.0 / e.sum(axis=-1, keepdims=True))).astype(x.dtype)
+
+
+CHUNK = 64  # query rows per block of causal attention
+
+
+def _causal_blocks(T: int, S: int) -> list[tuple[int, int, int]]:
+    """(first query, end query, keys seen) per block: query i sees keys 0 .. i + S - T."""
+    return [(t0, min(T, t0 + CHUNK), min(S, min(T, t0 + CHUNK) + S - T))
+            for t0 in range(0, T, CHUNK)]
+
+
+def _block_probs(q: mx.array, k: mx.array, t0: int, t1: int, n: int, offset: int) -> mx.array:
+    """Attention weights of queries t0..t1 over keys 0..n (B, H, t1 - t0, n); q pre-scaled."""
+    scores = (q[:, :, t0:t1] @ k[:, :, :n].swapaxes(-1, -2)).astype(mx.float32)
+    allowed = mx.arange(n)[None, :] <= (mx.arange(t0, t1) + offset)[:, None]
+    return _softmax_rows(mx.where(allowed, scores, -1e30)).astype(q.dtype)
+
+
+@mx.custom_function
+def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """Causal softmax(q k^T) v for q (B, H, T, D) already scaled, k and v (B, H, S, D).
+
+    Computed in blocks of CHUNK queries, each over only the keys it may see (about half the
+    work of the full T x S product at long contexts). The backward pass recomputes each block's
+    weights instead of keeping them, so training memory grows with T, not T^2 (FlashAttention's
+    trade: one extra matmul per block).
+    """
+    T, S = q.shape[2], k.shape[2]
+    outs = [_block_probs(q, k, t0, t1, n, S - T) @ v[:, :, :n]
+            for t0, t1, n in _causal_blocks(T, S)]
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+@causal_attention.vjp
+def _causal_attention_vjp(primals, cotangent, output):
+    q, k, v = primals
+    T, S = q.shape[2], k.shape[2]
+    dq, dk, dv = [], mx.zeros_like(k), mx.zeros_like(v)
+    for t0, t1, n in _causal_blocks(T, S):
+        p = _block_probs(q, k, t0, t1, n, S - T)  # (B, H, c, n)
+        g = cotangent[:, :, t0:t1]  # (B, H, c, D)
+        rows = (g * output[:, :, t0:t1]).sum(axis=-1, keepdims=True)  # = sum(p * dp) per row
+        ds = p * (g @ v[:, :, :n].swapaxes(-1, -2) - rows)
+        dq.append(ds @ k[:, :, :n])
+        dk[:, :, :n] += ds.swapaxes(-1, -2) @ q[:, :, t0:t1]
+        dv[:, :, :n] += p.swapaxes(-1, -2) @ g
+    return (dq[0] if len(dq) == 1 else mx.concatenate(dq, axis=2)), dk, dv
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
               mask: str | mx.array | None = None) -> mx.array:
     """``mx.fast.scaled_dot_product_attention`` with this module's softmax.
 
     q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D). ``mask``: None, ``"causal"`` (query i
-    sees keys up to i + S - T, so it is right after a KV cache too), a boolean array (True =
-    attend) or an additive float array, broadcastable to (B, H, T, S). Scores are materialised:
-    for the short contexts of CPU training that is cheaper than any tiling.
+    sees keys up to i + S - T, so it is right after a KV cache too; see
+    :func:`causal_attention`), a boolean array (True = attend) or an additive float array,
+    broadcastable to (B, H, T, S).
     """
-    T, S = q.shape[2], k.shape[2]
-    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, S)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unknown mask {mask!r}")
-        mask = mx.arange(S)[None, :] <= mx.arange(S - T, S)[:, None] if T > 1 else None
+        return causal_attention(q * scale, k, v)
+    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, S)
     if mask is not None:
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.array(-1e30, scores.dtype))
