@@ -262,7 +262,9 @@ def test_hf_tokenizer_json_matches_tokenizers(trained, corpus_text):
     tok = tokenizer_from_hf_folder(folder)
     assert isinstance(tok, BPETokenizer) and tok.name == "bpe"
     assert tok._rank_to_id is not None  # ids differ from merge ranks: the mapping is exercised
-    assert (tok.vocab_size, tok.eot_id, tok.special_tokens) == (700, 1, {"<pad>": 0, EOT: 1})
+    # The trainer stops short of 700 on a small corpus (no shared/ folder): compare to its size.
+    expected = (hf.get_vocab_size(), 1, {"<pad>": 0, EOT: 1})
+    assert (tok.vocab_size, tok.eot_id, tok.special_tokens) == expected
     for text in [*TEXTS, corpus_text[:5000], *_random_texts(100, seed=5)]:
         ids = tok.encode(text, allow_special=True)
         assert ids == hf.encode(text).ids, text
