@@ -203,27 +203,12 @@ def build_model(s: PretrainSettings, vocab_size: int) -> GPT:
 
 def sample_text(model: GPT, tokenizer: Any, prompt: str, n_tokens: int,
                 temperature: float = 0.8, seed: int = 0) -> str:
-    """A short continuation of ``prompt`` (what training prints at each evaluation).
+    """A short continuation of ``prompt`` (what training prints at each evaluation)."""
+    from .generate import generate
+    from .sample import SamplingSettings
 
-    Uses the KV cache; when the context is full it restarts from the last half window.
-    """
-    window = model.config.n_positions
-    prompt_ids = (tokenizer.encode(prompt) or [tokenizer.eot_id or 0])[-window:]
-    keys = mx.random.split(mx.random.key(seed), max(n_tokens, 1))
-    out: list[int] = []
-    cache = model.make_cache()
-    logits = model(mx.array([prompt_ids]), cache)[:, -1]
-    for i in range(n_tokens):
-        tok = mx.random.categorical(logits / temperature, key=keys[i])
-        out.append(int(tok.item()))
-        if out[-1] == tokenizer.eot_id:
-            break
-        if cache[0].offset < window:
-            logits = model(tok[:, None], cache)[:, -1]
-        else:  # context full: re-read the last half window into a fresh cache
-            cache = model.make_cache()
-            logits = model(mx.array([(prompt_ids + out)[-(window // 2) :]]), cache)[:, -1]
-    return tokenizer.decode(out)
+    return generate(model, tokenizer, prompt, max_tokens=n_tokens,
+                    sampling=SamplingSettings(temperature=temperature, seed=seed))
 
 
 def _check_writable(out: Path) -> None:

@@ -398,14 +398,11 @@ class Progress:
         elif (step - self.first_step) % self.every == 0 or step == self.total:
             self.stream.write(line + "\n")
 
-    def message(self, text: str) -> None:
-        """Print a line without breaking the bar."""
-        if not self.enabled:
-            return
-        if self.tty:
+    def clear(self) -> None:
+        """Clear the bar's line so that a message can be printed in its place."""
+        if self.enabled and self.tty:
             self.stream.write("\r\x1b[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+            self.stream.flush()
 
     def close(self) -> None:
         if self.enabled and self.tty:
@@ -586,10 +583,11 @@ def train(
         recent = [v for s, v in result.losses[-max(1, cfg.eval_every or cfg.steps):]]
         train_loss = sum(recent) / len(recent) if recent else float("nan")
         improved = result.best_val_loss is None or val < result.best_val_loss
-        bar.message(f"step {result.step}: train {train_loss:.4f}  val {val:.4f}"
-                    + ("  (best)" if improved else ""))
+        bar.clear()
+        say(f"step {result.step}: train {train_loss:.4f}  val {val:.4f}"
+            + ("  (best)" if improved else ""))
         if text is not None:
-            bar.message("  sample: " + text.replace("\n", "\n          "))
+            say("  sample: " + text.replace("\n", "\n          "))
         log.write({"step": result.step, "val_loss": round(val, 6),
                    "train_loss": round(train_loss, 6), **({"sample": text} if text else {})})
         if improved:
