@@ -50,7 +50,8 @@ def evaluate_loss(
     """Token-weighted mean loss, perplexity and token count over all records."""
     max_len = max_len or model.config.n_positions
     examples, _ = encode_records(records, tokenizer, mask_prompt=mask_prompt, max_len=max_len)
-    batches = Batches(examples, batch_size, pad_id=tokenizer.eot_id or 0)
+    batches = Batches(examples, batch_size, pad_id=tokenizer.eot_id or 0,
+                      max_width=model.config.n_positions)
     total, count = 0.0, 0
     for inputs, targets, mask in batches.epoch():
         loss, n = masked_loss(model, inputs, targets, mask)

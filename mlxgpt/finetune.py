@@ -45,7 +45,16 @@ from .lora import (
 )
 from .model import GPT, Block
 from .sft import Batches, encode_records, find_splits, masked_loss, record_kind
-from .train import LOG_FILE, OPTIMIZER_FILE, PLOT_FILE, STATE_FILE, TrainConfig, TrainResult, train
+from .train import (
+    LOG_FILE,
+    OPTIMIZER_FILE,
+    PLOT_FILE,
+    STATE_FILE,
+    TrainConfig,
+    TrainResult,
+    train,
+    world,
+)
 
 # What a finetune run writes into OUT; --force removes only these.
 _RUN_ENTRIES = ("last", "best", LOG_FILE, PLOT_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG,
@@ -106,7 +115,11 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
     from .loading import load
 
     out = Path(opts.out)
-    prepare_out(out, resume=opts.resume, force=opts.force)
+    # Under mlx.launch only rank 0 touches the output folder and prints (train.py does the same).
+    rank0 = world().rank() == 0
+    if not rank0:
+        echo = _silent
+    prepare_out(out, resume=opts.resume, force=opts.force, write=rank0)
     model, tokenizer = load(opts.model, dtype=opts.dtype)
     if opts.quantize:
         from .convert import quantize
@@ -161,7 +174,8 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
     result = train(model, masked_loss, train_data, cfg, out, save_weights=save,
                    load_weights=restore, val_data=val_data, sample=sample, resume=opts.resume,
                    fingerprint={"data": str(opts.data), "lora": str(lora)}, echo=echo)
-    publish(out, "best" if (out / "best").is_dir() else "last")
+    if rank0:
+        publish(out, "best" if (out / "best").is_dir() else "last")
     tok_s = result.tokens / result.elapsed if result.elapsed else 0.0
     echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}: "
          f"{tok_s:,.0f} tokens/s, peak memory {mx.get_peak_memory() / 2**30:.2f} GiB")
@@ -171,8 +185,15 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
     return result
 
 
-def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to mix a new run into an old one; ``force`` clears only what a run writes."""
+def _silent(_: str) -> None:
+    pass
+
+
+def prepare_out(out: Path, *, resume: bool, force: bool, write: bool = True) -> None:
+    """Refuse to mix a new run into an old one; ``force`` clears only what a run writes.
+
+    ``write=False`` (ranks other than 0) only checks, and never clears or creates anything.
+    """
     if resume:
         if not (out / "last").is_dir():
             raise MlxgptError(f"cannot resume: no checkpoint at {out / 'last'}")
@@ -183,6 +204,8 @@ def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
     if leftovers and not force:
         raise MlxgptError(f"{out} already holds a fine-tuning run "
                           "(use --resume to continue it or --force to start over)")
+    if not write:
+        return
     for e in leftovers:
         p = out / e
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -230,7 +253,8 @@ def load_data(
         note = "".join(f", {v} {k}" for k, v in stats.items() if v)
         echo(f"{name}: {len(examples)} examples, "
              f"{sum(e.n_targets for e in examples):,} target tokens{note}")
-        data[name] = Batches(examples, opts.batch_size, seed=seed, pad_id=pad)
+        data[name] = Batches(examples, opts.batch_size, seed=seed, pad_id=pad,
+                             max_width=model.config.n_positions)
     sample = None
     valid = splits.get("valid")
     if valid and record_kind(valid[0][1]) == "completion":

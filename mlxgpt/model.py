@@ -130,8 +130,9 @@ class GPTConfig:
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=0.0,
-            bos_token_id=50256 if self.vocab_size > 50256 else 0,
-            eos_token_id=50256 if self.vocab_size > 50256 else 0,
+            # <|endoftext|>: 50256 for GPT-2's vocabulary, the last id (256) for the byte one.
+            bos_token_id=min(50256, self.vocab_size - 1),
+            eos_token_id=min(50256, self.vocab_size - 1),
         )
         return d
 

@@ -272,13 +272,14 @@ class Batches:
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, *, seed: int = 0,
-                 pad_id: int = 0):
+                 pad_id: int = 0, max_width: int | None = None):
         if not examples:
             raise MlxgptError("no examples to train on")
         self.examples = list(examples)
         self.batch_size = min(batch_size, len(self.examples))
         self.seed = seed
         self.pad_id = pad_id
+        self.max_width = max_width  # the model's context: padding never goes past it
         order = sorted(range(len(self.examples)), key=lambda i: len(self.examples[i].tokens))
         n = len(order) // self.batch_size  # drop the ragged end: every batch has B rows
         self.groups = [order[k * self.batch_size:(k + 1) * self.batch_size] for k in range(n)]
@@ -303,6 +304,8 @@ class Batches:
     def collate(self, rows: Sequence[Example]) -> tuple[mx.array, mx.array, mx.array]:
         longest = max(len(e.tokens) for e in rows) - 1  # inputs drop the last token
         width = PAD_MULTIPLE * math.ceil(longest / PAD_MULTIPLE)
+        if self.max_width:
+            width = max(longest, min(width, self.max_width))
         tokens = np.full((len(rows), width + 1), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(rows), width + 1), dtype=np.float32)
         for r, e in enumerate(rows):

@@ -88,3 +88,39 @@ def test_batch_that_does_not_divide_is_refused(tmp_path):
     assert "does not divide across 2 processes" in text, text
     assert "Traceback" not in text
     assert not (tmp_path / "odd" / "last").exists()
+
+
+def test_lora_finetune_two_processes_like_one(tmp_path):
+    """mlxgpt finetune under mlx.launch: same losses and adapter as one process; rank 0 writes."""
+    run(tmp_path, "base", "--steps", "2")
+    data = tmp_path / "sft"
+    data.mkdir()
+    lines = [json.dumps({"prompt": f"word {w}:", "completion": f" {w[::-1]}"})
+             for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")]
+    (data / "train.jsonl").write_text("\n".join(lines * 4) + "\n")
+    (data / "valid.jsonl").write_text("\n".join(lines[:4]) + "\n")
+
+    def finetune(out: str, procs: int, port: int) -> str:
+        cmd = [sys.executable, "-m", "mlxgpt", "finetune",
+               "--model", str(tmp_path / "base" / "model"), "--data", str(data),
+               "--out", str(tmp_path / out), "--mask-prompt", "--steps", "4",
+               "--batch-size", "4", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
+               "--eval-every", "2", "--eval-batches", "1", "--log-every", "1", "--seed", "3"]
+        if procs > 1:
+            cmd = [LAUNCH, "-n", str(procs), "--backend", "ring", "--starting-port", str(port),
+                   "--", *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        return done.stdout + done.stderr
+
+    out1 = finetune("ft1", 1, 0)
+    out2 = finetune("ft2", 2, 32723)
+    assert out1.count("trainable parameters") == 1 and out2.count("trainable parameters") == 1
+    np.testing.assert_allclose([v for _, v in losses(tmp_path, "ft2")],
+                               [v for _, v in losses(tmp_path, "ft1")], rtol=0, atol=1e-5)
+    a1 = mx.load(str(tmp_path / "ft1" / "adapters.safetensors"))
+    a2 = mx.load(str(tmp_path / "ft2" / "adapters.safetensors"))
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        np.testing.assert_allclose(np.array(a2[k]), np.array(a1[k]), rtol=0, atol=1e-5, err_msg=k)
