@@ -32,15 +32,20 @@ ARGS = ["pretrain", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--bloc
 def run(tmp_path: Path, out: str, *extra: str, procs: int = 1, port: int = 32323) -> str:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)
-    cmd = [sys.executable, "-m", "mlxgpt", *ARGS, "--data", str(corpus), "--out",
-           str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"), *extra]
+    return launch([*ARGS, "--data", str(corpus), "--out", str(tmp_path / out),
+                   "--cache-dir", str(tmp_path / "cache"), *extra], procs, port).stdout
+
+
+def launch(args: list[str], procs: int, port: int) -> subprocess.CompletedProcess:
+    """``python -m mlxgpt ARGS``, under ``mlx.launch -n procs`` (ring on 127.0.0.1) if procs > 1."""
+    cmd = [sys.executable, "-m", "mlxgpt", *args]
     if procs > 1:
         cmd = [LAUNCH, "-n", str(procs), "--backend", "ring", "--starting-port", str(port),
                "--", *cmd]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    return done.stdout
+    return done
 
 
 def losses(tmp_path: Path, out: str) -> list[tuple[int, float]]:
@@ -101,17 +106,11 @@ def test_lora_finetune_two_processes_like_one(tmp_path):
     (data / "valid.jsonl").write_text("\n".join(lines[:4]) + "\n")
 
     def finetune(out: str, procs: int, port: int) -> str:
-        cmd = [sys.executable, "-m", "mlxgpt", "finetune",
-               "--model", str(tmp_path / "base" / "model"), "--data", str(data),
-               "--out", str(tmp_path / out), "--mask-prompt", "--steps", "4",
-               "--batch-size", "4", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
-               "--eval-every", "2", "--eval-batches", "1", "--log-every", "1", "--seed", "3"]
-        if procs > 1:
-            cmd = [LAUNCH, "-n", str(procs), "--backend", "ring", "--starting-port", str(port),
-                   "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "Traceback" not in done.stderr, done.stderr
+        done = launch(["finetune", "--model", str(tmp_path / "base" / "model"),
+                       "--data", str(data), "--out", str(tmp_path / out), "--mask-prompt",
+                       "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--min-lr", "1e-2",
+                       "--warmup", "0", "--eval-every", "2", "--eval-batches", "1",
+                       "--log-every", "1", "--seed", "3"], procs, port)
         return done.stdout + done.stderr
 
     out1 = finetune("ft1", 1, 0)
