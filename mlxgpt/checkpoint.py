@@ -133,6 +133,18 @@ def load_safetensors(path: Path) -> dict[str, mx.array]:
         raise MlxgptError(f"{path}: cannot read weights ({e})") from None
 
 
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """A weights file's tensors under the model's own names (the ``model.`` prefix removed)."""
+    return {k.removeprefix(KEY_PREFIX): v for k, v in load_safetensors(path).items()}
+
+
+def restore_weights(model: nn.Module, folder: Path) -> None:
+    """Load a model folder's weights into ``model`` (same shape, checked), e.g. on resume."""
+    weights = read_weights(Path(folder) / WEIGHTS_FILE)
+    check_weights(model, weights, str(Path(folder) / WEIGHTS_FILE))
+    model.load_weights(list(weights.items()))
+
+
 def is_model_folder(path: str | os.PathLike) -> bool:
     """True for a folder written by mlxgpt (or mlx-lm's GPT-2 layout)."""
     p = Path(path)
@@ -194,8 +206,7 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> GPT:
         raise MlxgptError(f"{folder}: not a model folder")
     raw = read_json(folder / CONFIG_FILE)
     cfg = GPTConfig.from_dict(raw)
-    weights = load_safetensors(folder / WEIGHTS_FILE)
-    weights = {k.removeprefix(KEY_PREFIX): v for k, v in weights.items()}
+    weights = read_weights(folder / WEIGHTS_FILE)
     quant = raw.get("quantization")
     if dtype is not None:
         # Quantized weights are integers and keep their layout; float tensors are cast.

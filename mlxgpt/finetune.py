@@ -159,16 +159,13 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
             save_adapter(m, folder, lora)
 
         def restore(m: nn.Module, folder: Path) -> None:
-            weights = ckpt.load_safetensors(folder / ADAPTER_WEIGHTS)
-            m.load_weights([(k.removeprefix(ckpt.KEY_PREFIX), v) for k, v in weights.items()],
+            m.load_weights(list(ckpt.read_weights(folder / ADAPTER_WEIGHTS).items()),
                            strict=False)
     else:
         def save(m: nn.Module, folder: Path) -> None:
             ckpt.write_model_files(m, folder, tokenizer)
 
-        def restore(m: nn.Module, folder: Path) -> None:
-            weights = ckpt.load_safetensors(folder / ckpt.WEIGHTS_FILE)
-            m.load_weights([(k.removeprefix(ckpt.KEY_PREFIX), v) for k, v in weights.items()])
+        restore = ckpt.restore_weights
 
     mx.reset_peak_memory()
     result = train(model, masked_loss, train_data, cfg, out, save_weights=save,

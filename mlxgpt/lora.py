@@ -408,10 +408,9 @@ def load_adapter(model: GPT, adapter_dir: str | os.PathLike) -> GPT:
         apply_lora(model, cfg)
     except MlxgptError as e:
         raise MlxgptError(f"{folder}: adapter does not fit this model: {e}") from None
-    from .checkpoint import load_safetensors
+    from .checkpoint import read_weights
 
-    weights = load_safetensors(folder / ADAPTER_WEIGHTS)
-    weights = {k.removeprefix(KEY_PREFIX): v for k, v in weights.items()}
+    weights = read_weights(folder / ADAPTER_WEIGHTS)
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))

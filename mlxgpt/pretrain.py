@@ -291,17 +291,12 @@ def pretrain(
     def save(m: nn.Module, folder: Path) -> None:
         ckpt.write_model_files(m, folder, tokenizer, extra=extra)
 
-    def load(m: nn.Module, folder: Path) -> None:
-        w = ckpt.load_safetensors(folder / ckpt.WEIGHTS_FILE)
-        w = {k.removeprefix(ckpt.KEY_PREFIX): v for k, v in w.items()}
-        ckpt.check_weights(m, w, str(folder / ckpt.WEIGHTS_FILE))
-        m.load_weights(list(w.items()))
-
     def sample(m: nn.Module) -> str:
         return sample_text(m, tokenizer, s.sample_prompt, s.sample_tokens, seed=s.seed)
 
     result = train(model, lm_loss, train_data, s.train_config(), out, save_weights=save,
-                   load_weights=load, val_data=val_data, sample=sample if s.sample_tokens else None,
+                   load_weights=ckpt.restore_weights, val_data=val_data,
+                   sample=sample if s.sample_tokens else None,
                    resume=resume, last_name=LAST_DIR, best_name=MODEL_DIR, progress=progress,
                    fingerprint={"data": tokens.meta.get("n_tokens"), "file": tokens.path.name},
                    echo=say, should_stop=should_stop)
