@@ -1,33 +1,27 @@
 """mlxgpt: run, fine-tune and train GPT (GPT-2 family) models on MLX.
 
-    >>> import mlxgpt
-    >>> model, tokenizer = mlxgpt.load("path/to/model")   # or a hub id such as "gpt2"
-    >>> logits = model(mx.array([tokenizer.encode("Hello")]))   # (1, T, vocab)
+    >>> from mlxgpt import load, generate, stream_generate
+    >>> model, tokenizer = load("path/to/model")   # an mlxgpt or Hugging Face folder, or a hub id
+    >>> print(generate(model, tokenizer, "Once upon a time", max_tokens=50))
+    >>> for r in stream_generate(model, tokenizer, "Hello"):
+    ...     print(r.text, end="", flush=True)
+
+The package's parts: ``core`` (config, model, backend choices), ``cpu`` (BLAS, arithmetic-only
+kernels, weight layouts), ``checkpoints`` (model folders, Hugging Face conversion, quantization),
+``tokenizers``, ``generation`` (KV cache, sampling, streaming, chat), ``data`` (corpora and JSONL
+examples), ``training`` (the loop, LoRA, pretrain/finetune/eval), ``cli``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from mlxgpt.cpu import blas
 
-from mlxgpt import _blas
+blas.preload()  # must run before mlx is first imported; see mlxgpt/cpu/blas.py
 
-_blas.preload()  # must run before mlx is first imported; see mlxgpt/_blas.py
-
+from mlxgpt.checkpoints.load import load  # noqa: E402
+from mlxgpt.core.config import GPTConfig  # noqa: E402
+from mlxgpt.core.model import GPT  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
-from mlxgpt.model import GPT, GPTConfig, KVCache  # noqa: E402
+from mlxgpt.generation.generate import generate, stream_generate  # noqa: E402
 
-if TYPE_CHECKING:
-    from mlxgpt.tokenizer import Tokenizer
-
-__all__ = ["GPT", "GPTConfig", "KVCache", "MlxgptError", "load"]
-
-
-def load(path_or_hub_id: str, *, dtype: str | None = None, adapter: str | None = None,
-         revision: str | None = None) -> tuple[GPT, Tokenizer]:
-    """Load a model and its tokenizer: an mlxgpt folder, a Hugging Face folder or a hub id.
-
-    Returns ``(model, tokenizer)``. Hugging Face sources are converted in memory.
-    """
-    from mlxgpt.loading import load as _load
-
-    return _load(path_or_hub_id, dtype=dtype, adapter=adapter, revision=revision)
+__all__ = ["GPT", "GPTConfig", "MlxgptError", "generate", "load", "stream_generate"]

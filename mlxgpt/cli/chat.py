@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mlxgpt.cli.generate import load_model, model_options, sampling_options, sampling_settings
+from mlxgpt.cli.options import load_model, model_options, sampling_options, sampling_settings
 
 
 @click.command()
@@ -16,7 +16,8 @@ def chat(model, adapter, dtype, system, **opts) -> None:
 
     With stdin not a terminal each input line is one turn and only the replies are printed.
     """
-    from mlxgpt.chat import ChatSession, ChatSettings, run_repl
+    from mlxgpt.cli.repl import run_repl
+    from mlxgpt.generation.chat import ChatSession, ChatSettings
 
     max_tokens = opts.pop("max_tokens")
     settings = ChatSettings(max_tokens=max_tokens, sampling=sampling_settings(opts))

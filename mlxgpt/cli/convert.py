@@ -2,13 +2,14 @@
 
 import click
 
+from mlxgpt.cli.options import dtype_option
+
 
 @click.command()
 @click.argument("source")
 @click.argument("out_dir")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="Cast floating-point weights (default: as stored).")
+@dtype_option(auto=False, help="Cast floating-point weights (default: as stored).")
 @click.option("--quantize", "bits", type=click.Choice(["4", "8"]),
               help="Quantize Linear and Embedding layers to this many bits.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
@@ -20,7 +21,7 @@ def convert(source, out_dir, revision, dtype, bits, group_size, force):
     SOURCE is a local Hugging Face folder (model.safetensors, sharded safetensors or
     pytorch_model.bin) or a hub id such as "gpt2" (HF_HUB_OFFLINE=1 uses the local cache only).
     """
-    from mlxgpt.convert import convert as run
+    from mlxgpt.checkpoints.convert import convert as run
 
     summary = run(source, out_dir, revision=revision, dtype=dtype,
                   quantize_bits=int(bits) if bits else None, group_size=int(group_size),
@@ -38,6 +39,6 @@ def export(model, out_dir, force):
     transformers' GPT2LMHeadModel.from_pretrained(OUT_DIR) loads it; quantized models are
     dequantized.
     """
-    from mlxgpt.convert import export as run
+    from mlxgpt.checkpoints.hf import export as run
 
     click.echo(f"wrote {run(model, out_dir, force=force)}")

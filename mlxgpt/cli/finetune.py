@@ -4,6 +4,8 @@ import sys
 
 import click
 
+from mlxgpt.cli.options import dtype_option
+
 
 @click.command()
 @click.option("--model", required=True, help="Base model: a model folder, HF folder or hub id.")
@@ -43,8 +45,7 @@ import click
 @click.option("--save-every", default=100, show_default=True)
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True)
+@dtype_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Start over in an --out that holds a run.")
 def finetune(model, data, out, val_fraction, mask_prompt, rank, alpha, dropout, targets, layers,
@@ -55,10 +56,10 @@ def finetune(model, data, out, val_fraction, mask_prompt, rank, alpha, dropout, 
 
     Lines are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]}.
     """
-    from mlxgpt.finetune import FinetuneOptions, steps_per_epoch
-    from mlxgpt.finetune import finetune as run
-    from mlxgpt.lora import LoRAConfig, parse_targets
-    from mlxgpt.train import TrainConfig
+    from mlxgpt.training.config import TrainConfig
+    from mlxgpt.training.finetune import FinetuneOptions, steps_per_epoch
+    from mlxgpt.training.finetune import finetune as run
+    from mlxgpt.training.lora import LoRAConfig, parse_targets
 
     lora = None if full else LoRAConfig(rank=rank, alpha=alpha, dropout=dropout,
                                         targets=parse_targets(targets), layers=layers)
@@ -91,12 +92,11 @@ def finetune(model, data, out, val_fraction, mask_prompt, rank, alpha, dropout, 
 @click.option("--requantize", is_flag=True,
               help="Quantize the fused layers again like the (quantized) base. Adds rounding "
                    "error on top of the adapter's update; without it the result is exact fp.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True)
+@dtype_option()
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def fuse(model, adapter, out, requantize, dtype, force):
     """Fold a LoRA adapter into its base model and write a plain model folder."""
-    from mlxgpt.finetune import fuse_adapter
+    from mlxgpt.training.finetune import fuse_adapter
 
     if requantize:
         click.echo("warning: re-quantizing the fused weights loses part of what the adapter "
@@ -117,12 +117,11 @@ def fuse(model, adapter, out, requantize, dtype, force):
 @click.option("--mask-prompt", is_flag=True, help="Loss on completions / assistant turns only.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--limit", type=int, help="Use only the first N examples.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True)
+@dtype_option()
 def evaluate(model, adapter, data, task, mask_prompt, batch_size, limit, dtype):
     """Loss and perplexity, or classification accuracy, of a model (with an adapter) on data."""
-    from mlxgpt.evaluate import classify, evaluate_loss, read_eval_records
-    from mlxgpt.loading import load
+    from mlxgpt.checkpoints.load import load
+    from mlxgpt.training.evaluate import classify, evaluate_loss, read_eval_records
 
     m, tokenizer = load(model, dtype=dtype, adapter=adapter)
     records = read_eval_records(data)[: limit or None]

@@ -10,8 +10,8 @@ def info() -> None:
     """Show MLX version, device, backend and BLAS."""
     import mlx.core as mx
 
-    from mlxgpt import _blas
-    from mlxgpt.checkpoint import default_dtype
+    from mlxgpt.core.backend import default_dtype, kernels_for
+    from mlxgpt.cpu import blas
 
     device = mx.default_device()
     backend = "metal" if mx.metal.is_available() else ("cuda" if _cuda() else "cpu")
@@ -22,10 +22,11 @@ def info() -> None:
     click.echo(f"device      {device}")
     click.echo(f"backend     {backend}")
     click.echo(f"dtype       {str(default_dtype()).removeprefix('mlx.core.')} (default for models)")
-    click.echo(f"blas        {_blas.blas_in_use()}")
-    kernels = _blas.kernels_note()
-    if kernels:
-        click.echo(f"kernels     {kernels}")
+    click.echo(f"blas        {blas.blas_in_use()}")
+    blas_kernels = blas.kernels_note()
+    if blas_kernels:
+        click.echo(f"kernels     {blas_kernels}")
+    click.echo(f"model ops   {kernels_for().name} (attention, GELU, loss kernels for this device)")
 
 
 def _cuda() -> bool:

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from mlxgpt.pretrain import PRESETS, prepare_run
-from mlxgpt.pretrain import pretrain as run_pretrain
+from mlxgpt.training.pretrain import PRESETS, prepare_run
+from mlxgpt.training.pretrain import pretrain as run_pretrain
 
 
 def _opt(*names: str, type=None, help: str = ""):
@@ -47,13 +47,13 @@ def _opt(*names: str, type=None, help: str = ""):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def pretrain(resume: bool, quiet: bool, config_file: str | None, **options) -> None:
     """Train a GPT from scratch on your text: mlxgpt pretrain --data FILE --out RUN_DIR."""
-    from mlxgpt.train import world
+    from mlxgpt.training.distributed import is_rank0
 
     flags = {k: v for k, v in options.items() if v is not None}
     settings = prepare_run(flags, config_file, resume)
     result = run_pretrain(settings, resume=resume, progress=not quiet,
                           echo=lambda m: click.echo(m, err=True))
-    if world().rank() != 0:  # under mlx.launch, rank 0 reports for everyone
+    if not is_rank0():  # under mlx.launch, rank 0 reports for everyone
         sys.exit(130 if result.interrupted else 0)
     tok_s = result.tokens / result.elapsed if result.elapsed else 0.0
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss else ""

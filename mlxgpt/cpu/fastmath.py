@@ -8,7 +8,7 @@ fuses into one vectorised loop (about 1 ns per element), and give explicit gradi
 backward pass is just as cheap. They agree with the exact functions to ~1e-6 relative
 (``exp``) and ~4e-7 absolute (``tanh``), well inside the model's 1e-4 parity with PyTorch.
 
-:func:`use_fast_math` says when to use them: on the CPU. On a GPU the built-in kernels (and
+:mod:`mlxgpt.core.backend` chooses them for the CPU; on a GPU the built-in kernels (and
 ``mx.fast.scaled_dot_product_attention``) are faster and are used instead.
 """
 
@@ -22,11 +22,6 @@ _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 = HI + LO (Cody-Waite)
 _ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float to an integer
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def use_fast_math() -> bool:
-    """True where the arithmetic-only kernels are faster: MLX's CPU backend."""
-    return mx.default_device() == mx.cpu
 
 
 def exp(x: mx.array) -> mx.array:
@@ -45,12 +40,14 @@ def exp(x: mx.array) -> mx.array:
     return p * two_k
 
 
-@mx.custom_function
-def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis (any float dtype; computed in float32)."""
+def _softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis (any float dtype; computed in float32), no gradient rule."""
     xf = x.astype(mx.float32)
     e = exp(xf - xf.max(axis=-1, keepdims=True))
     return (e * (1.0 / e.sum(axis=-1, keepdims=True))).astype(x.dtype)
+
+
+softmax = mx.custom_function(_softmax)
 
 
 @softmax.vjp
@@ -115,14 +112,6 @@ def _cross_entropy_vjp(primals, cotangent, output):
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
-def _softmax_rows(x: mx.array) -> mx.array:
-    """Softmax over the last axis in float32, returned in x's dtype; no gradient rule (used
-    inside explicit backward passes)."""
-    xf = x.astype(mx.float32)
-    e = exp(xf - xf.max(axis=-1, keepdims=True))
-    return (e * (1.0 / e.sum(axis=-1, keepdims=True))).astype(x.dtype)
-
-
 CHUNK = 64  # query rows per block of causal attention
 
 
@@ -136,7 +125,7 @@ def _block_probs(q: mx.array, k: mx.array, t0: int, t1: int, n: int, offset: int
     """Attention weights of queries t0..t1 over keys 0..n (B, H, t1 - t0, n); q pre-scaled."""
     scores = (q[:, :, t0:t1] @ k[:, :, :n].swapaxes(-1, -2)).astype(mx.float32)
     allowed = mx.arange(n)[None, :] <= (mx.arange(t0, t1) + offset)[:, None]
-    return _softmax_rows(mx.where(allowed, scores, -1e30)).astype(q.dtype)
+    return _softmax(mx.where(allowed, scores, -1e30)).astype(q.dtype)
 
 
 @mx.custom_function

@@ -21,8 +21,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import MlxgptError
-from .sft import Batches, encode_records, masked_loss, read_jsonl, read_text, record_kind
+from ..data.examples import Batches, encode_records, read_jsonl, read_text, record_kind
+from ..errors import MlxgptError
+from ..generation.context import Context
+from ..generation.generate import generate
+from ..generation.sample import SamplingSettings
+from ..tokenizers import Tokenizer
+from .loss import lm_loss
+from .step import Evaluator
 
 OTHER = "(other)"  # confusion-table column for answers that are no label
 
@@ -52,12 +58,7 @@ def evaluate_loss(
     examples, _ = encode_records(records, tokenizer, mask_prompt=mask_prompt, max_len=max_len)
     batches = Batches(examples, batch_size, pad_id=tokenizer.eot_id or 0,
                       max_width=model.config.n_positions)
-    total, count = 0.0, 0
-    for inputs, targets, mask in batches.epoch():
-        loss, n = masked_loss(model, inputs, targets, mask)
-        total += loss.item() * n.item()
-        count += int(n.item())
-    loss = total / max(count, 1)
+    loss, count = Evaluator(model, lm_loss)(batches.epoch())
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
 
 
@@ -125,10 +126,11 @@ def classify(
     budget = max(len(ids) for ids in form_ids) + 1  # room for one end-of-text or newline
     out = Classification(labels)
     room = model.config.n_positions - budget - 1  # keep the prompt's end if it is too long
+    ctx = Context(model)  # one compiled forward for every example
     for k, (_, rec) in enumerate(records):
         prompt = tokenizer.encode(rec["prompt"])[-room:]
         out.gold.append(rec["completion"].strip())
-        out.generated.append(greedy_text(model, tokenizer, prompt, budget).strip())
+        out.generated.append(greedy_text(model, tokenizer, prompt, budget, ctx).strip())
         scores = completion_logprobs(model, tokenizer, prompt, form_ids)
         out.likeliest.append(forms[max(range(len(forms)), key=scores.__getitem__)].strip())
         if progress:
@@ -136,13 +138,11 @@ def classify(
     return out
 
 
-def greedy_text(model: nn.Module, tokenizer: Any, prompt: list[int], max_tokens: int) -> str:
+def greedy_text(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], max_tokens: int,
+                ctx: Context | None = None) -> str:
     """The model's greedy continuation of ``prompt``, up to end-of-text or ``max_tokens``."""
-    from .generate import generate
-    from .sample import SamplingSettings
-
     return generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                    sampling=SamplingSettings(temperature=0.0))
+                    sampling=SamplingSettings(temperature=0.0), ctx=ctx)
 
 
 def completion_logprobs(

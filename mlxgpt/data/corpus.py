@@ -26,7 +26,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import MlxgptError
+from ..errors import MlxgptError
 
 CHUNK_BYTES = 8 << 20  # tokenize (and show progress) in pieces of about this size
 TOKEN_FORMAT = 1  # bump when the token file layout or the tokenization rules change

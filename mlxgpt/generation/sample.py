@@ -11,11 +11,11 @@ Shapes: logits (B, V); recent token window (B, W).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 
-from .errors import MlxgptError
+from ..errors import MlxgptError
 
 NEG_INF = -math.inf
 
@@ -59,9 +59,6 @@ class SamplingSettings:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
-
-    def replace(self, **changes) -> SamplingSettings:
-        return replace(self, **changes)
 
     @classmethod
     def names(cls) -> list[str]:

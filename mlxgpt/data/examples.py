@@ -5,8 +5,9 @@ Each line of a ``.jsonl`` file is one example, in one of three forms::
     {"text": "..."}                                   loss on every token
     {"prompt": "...", "completion": "..."}            loss on the completion only with mask_prompt
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
-        rendered with the transcript format of ``mlxgpt chat``; with mask_prompt the loss
-        counts only the assistant turns (what the model says in a chat)
+        rendered with the transcript format of ``mlxgpt chat``
+        (:mod:`mlxgpt.generation.transcript`); with mask_prompt the loss counts only the
+        assistant turns (what the model says in a chat)
 
 Every example ends with the tokenizer's end-of-text token, so the model learns where an answer
 stops. A bad line is reported as ``file:line: why``. Batches group examples of similar length
@@ -25,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from .errors import MlxgptError
+from ..errors import MlxgptError
+from ..generation.transcript import ROLES, render_transcript
 
 SPLITS = ("train", "valid", "test")
-ROLES = ("system", "user", "assistant")
 PAD_MULTIPLE = 32  # pad batch lengths to a multiple of this: fewer distinct shapes to compile
 
 
@@ -165,12 +165,10 @@ def record_segments(rec: dict[str, Any]) -> list[tuple[str, bool]]:
 def message_segments(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     """Split a chat transcript into prompt parts and assistant replies.
 
-    Uses the chat module's renderer, so a fine-tuned model sees exactly the format that
-    ``mlxgpt chat`` shows it. Each assistant reply is the text that rendering the conversation
+    Uses the transcript format of ``mlxgpt chat``, so a fine-tuned model sees exactly what the
+    chat shows it. Each assistant reply is the text that rendering the conversation
     up to it adds after rendering the prompt that asks for it.
     """
-    from .chat import render_transcript
-
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
@@ -287,10 +285,6 @@ class Batches:
     def __len__(self) -> int:
         return len(self.groups)
 
-    @property
-    def n_targets(self) -> int:
-        return sum(e.n_targets for e in self.examples)
-
     def batch(self, step: int) -> tuple[mx.array, mx.array, mx.array]:
         epoch, k = divmod(step, len(self.groups))
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
@@ -313,53 +307,3 @@ class Batches:
             mask[r, :len(e.mask)] = e.mask
         # (B, T) inputs, (B, T) next-token targets, (B, T) which targets count
         return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask[:, 1:])
-
-
-def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array,
-                mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the counted targets, and how many there were."""
-    h = model.hidden(inputs)  # (B, T, C)
-    head = model.lm_head if "lm_head" in model else model.wte
-    if type(head) in (nn.Linear, nn.Embedding):  # float head: never hold all (B, T, V) logits
-        ce = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1))
-        ce = ce.reshape(targets.shape)  # (B, T)
-    else:  # quantized head
-        ce = nn.losses.cross_entropy(model.logits(h).astype(mx.float32), targets)
-    n = mask.sum()
-    return (ce * mask).sum() / mx.maximum(n, 1), n
-
-
-CE_ROWS = 512  # rows of logits made at a time by linear_cross_entropy
-
-
-@mx.custom_function
-def linear_cross_entropy(h: mx.array, w: mx.array, targets: mx.array) -> mx.array:
-    """Cross-entropy of the logits ``h @ w.T`` without keeping them: (N, C), (V, C), (N,) -> (N,).
-
-    Why: at GPT-2's vocabulary the logits and their gradient are the largest activations of a
-    fine-tuning step (batch 4 x 512: 0.4 GB per (B, T, V) float32 copy, several alive at once).
-    Here they exist CE_ROWS rows at a time, in the forward pass and again (recomputed, one more
-    head matmul) in the backward pass.
-    """
-    out = []
-    for s in range(0, h.shape[0], CE_ROWS):
-        logits = (h[s:s + CE_ROWS] @ w.T).astype(mx.float32)  # (rows, V)
-        picked = mx.take_along_axis(logits, targets[s:s + CE_ROWS, None], axis=-1)[:, 0]
-        out.append(mx.logsumexp(logits, axis=-1) - picked)
-    return mx.concatenate(out)
-
-
-@linear_cross_entropy.vjp
-def _linear_cross_entropy_vjp(primals, cotangent, output):
-    h, w, targets = primals
-    dh, dw = [], None
-    for s in range(0, h.shape[0], CE_ROWS):
-        hs, ts = h[s:s + CE_ROWS], targets[s:s + CE_ROWS]
-        logits = (hs @ w.T).astype(mx.float32)  # (rows, V), recomputed
-        g = mx.softmax(logits, axis=-1, precise=True)
-        g = g - (mx.arange(g.shape[-1]) == ts[:, None])  # d ce / d logits
-        g = (g * cotangent[s:s + CE_ROWS, None]).astype(w.dtype)
-        dh.append(g @ w)  # (rows, C)
-        part = g.T @ hs  # (V, C); only evaluated when w trains (lazy otherwise)
-        dw = part if dw is None else dw + part
-    return mx.concatenate(dh), dw, mx.zeros_like(targets)

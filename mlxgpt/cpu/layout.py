@@ -3,7 +3,7 @@
 Decoding multiplies one row of activations by every weight matrix: ``(1, K) @ (K, N)``.
 MLX's CPU matmul always calls BLAS ``sgemm``, and OpenBLAS's sgemm handles a single row badly:
 it packs the whole weight matrix before multiplying, so it moves the weights through memory
-three times. Its AVX-512 kernels (see :mod:`mlxgpt._blas`) have a small-matrix path that skips
+three times. Its AVX-512 kernels (see :mod:`mlxgpt.cpu.blas`) have a small-matrix path that skips
 the packing, but only while ``M * N * K <= 1e6``.
 
 So for inference each float32 Linear weight is stored as column blocks ``(n_blocks, K, n)``
@@ -23,6 +23,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..core.modules import set_module
+
 # OpenBLAS's sgemm_small_kernel_permit (SkylakeX): the unpacked path runs when M*N*K <= 1e6.
 SMALL_GEMM_MNK = 1_000_000
 # OpenBLAS kernel sets with that small-matrix path (AVX-512).
@@ -31,9 +33,9 @@ _SMALL_GEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 def small_gemm_limit() -> int | None:
     """M*N*K below which the loaded BLAS multiplies without packing, or None if it cannot."""
-    from . import _blas
+    from . import blas
 
-    core = _blas.openblas_core()
+    core = blas.openblas_core()
     return SMALL_GEMM_MNK if core and core.lower() in _SMALL_GEMM_CORES else None
 
 
@@ -120,13 +122,6 @@ def block_weights(model: nn.Module, limit: int | None | str = "auto") -> int:
         elif type(module) is nn.Embedding:
             swaps.append((path, BlockedEmbedding(module, limit)))
     for path, new in swaps:
-        *parents, name = path.split(".")
-        owner = model
-        for p in parents:
-            owner = owner[int(p)] if isinstance(owner, list) else getattr(owner, p)
-        if isinstance(owner, list):
-            owner[int(name)] = new
-        else:
-            setattr(owner, name, new)
+        set_module(model, path, new)
     mx.eval(model.parameters())
     return len(swaps)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,12 +22,19 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from . import checkpoint as ckpt
-from .data import TokenBatches, split_tokens, tokenize_corpus
-from .errors import MlxgptError
-from .model import GPT, GPTConfig
-from .train import TrainConfig, TrainResult, lm_loss, train, world
+from ..checkpoints import folder as mlx_folder
+from ..checkpoints.files import atomic_write_text, check_writable, read_json
+from ..core.config import GPTConfig
+from ..core.model import GPT
+from ..data.corpus import TokenBatches, split_tokens, tokenize_corpus
+from ..errors import MlxgptError
+from ..tokenizers import Tokenizer, byte_tokenizer, gpt2_tokenizer
+from .config import TrainConfig, TrainResult
+from .distributed import is_rank0, rank0_echo
+from .loop import train
+from .loss import lm_loss
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
@@ -161,16 +167,14 @@ def resolve_settings(
     return s
 
 
-def make_tokenizer(name: str):
-    from .tokenizer import byte_tokenizer, gpt2_tokenizer
-
+def make_tokenizer(name: str) -> Tokenizer:
     return byte_tokenizer() if name == "byte" else gpt2_tokenizer()
 
 
 def init_weights(model: GPT, seed: int) -> None:
     """GPT-2's initialisation: N(0, 0.02) weights and embeddings, residual projections scaled by
     1/sqrt(2 * n_layer), zero biases, unit LayerNorm gains."""
-    params = sorted(_flat(model.parameters()), key=lambda kv: kv[0])
+    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
     keys = mx.random.split(mx.random.key(seed), len(params))
     std_proj = 0.02 / math.sqrt(2 * model.config.n_layer)
     new = []
@@ -187,12 +191,6 @@ def init_weights(model: GPT, seed: int) -> None:
     mx.eval(model.parameters())
 
 
-def _flat(tree: Any) -> list[tuple[str, mx.array]]:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
-
-
 def build_model(s: PretrainSettings, vocab_size: int) -> GPT:
     cfg = GPTConfig(vocab_size=vocab_size, n_positions=s.block_size, n_embd=s.n_embd,
                     n_layer=s.n_layer, n_head=s.n_head, dropout=s.dropout)
@@ -201,28 +199,14 @@ def build_model(s: PretrainSettings, vocab_size: int) -> GPT:
     return model
 
 
-def sample_text(model: GPT, tokenizer: Any, prompt: str, n_tokens: int,
+def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, n_tokens: int,
                 temperature: float = 0.8, seed: int = 0) -> str:
     """A short continuation of ``prompt`` (what training prints at each evaluation)."""
-    from .generate import generate
-    from .sample import SamplingSettings
+    from ..generation.generate import generate
+    from ..generation.sample import SamplingSettings
 
     return generate(model, tokenizer, prompt, max_tokens=n_tokens,
                     sampling=SamplingSettings(temperature=temperature, seed=seed))
-
-
-def _check_writable(out: Path) -> None:
-    """Fail now, not after tokenizing, when RUN_DIR cannot be written; leave no trace."""
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-        if created:
-            out.rmdir()
-    except OSError as e:
-        raise MlxgptError(f"cannot write to {out}: {e.strerror or e}") from None
 
 
 def prepare_run(flags: dict[str, Any], config_file: str | None, resume: bool) -> PretrainSettings:
@@ -232,7 +216,7 @@ def prepare_run(flags: dict[str, Any], config_file: str | None, resume: bool) ->
         raise MlxgptError("--out RUN_DIR is required")
     run = Path(out)
     if resume:
-        saved = ckpt.read_json(run / RUN_FILE) if (run / RUN_FILE).is_file() else None
+        saved = read_json(run / RUN_FILE) if (run / RUN_FILE).is_file() else None
         if saved is None:
             raise MlxgptError(f"cannot resume: {run / RUN_FILE} not found "
                               f"(not a pretraining run folder)")
@@ -245,7 +229,7 @@ def prepare_run(flags: dict[str, Any], config_file: str | None, resume: bool) ->
     else:
         s = resolve_settings(flags, config_file)
         # Under mlx.launch only rank 0 checks (and later writes): the others would see its files.
-        if world().rank() == 0 and run.exists() and any(run.iterdir()):
+        if is_rank0() and run.exists() and any(run.iterdir()):
             raise MlxgptError(f"{run} already exists and is not empty; continue it with "
                               f"--resume or choose another --out")
     if not s.data:
@@ -265,11 +249,11 @@ def pretrain(
 
     Under ``mlx.launch`` every process runs this; only rank 0 writes files and messages.
     """
-    rank0 = world().rank() == 0
-    say = (echo or (lambda m: print(m, file=sys.stderr))) if rank0 else (lambda m: None)
+    rank0 = is_rank0()
+    say = rank0_echo(echo)
     out = Path(s.out)
     if rank0:
-        _check_writable(out)
+        check_writable(out)
     tokenizer = make_tokenizer(s.tokenizer)
     tokens = tokenize_corpus(s.data, tokenizer, s.cache_dir, progress=progress)
     train_tok, val_tok = split_tokens(tokens.tokens, s.val_fraction, s.block_size, str(s.data))
@@ -285,21 +269,21 @@ def pretrain(
         f"{n / 1e6:.2f}M parameters; {s.tokens_per_step:,} tokens per step, {s.steps} steps")
     if not resume and rank0:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(out / RUN_FILE, json.dumps(asdict(s), indent=2) + "\n")
+        atomic_write_text(out / RUN_FILE, json.dumps(asdict(s), indent=2) + "\n")
     extra = {"trained_by": "mlxgpt pretrain", "data": str(s.data)}
 
     def save(m: nn.Module, folder: Path) -> None:
-        ckpt.write_model_files(m, folder, tokenizer, extra=extra)
+        mlx_folder.write_model_files(m, folder, tokenizer, extra=extra)
 
     def sample(m: nn.Module) -> str:
         return sample_text(m, tokenizer, s.sample_prompt, s.sample_tokens, seed=s.seed)
 
     result = train(model, lm_loss, train_data, s.train_config(), out, save_weights=save,
-                   load_weights=ckpt.restore_weights, val_data=val_data,
+                   load_weights=mlx_folder.restore_weights, val_data=val_data,
                    sample=sample if s.sample_tokens else None,
                    resume=resume, last_name=LAST_DIR, best_name=MODEL_DIR, progress=progress,
                    fingerprint={"data": tokens.meta.get("n_tokens"), "file": tokens.path.name},
                    echo=say, should_stop=should_stop)
     if val_data is None and not result.interrupted and rank0:
-        ckpt.save_model(model, out / MODEL_DIR, tokenizer, force=True, extra=extra)
+        mlx_folder.save_model(model, out / MODEL_DIR, tokenizer, force=True, extra=extra)
     return result

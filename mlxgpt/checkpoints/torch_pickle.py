@@ -21,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import MlxgptError
+from ..errors import MlxgptError
 
 # torch storage class name -> numpy dtype of its bytes (bfloat16 read as uint16, viewed in MLX).
 _STORAGE_DTYPES = {

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
-from .errors import MlxgptError
+from ..errors import MlxgptError
 
 # GPT-2's pre-tokenizer split (also Hugging Face's ByteLevel pre-tokenizer with use_regex=True).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

@@ -1,8 +1,8 @@
 """``mlxgpt finetune`` and ``mlxgpt fuse`` as library calls: LoRA (or full) fine-tuning.
 
-Fine-tuning runs through the shared loop of :mod:`mlxgpt.train`; this module only decides what
-trains (the LoRA matrices, or everything with ``full``), what a checkpoint holds (an adapter
-folder, or a model folder) and how the data is batched (:mod:`mlxgpt.sft`).
+Fine-tuning runs through the shared loop of :mod:`mlxgpt.training.loop`; this module only
+decides what trains (the LoRA matrices, or everything with ``full``), what a checkpoint holds
+(an adapter folder, or a model folder) and how the data is batched (:mod:`mlxgpt.data.examples`).
 
 The output folder OUT::
 
@@ -28,8 +28,17 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import checkpoint as ckpt
-from .errors import MlxgptError
+from ..checkpoints import folder as mlx_folder
+from ..checkpoints.files import check_writable
+from ..checkpoints.load import load
+from ..checkpoints.quantize import model_quantization, quantize
+from ..core.model import GPT, Block
+from ..data.examples import Batches, encode_records, find_splits, record_kind
+from ..errors import MlxgptError
+from .config import TrainConfig, TrainResult
+from .distributed import is_rank0, rank0_echo
+from .evaluate import greedy_text
+from .loop import train
 from .lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -39,26 +48,17 @@ from .lora import (
     count_parameters,
     fuse,
     load_adapter,
-    model_quantization,
     read_adapter_config,
     save_adapter,
 )
-from .model import GPT, Block
-from .sft import Batches, encode_records, find_splits, masked_loss, record_kind
-from .train import (
-    LOG_FILE,
-    OPTIMIZER_FILE,
-    PLOT_FILE,
-    STATE_FILE,
-    TrainConfig,
-    TrainResult,
-    train,
-    world,
-)
+from .loss import lm_loss
+from .optim import OPTIMIZER_FILE
+from .runlog import LOG_FILE, PLOT_FILE
+from .state import STATE_FILE
 
 # What a finetune run writes into OUT; --force removes only these.
 _RUN_ENTRIES = ("last", "best", LOG_FILE, PLOT_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG,
-                ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE)
+                mlx_folder.CONFIG_FILE, mlx_folder.WEIGHTS_FILE)
 
 
 @dataclass
@@ -112,18 +112,13 @@ def steps_per_epoch(n_batches: int, grad_accum: int = 1) -> int:
 
 def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune ``opts.model`` on ``opts.data``; see the module docstring for what is written."""
-    from .loading import load
-
     out = Path(opts.out)
-    # Under mlx.launch only rank 0 touches the output folder and prints (train.py does the same).
-    rank0 = world().rank() == 0
-    if not rank0:
-        echo = _silent
+    # Under mlx.launch only rank 0 touches the output folder and prints.
+    rank0 = is_rank0()
+    echo = rank0_echo(echo)
     prepare_out(out, resume=opts.resume, force=opts.force, write=rank0)
     model, tokenizer = load(opts.model, dtype=opts.dtype)
     if opts.quantize:
-        from .convert import quantize
-
         quantize(model, opts.quantize, opts.group_size)
     quant = model_quantization(model)
     if opts.lora is None and quant:
@@ -159,16 +154,16 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
             save_adapter(m, folder, lora)
 
         def restore(m: nn.Module, folder: Path) -> None:
-            m.load_weights(list(ckpt.read_weights(folder / ADAPTER_WEIGHTS).items()),
+            m.load_weights(list(mlx_folder.read_weights(folder / ADAPTER_WEIGHTS).items()),
                            strict=False)
     else:
         def save(m: nn.Module, folder: Path) -> None:
-            ckpt.write_model_files(m, folder, tokenizer)
+            mlx_folder.write_model_files(m, folder, tokenizer)
 
-        restore = ckpt.restore_weights
+        restore = mlx_folder.restore_weights
 
     mx.reset_peak_memory()
-    result = train(model, masked_loss, train_data, cfg, out, save_weights=save,
+    result = train(model, lm_loss, train_data, cfg, out, save_weights=save,
                    load_weights=restore, val_data=val_data, sample=sample, resume=opts.resume,
                    fingerprint={"data": str(opts.data), "lora": str(lora)}, echo=echo)
     if rank0:
@@ -180,10 +175,6 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
     best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
     echo(f"{what} written to {out}{best}")
     return result
-
-
-def _silent(_: str) -> None:
-    pass
 
 
 def prepare_out(out: Path, *, resume: bool, force: bool, write: bool = True) -> None:
@@ -206,13 +197,7 @@ def prepare_out(out: Path, *, resume: bool, force: bool, write: bool = True) -> 
     for e in leftovers:
         p = out / e
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise MlxgptError(f"cannot write to {out}: {e.strerror or e}") from None
+    check_writable(out)
 
 
 def publish(out: Path, name: str) -> None:
@@ -255,8 +240,6 @@ def load_data(
     sample = None
     valid = splits.get("valid")
     if valid and record_kind(valid[0][1]) == "completion":
-        from .evaluate import greedy_text
-
         first = valid[0][1]
         n = len(tokenizer.encode(first["completion"])) + 8
         prompt_ids = tokenizer.encode(first["prompt"])[-(model.config.n_positions - n - 1):]
@@ -271,8 +254,6 @@ def load_data(
 def fuse_adapter(model_path: str, adapter: str, out: str, *, requantize: bool = False,
                  force: bool = False, dtype: str | None = None) -> Path:
     """Fold an adapter into its base and write a plain model folder."""
-    from .loading import load
-
     model, tokenizer = load(model_path, dtype=dtype)
     quant = model_quantization(model)
     if requantize and not quant:
@@ -281,5 +262,5 @@ def fuse_adapter(model_path: str, adapter: str, out: str, *, requantize: bool = 
     fuse(model, requantize=requantize)
     mx.eval(model.parameters())
     extra = {"fused_from": {"model": str(model_path), "adapter": str(adapter)}}
-    return ckpt.save_model(model, out, tokenizer, force=force,
+    return mlx_folder.save_model(model, out, tokenizer, force=force,
                            quantization=quant if requantize else None, extra=extra)

@@ -3,18 +3,14 @@
 Weights are stored with a ``model.`` key prefix in MLX layout (Linear ``(out, in)``), the layout
 mlx-lm uses for GPT-2, so mlx-lm can load an mlxgpt folder as it is. ``config.json`` holds the
 Hugging Face GPT-2 keys, ``quantization: {group_size, bits}`` when quantized, and an ``mlxgpt``
-section (format version, tokenizer description). Every write is atomic: a folder is built under
-a temporary name next to its destination and renamed into place.
+section (format version, tokenizer description). Every write is atomic (:mod:`.files`).
+This module reads and writes mlxgpt's own format only; Hugging Face folders are :mod:`.hf`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +18,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import MlxgptError
-from .model import GPT, GPTConfig
+from ..core.config import GPTConfig
+from ..core.model import GPT
+from ..errors import MlxgptError
+from .files import atomic_dir, read_json
+from .quantize import quantize_as_stored
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 KEY_PREFIX = "model."
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def default_dtype() -> mx.Dtype:
-    """float32 on the CPU (no fast half-precision matmul there), float16 on a GPU."""
-    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
 
 
 def parse_dtype(name: str | None) -> mx.Dtype | None:
@@ -45,82 +39,7 @@ def parse_dtype(name: str | None) -> mx.Dtype | None:
     return DTYPES[name]
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``out_dir`` only if the block succeeds.
-
-    An existing ``out_dir`` is refused unless ``force``; with ``force`` it is replaced only
-    after the new folder is complete, so a failure never leaves a half-written result.
-    """
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise MlxgptError(f"{out} already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise MlxgptError(f"cannot write to {parent}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_safetensors(
-    path: str | os.PathLike, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None
-) -> None:
-    """``mx.save_safetensors`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- reading
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MlxgptError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MlxgptError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MlxgptError(f"{path}: expected a JSON object")
-    return data
 
 
 def load_safetensors(path: Path) -> dict[str, mx.array]:
@@ -185,13 +104,7 @@ def build_model(
     """A GPT with the given (unprefixed, MLX-layout) weights, quantized layers where stored."""
     model = GPT(cfg)
     if quantization:
-        gs, bits = quantization.get("group_size", 64), quantization.get("bits", 4)
-        nn.quantize(
-            model,
-            group_size=gs,
-            bits=bits,
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
+        quantize_as_stored(model, weights, quantization)
     check_weights(model, weights, source)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
@@ -260,3 +173,23 @@ def write_model_files(
 def read_folder_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``mlxgpt`` section of a model folder's config (tokenizer description, extras)."""
     return read_json(Path(path) / CONFIG_FILE).get("mlxgpt", {})
+
+
+def shipped_model() -> Path:
+    """The model folder that ships in ``mlxgpt.models`` (the first one, by name)."""
+    from importlib import resources
+
+    try:
+        root = resources.files("mlxgpt.models")
+        found = sorted(
+            Path(str(p)) for p in root.iterdir() if p.is_dir() and is_model_folder(Path(str(p)))
+        )
+    except (ModuleNotFoundError, OSError):
+        found = []
+    if not found:
+        raise MlxgptError(
+            "no --model given and no model ships with this install: pass --model PATH "
+            "(an mlxgpt or Hugging Face GPT-2 folder, or a hub id such as gpt2), "
+            "or train one with `mlxgpt pretrain`"
+        )
+    return found[0]

@@ -30,9 +30,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import KEY_PREFIX, atomic_save_safetensors, atomic_write_text, read_json
-from .errors import MlxgptError
-from .model import GPT, GPTConfig
+from ..checkpoints.files import atomic_save_safetensors, atomic_write_text, read_json
+from ..checkpoints.folder import KEY_PREFIX, read_weights
+from ..checkpoints.quantize import dense_weight, dequantize, linear_dims, logical_sizes
+from ..core.config import GPTConfig
+from ..core.model import GPT
+from ..core.modules import get_module, set_module
+from ..errors import MlxgptError
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,29 +113,7 @@ class LoRALinear(nn.Module):
         return layer
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def linear_dims(layer: nn.Module) -> tuple[int, int]:
-    """(out, in) of a plain or quantized linear layer."""
-    out_dims, cols = layer.weight.shape
-    if isinstance(layer, nn.QuantizedLinear):
-        cols = cols * 32 // layer.bits  # packed: 32 / bits values per uint32
-    return out_dims, cols
-
-
-def dense_weight(layer: nn.Module) -> mx.array:
-    """The float weight of a plain or quantized linear/embedding layer."""
-    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return mx.dequantize(
-            layer.weight,
-            layer.scales,
-            layer.biases,
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=getattr(layer, "mode", "affine"),
-        )
-    return layer.weight
+# --------------------------------------------------------------------------- targets and layers
 
 
 def parse_targets(spec: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -196,11 +178,6 @@ def _int(s: str, spec: Any) -> int:
         raise MlxgptError(msg) from None
 
 
-def _resolve(block: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_name, name = path.split(".")
-    return getattr(block, parent_name), name
-
-
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """(path, layer) for every LoRA layer, paths as in the model's parameter tree."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -218,14 +195,6 @@ def base_identity(cfg: GPTConfig, path: str | os.PathLike | None = None,
     if quantization:
         ident["quantization"] = dict(quantization)
     return ident
-
-
-def model_quantization(model: nn.Module) -> dict[str, int] | None:
-    """``{"group_size", "bits"}`` of the first quantized layer, or None for a float model."""
-    for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            return {"group_size": m.group_size, "bits": m.bits}
-    return None
 
 
 # --------------------------------------------------------------------------- apply / count
@@ -249,8 +218,8 @@ def apply_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
     key = mx.random.key(seed)
     for i in layers:
         for t in targets:
-            parent, name = _resolve(model.h[i], TARGETS[t])
-            base = getattr(parent, name)
+            path = f"h.{i}.{TARGETS[t]}"
+            base = get_module(model, path)
             out_dims, in_dims = linear_dims(base)
             if cfg.rank > min(out_dims, in_dims):
                 raise MlxgptError(
@@ -258,7 +227,7 @@ def apply_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
                     f"({in_dims} -> {out_dims}) allows; use a rank <= {min(out_dims, in_dims)}"
                 )
             key, sub = mx.random.split(key)
-            setattr(parent, name, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, sub))
+            set_module(model, path, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, sub))
     cfg.targets, cfg.layers = targets, layers
     freeze_base(model)
     return model
@@ -273,20 +242,8 @@ def freeze_base(model: nn.Module) -> None:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; quantized weights count as the values they stand for."""
-    bits = {p: m.bits for p, m in model.named_modules()
-            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
-    total = 0
-    for key, v in tree_flatten(model.parameters()):
-        owner, _, name = key.rpartition(".")
-        if owner in bits:
-            if name in ("scales", "biases"):
-                continue  # quantization bookkeeping, not model parameters
-            if name == "weight":
-                total += v.size * 32 // bits[owner]
-                continue
-        total += v.size
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    return trainable, total
+    return trainable, logical_sizes(model)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -408,8 +365,6 @@ def load_adapter(model: GPT, adapter_dir: str | os.PathLike) -> GPT:
         apply_lora(model, cfg)
     except MlxgptError as e:
         raise MlxgptError(f"{folder}: adapter does not fit this model: {e}") from None
-    from .checkpoint import read_weights
-
     weights = read_weights(folder / ADAPTER_WEIGHTS)
     expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
     missing = sorted(set(expected) - set(weights))
@@ -441,37 +396,8 @@ def fuse(model: GPT, requantize: bool = False) -> GPT:
     of the adapter's update.
     """
     for path, m in lora_modules(model):
-        parent_path, _, name = path.rpartition(".")
-        parent = _get(model, parent_path)
-        setattr(parent, name, m.fused(requantize=requantize))
+        set_module(model, path, m.fused(requantize=requantize))
     if not requantize:
         dequantize(model)
     model.unfreeze()
     return model
-
-
-def dequantize(model: nn.Module) -> nn.Module:
-    """Replace quantized linear and embedding layers with float ones (in place)."""
-    for path, m in list(model.named_modules()):
-        if isinstance(m, nn.QuantizedLinear):
-            w = dense_weight(m)
-            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-            layer.weight = w
-            if "bias" in m:
-                layer.bias = m.bias
-        elif isinstance(m, nn.QuantizedEmbedding):
-            w = dense_weight(m)
-            layer = nn.Embedding(*w.shape)
-            layer.weight = w
-        else:
-            continue
-        parent_path, _, name = path.rpartition(".")
-        setattr(_get(model, parent_path), name, layer)
-    return model
-
-
-def _get(model: nn.Module, path: str) -> Any:
-    obj: Any = model
-    for part in path.split(".") if path else []:
-        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    return obj

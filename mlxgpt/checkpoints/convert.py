@@ -1,0 +1,71 @@
+"""``mlxgpt convert``: a Hugging Face GPT-2 checkpoint (folder or hub id) -> an mlxgpt model
+folder, optionally cast to another dtype or quantized."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MlxgptError
+from . import folder as mlx_folder
+from .hf import load_hf
+from .hub import resolve_source
+from .quantize import check_quant_options, float_dtype, quantize
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    n_params: int
+    dtype: str
+    size_bytes: int
+    seconds: float
+    quantization: dict[str, int] | None = None
+    quantized_layers: int = 0
+    tokenizer: str | None = None
+
+    def line(self) -> str:
+        q = ""
+        if self.quantization:
+            q = (f", {self.quantization['bits']}-bit (group {self.quantization['group_size']}, "
+                 f"{self.quantized_layers} layers)")
+        tok = self.tokenizer or "none (token ids only)"
+        n = f"{self.n_params / 1e6:.1f}M" if self.n_params >= 100_000 else f"{self.n_params:,}"
+        return (f"wrote {self.out_dir}: {n} parameters, {self.dtype}{q}, "
+                f"tokenizer {tok}, {self.size_bytes / 1e6:.1f} MB, {self.seconds:.1f} s")
+
+
+def convert(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+    force: bool = False,
+) -> Summary:
+    """Convert a Hugging Face GPT-2 checkpoint (folder or hub id) into an mlxgpt model folder."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not force:  # fail before any download or reading
+        raise MlxgptError(f"{out} already exists (use --force to replace it)")
+    target = mlx_folder.parse_dtype(dtype)
+    if quantize_bits is not None:
+        check_quant_options(quantize_bits, group_size)  # before any download or reading
+    folder = resolve_source(source, revision)
+    if mlx_folder.is_model_folder(folder):
+        raise MlxgptError(f"{source}: already an mlxgpt model folder (load it as it is)")
+    model, tok = load_hf(folder, target)
+    n_params = model.n_params  # before quantization packs the weights
+    quant, n_quant = None, 0
+    if quantize_bits is not None:
+        quant, n_quant = quantize(model, quantize_bits, group_size)
+    mlx_folder.save_model(model, out, tok, force=force, quantization=quant,
+                    extra={"source": str(source) if revision is None else f"{source}@{revision}"})
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    dtype_name = str(float_dtype(model)).removeprefix("mlx.core.")
+    return Summary(out, n_params, dtype_name, size, time.perf_counter() - t0, quant, n_quant,
+                   getattr(tok, "name", None))

@@ -1,0 +1,138 @@
+"""Quantized weights: quantizing a model, and turning quantized layers back into float ones.
+
+MLX quantizes Linear and Embedding weights in groups along their input dimension
+(``nn.QuantizedLinear``/``nn.QuantizedEmbedding``: packed ``uint32`` weights plus per-group
+scales and biases). Everything in mlxgpt that looks through a quantized layer goes through here.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..core.modules import set_module
+from ..errors import MlxgptError, warn
+
+QUANT_BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def quantize(model: nn.Module, bits: int,
+             group_size: int = 64) -> tuple[dict[str, int] | None, int]:
+    """Quantize Linear/Embedding layers in place; returns (config entry, layers quantized).
+
+    A layer whose input width is not a multiple of ``group_size`` stays in floating point
+    (MLX quantizes rows in groups); the config entry is None when no layer could be quantized.
+    """
+    check_quant_options(bits, group_size)
+    done = []
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        ok = hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+        if ok:
+            done.append(path)
+        return ok
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    if not done:
+        warn(f"no layer has an input width divisible by {group_size}; nothing was quantized")
+        return None, 0
+    mx.eval(model.parameters())
+    return {"group_size": group_size, "bits": bits}, len(done)
+
+
+def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array],
+                       quantization: dict[str, int]) -> None:
+    """Quantize (in place) the layers that ``weights`` holds quantized: those with scales."""
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+    )
+
+
+def check_quant_options(bits: int, group_size: int) -> None:
+    if bits not in QUANT_BITS:
+        raise MlxgptError(f"--quantize must be one of {', '.join(map(str, QUANT_BITS))}")
+    if group_size not in GROUP_SIZES:
+        raise MlxgptError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+def dequantized_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The model's parameters with quantized layers turned back into floating-point weights."""
+    flat = dict(tree_flatten(model.parameters()))
+    q = {path: m for path, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    out = {}
+    for key, value in flat.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in q and leaf in ("scales", "biases"):
+            continue
+        out[key] = dense_weight(q[prefix]) if prefix in q and leaf == "weight" else value
+    return out
+
+
+def dense_weight(layer: nn.Module) -> mx.array:
+    """The float weight of a plain or quantized linear/embedding layer."""
+    if isinstance(layer, QUANTIZED):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size,
+                             bits=layer.bits, mode=getattr(layer, "mode", "affine"))
+    return layer.weight
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a plain or quantized linear layer."""
+    out_dims, cols = layer.weight.shape
+    if isinstance(layer, nn.QuantizedLinear):
+        cols = cols * 32 // layer.bits  # packed: 32 / bits values per uint32
+    return out_dims, cols
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace quantized linear and embedding layers with float ones (in place)."""
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.QuantizedLinear):
+            w = dense_weight(m)
+            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            layer.weight = w
+            if "bias" in m:
+                layer.bias = m.bias
+        elif isinstance(m, nn.QuantizedEmbedding):
+            w = dense_weight(m)
+            layer = nn.Embedding(*w.shape)
+            layer.weight = w
+        else:
+            continue
+        set_module(model, path, layer)
+    return model
+
+
+def model_quantization(model: nn.Module) -> dict[str, int] | None:
+    """``{"group_size", "bits"}`` of the first quantized layer, or None for a float model."""
+    for _, m in model.named_modules():
+        if isinstance(m, QUANTIZED):
+            return {"group_size": m.group_size, "bits": m.bits}
+    return None
+
+
+def logical_sizes(model: nn.Module) -> int:
+    """Parameter count with quantized weights counted as the values they stand for (their
+    scales and biases are bookkeeping, not parameters)."""
+    bits = {p: m.bits for p, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    total = 0
+    for key, v in tree_flatten(model.parameters()):
+        owner, _, name = key.rpartition(".")
+        if owner in bits and name in ("scales", "biases"):
+            continue
+        total += v.size * 32 // bits[owner] if owner in bits and name == "weight" else v.size
+    return total
+
+
+def float_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype of the model's floating-point parameters (scales, for quantized layers)."""
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32

@@ -1,0 +1,94 @@
+"""Options shared by several commands, defined once: model, dtype, sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from mlxgpt.errors import MlxgptError
+from mlxgpt.generation.sample import SamplingSettings
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def dtype_option(auto: bool = True, help: str = "Weight precision.") -> Callable:
+    """``--dtype``: with ``auto`` (the default choice) the device decides (float32 on the CPU)."""
+    if auto:
+        return click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
+                            show_default=True, help=help)
+    return click.option("--dtype", type=click.Choice(DTYPES), help=help)
+
+
+def sampling_options(f: Callable) -> Callable:
+    """The options that make a :class:`SamplingSettings` (and max tokens)."""
+
+    d = SamplingSettings()  # the library's defaults are the CLI's
+    options = [
+        click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
+                     help="Most tokens to generate."),
+        click.option("--temp", "temperature", type=float, default=d.temperature, show_default=True,
+                     help="Temperature; 0 is greedy."),
+        click.option("--top-k", type=int, default=d.top_k, show_default=True,
+                     help="Keep the k most likely tokens (0: off)."),
+        click.option("--top-p", type=float, default=d.top_p, show_default=True,
+                     help="Nucleus: keep tokens up to this probability mass (1: off)."),
+        click.option("--min-p", type=float, default=d.min_p, show_default=True,
+                     help="Drop tokens below min-p times the top probability (0: off)."),
+        click.option("--repetition-penalty", type=float, default=d.repetition_penalty,
+                     show_default=True,
+                     help="Divide the positive logits of recent tokens (1: off)."),
+        click.option("--presence-penalty", type=float, default=d.presence_penalty,
+                     show_default=True,
+                     help="Subtract from the logit of every recent token."),
+        click.option("--frequency-penalty", type=float, default=d.frequency_penalty,
+                     show_default=True,
+                     help="Subtract per occurrence among recent tokens."),
+        click.option("--penalty-window", type=int, default=d.penalty_window, show_default=True,
+                     help="How many recent tokens the penalties look at."),
+        click.option("--logit-bias", multiple=True, metavar="ID=BIAS",
+                     help="Add BIAS to token ID's logit (repeatable; -100 bans a token)."),
+        click.option("--seed", type=int, default=None, help="Random seed: same seed, same text."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def model_options(f: Callable) -> Callable:
+    options = [
+        click.option("--model", "-m", default=None,
+                     help="Model folder, Hugging Face folder or hub id (default: the shipped "
+                          "model)."),
+        click.option("--adapter", default=None, help="LoRA adapter folder to apply."),
+        dtype_option(),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_settings(opts: dict):
+    """SamplingSettings from the parsed options (consumes their keys)."""
+    bias = {}
+    for item in opts.pop("logit_bias", ()):
+        tok, sep, val = item.partition("=")
+        try:
+            bias[int(tok)] = float(val)
+        except ValueError:
+            raise MlxgptError(f"--logit-bias: expected ID=BIAS, got {item!r}") from None
+        if not sep:
+            raise MlxgptError(f"--logit-bias: expected ID=BIAS, got {item!r}")
+    names = set(SamplingSettings.names()) - {"logit_bias"}
+    return SamplingSettings(logit_bias=bias, **{k: opts.pop(k) for k in names})
+
+
+def load_model(model: str | None, adapter: str | None, dtype: str):
+    """(model, tokenizer) for inference from --model, or the model that ships with mlxgpt."""
+    from mlxgpt.checkpoints.folder import shipped_model
+    from mlxgpt.checkpoints.load import load
+    from mlxgpt.core.backend import prepare_for_inference
+
+    path = model if model is not None else str(shipped_model())
+    m, tok = load(path, dtype=dtype, adapter=adapter)
+    return prepare_for_inference(m), tok

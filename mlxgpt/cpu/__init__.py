@@ -1,0 +1,4 @@
+"""CPU-only speed: the BLAS MLX links, arithmetic-only kernels, weight layouts.
+
+``blas`` must not import mlx (it runs before mlx is first imported).
+"""

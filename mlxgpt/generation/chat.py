@@ -1,0 +1,135 @@
+"""A conversation with a model: its transcript (:mod:`.transcript`), and a KV cache kept across
+turns.
+
+Between turns the conversation stays in the model's KV cache: each turn reads only its new
+tokens. When the next turn would not leave room for a reply, the oldest turns are dropped (the
+system text stays) and the rest is read again. The terminal REPL is :mod:`mlxgpt.cli.repl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..checkpoints.files import atomic_write_text
+from ..core.model import GPT
+from ..errors import MlxgptError
+from ..tokenizers import Tokenizer
+from .context import Context
+from .generate import GenerationResponse, stream_generate
+from .sample import SamplingSettings
+from .transcript import ASSISTANT, STOPS, Message, render_message, render_transcript
+
+
+@dataclass
+class ChatSettings:
+    max_tokens: int = 256  # per reply
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+class ChatSession:
+    """A conversation with one model; the KV cache follows the transcript."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ChatSettings | None = None,
+                 system: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = settings or ChatSettings()
+        self.system = system
+        self.messages: list[Message] = []  # user and assistant turns, oldest first
+        self.ctx = Context(model)
+        self.last: GenerationResponse | None = None  # the last reply's summary
+        self.dropped = 0  # turns dropped to fit the context, over the session
+        self._encoded: dict[tuple[str, str], list[int]] = {}
+        self._reply_prompt = tokenizer.encode(f"{ASSISTANT}:")  # refuses an ids-only tokenizer
+
+    # -- transcript
+
+    def transcript(self) -> list[Message]:
+        head = [Message("system", self.system)] if self.system else []
+        return head + self.messages
+
+    def _ids(self, message: Message) -> list[int]:
+        # Each message is encoded on its own, so earlier turns keep the same ids (and their
+        # cached keys/values) however the conversation continues.
+        key = (message.role, message.content)
+        if key not in self._encoded:
+            self._encoded[key] = self.tokenizer.encode(render_message(message))
+        return self._encoded[key]
+
+    def prompt_ids(self) -> list[int]:
+        return self.transcript_ids() + self._reply_prompt
+
+    def transcript_ids(self) -> list[int]:
+        """The conversation so far as token ids (without the cue for the next reply)."""
+        return [i for m in self.transcript() for i in self._ids(m)]
+
+    def _fit(self) -> list[int]:
+        """Drop the oldest turns until the prompt leaves room for a reply."""
+        n_pos = self.model.config.n_positions
+        room = min(self.settings.max_tokens, n_pos // 2)
+        ids = self.prompt_ids()
+        while len(ids) + room > n_pos and len(self.messages) > 1:
+            # Drop the oldest user turn with its reply.
+            cut = 2 if len(self.messages) > 2 and self.messages[1].role == "assistant" else 1
+            del self.messages[:cut]
+            self.dropped += cut
+            ids = self.prompt_ids()
+        return ids
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.last = None
+
+    # -- a turn
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Add the user's turn and stream the assistant's reply, piece by piece.
+
+        If the consumer stops early (Ctrl-C), the reply so far is kept as the assistant's turn.
+        """
+        self.messages.append(Message("user", user_text))
+        ids = self._fit()
+        parts: list[str] = []
+        try:
+            for r in stream_generate(
+                self.model, self.tokenizer, ids, ctx=self.ctx, stop=STOPS,
+                max_tokens=self.settings.max_tokens, sampling=self.settings.sampling,
+            ):
+                text = r.text
+                if not parts:
+                    text = text.lstrip()  # the model writes " Hi" after "Assistant:"
+                if text:
+                    parts.append(text)
+                    yield text
+                if r.finish_reason:
+                    self.last = r
+        except GeneratorExit:  # closed between two tokens: the cache is consistent
+            raise
+        except BaseException:
+            # Interrupted inside the model (Ctrl-C): the cache may be half-updated, so the
+            # next turn reads the conversation again.
+            self.ctx.reset()
+            raise
+        finally:
+            self.messages.append(Message("assistant", "".join(parts).strip()))
+
+    # -- saving
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the conversation: JSON messages for ``.json``/``.jsonl`` files, else the text."""
+        path = Path(path)
+        msgs = self.transcript()
+        if path.suffix == ".json":
+            text = json.dumps([asdict(m) for m in msgs], indent=2, ensure_ascii=False) + "\n"
+        elif path.suffix == ".jsonl":
+            text = json.dumps({"messages": [asdict(m) for m in msgs]}, ensure_ascii=False) + "\n"
+        else:
+            text = render_transcript(msgs)
+        try:
+            atomic_write_text(path, text)
+        except OSError as e:
+            raise MlxgptError(f"cannot write {path}: {e.strerror or e}") from None
+        return path

@@ -1,0 +1,58 @@
+"""The chat transcript format: one definition, used by ``mlxgpt chat`` and by fine-tuning data.
+
+It works with a base (not instruction-tuned) GPT-2, which has seen many dialogues written this
+way::
+
+    <system text>            (optional first paragraph)
+
+    User: Hello!
+    Assistant: Hi. How can I help?
+    User: ...
+    Assistant:
+
+The model writes after ``Assistant:`` and its reply ends at the next speaker tag (:data:`STOPS`).
+Fine-tuning data rendered with :func:`render_transcript` teaches a model to chat in this shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import MlxgptError
+
+USER = "User"
+ASSISTANT = "Assistant"
+STOPS = (f"\n{USER}:", f"\n{ASSISTANT}:")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise MlxgptError(f"chat: unknown role {self.role!r} (expected one of {ROLES})")
+
+
+def render_message(message: Message) -> str:
+    """One message as transcript text (each ends with a newline; the system text with two)."""
+    text = message.content.strip()
+    if message.role == "system":
+        return f"{text}\n\n"
+    tag = USER if message.role == "user" else ASSISTANT
+    return f"{tag}: {text}\n"
+
+
+def render_transcript(
+    messages: Sequence[Message | dict], add_generation_prompt: bool = False
+) -> str:
+    """Messages (``Message`` or ``{"role", "content"}`` dicts) -> transcript text.
+
+    ``add_generation_prompt`` ends it with ``"Assistant:"``, where the model's reply goes.
+    """
+    msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
+    text = "".join(render_message(m) for m in msgs)
+    return text + (f"{ASSISTANT}:" if add_generation_prompt else "")

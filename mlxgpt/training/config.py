@@ -1,0 +1,60 @@
+"""Training settings and what a run reports back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import MlxgptError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``steps`` counts optimizer updates (each ``grad_accum`` batches)."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay ends here at the last step
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay, on weights with 2+ dimensions only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    grad_accum: int = 1
+    eval_every: int = 250  # 0: evaluate at the end only
+    eval_batches: int = 20
+    save_every: int = 0  # 0: save "last" at every evaluation
+    log_every: int = 10
+    seed: int = 1337
+    compile: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise MlxgptError(f"{name.replace('_', '-')} must be at least 1")
+        for name in ("warmup", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise MlxgptError(f"{name.replace('_', '-')} must not be negative")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise MlxgptError(f"need 0 <= min-lr <= lr and lr > 0 (lr={self.lr}, "
+                              f"min-lr={self.min_lr})")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise MlxgptError("weight-decay and grad-clip must not be negative")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done (including those before a resume)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) this run
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    best_val_loss: float | None = None
+    tokens: int = 0  # tokens trained on, all ranks, including before a resume
+    elapsed: float = 0.0  # seconds of training, including before a resume
+    interrupted: bool = False
+    checkpoint: Path | None = None  # the last checkpoint written
