@@ -6,9 +6,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxgpt.checkpoint import save_model
-from mlxgpt.model import GPT, GPTConfig
-from mlxgpt.tokenizer import byte_tokenizer, gpt2_tokenizer
+from mlxgpt.checkpoints.folder import save_model
+from mlxgpt import GPT, GPTConfig
+from mlxgpt.tokenizers import byte_tokenizer, gpt2_tokenizer
 
 
 def random_model(vocab_size: int, n_positions: int = 64, seed: int = 0, **kw) -> GPT:

@@ -97,7 +97,7 @@ def write_gpt2_tokenizer_files(folder: Path) -> None:
     """GPT-2's vocab.json + merges.txt (from mlxgpt's packaged ranks), as the hub ships them."""
     import tempfile
 
-    from mlxgpt.tokenizer import gpt2_tokenizer
+    from mlxgpt.tokenizers import gpt2_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         gpt2_tokenizer().save(Path(tmp))

@@ -6,23 +6,17 @@ import os
 import pty
 import select
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
-from _generate_helpers import byte_model_folder, gpt2_model_folder, random_model
 
-from mlxgpt.chat import (
-    ChatSession,
-    ChatSettings,
-    Message,
-    apply_setting,
-    render_transcript,
-)
+from mlxgpt.cli.repl import apply_setting
 from mlxgpt.errors import MlxgptError
-from mlxgpt.sample import SamplingSettings
-from mlxgpt.tokenizer import byte_tokenizer, gpt2_tokenizer
+from mlxgpt.generation.chat import ChatSession, ChatSettings
+from mlxgpt.generation.sample import SamplingSettings
+from mlxgpt.generation.transcript import Message, render_transcript
+from mlxgpt.tokenizers import byte_tokenizer, gpt2_tokenizer
 
 GREEDY = ChatSettings(max_tokens=12, sampling=SamplingSettings(temperature=0))
 
@@ -42,8 +36,8 @@ def test_transcript_format():
         render_transcript([{"role": "bot", "content": "x"}])
 
 
-def test_turns_reuse_the_kv_cache_and_match_a_fresh_read():
-    model = random_model(50257, n_positions=256)
+def test_turns_reuse_the_kv_cache_and_match_a_fresh_read(tiny_model):
+    model = tiny_model(vocab_size=50257, n_positions=256)
     chat = ChatSession(model, gpt2_tokenizer(), GREEDY, system="Be brief.")
     first = "".join(chat.reply("Hello there"))
     read_first = chat.last.prompt_tokens
@@ -60,8 +54,8 @@ def test_turns_reuse_the_kv_cache_and_match_a_fresh_read():
     assert fresh.last.cached_tokens == 0
 
 
-def test_oldest_turns_are_dropped_when_the_context_would_overflow():
-    model = random_model(257, n_positions=64)
+def test_oldest_turns_are_dropped_when_the_context_would_overflow(tiny_model):
+    model = tiny_model()
     chat = ChatSession(model, byte_tokenizer(), ChatSettings(max_tokens=8), system="S")
     for i in range(6):
         "".join(chat.reply(f"message number {i}"))
@@ -88,15 +82,16 @@ def test_settings_change_by_name():
 
 
 def chat_cmd(folder, *args):
+    """The command line a terminal (pty) runs."""
     return [sys.executable, "-m", "mlxgpt", "chat", "-m", str(folder), *args]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return gpt2_model_folder(tmp_path_factory.mktemp("chat"))
+def folder(tmp_path_factory, model_folder):
+    return model_folder(tmp_path_factory.mktemp("chat"), "gpt2", n_positions=128)
 
 
-def test_piped_stdin_is_one_turn_per_line(folder, tmp_path):
+def test_piped_stdin_is_one_turn_per_line(folder, tmp_path, mlxgpt_process):
     save = tmp_path / "conv.json"
     lines = [
         "/set temp 0",
@@ -111,8 +106,7 @@ def test_piped_stdin_is_one_turn_per_line(folder, tmp_path):
         "/quit",
         "never read",
     ]
-    p = subprocess.run(chat_cmd(folder, "-n", "10"), input="\n".join(lines) + "\n",
-                       capture_output=True, text=True, timeout=120)
+    p = mlxgpt_process("chat", "-m", folder, "-n", "10", stdin="\n".join(lines) + "\n")
     assert p.returncode == 0, p.stderr
     out = p.stdout.splitlines()
     assert out[0] == "temperature = 0.0"
@@ -204,8 +198,8 @@ def test_terminal_session_with_ctrl_c_during_a_reply(folder, tmp_path, terminal)
     assert "Write a long story" in (tmp_path / "history").read_text()  # readline history
 
 
-def test_terminal_ctrl_d_leaves(tmp_path, terminal):
-    term = terminal(chat_cmd(byte_model_folder(tmp_path), "-n", "5"))
+def test_terminal_ctrl_d_leaves(tmp_path, terminal, model_folder):
+    term = terminal(chat_cmd(model_folder(tmp_path), "-n", "5"))
     term.until(b">>> ")
     term.type(b"hi\r")
     term.until(b">>> ")

@@ -17,7 +17,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -26,31 +25,31 @@ from _hf_helpers import SMALL, make_hf_checkpoint, read_config  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import mlxgpt  # noqa: E402
-from mlxgpt.checkpoint import load_model  # noqa: E402
-from mlxgpt.cli import main  # noqa: E402
-from mlxgpt.loading import resolve_model  # noqa: E402
-from mlxgpt.torch_pickle import load_torch_bin  # noqa: E402
+from mlxgpt.checkpoints.folder import load_model  # noqa: E402
+from mlxgpt.checkpoints.hub import resolve_source  # noqa: E402
+from mlxgpt.checkpoints.torch_pickle import load_torch_bin  # noqa: E402
 
 
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+@pytest.fixture
+def assert_refused(refused):
+    """The standard refusal (see conftest), and nothing left where the output would go."""
+
+    def check(result, match: str, out: Path | None = None) -> None:
+        refused(result, match)
+        if out is not None:
+            assert not out.exists()
+            assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+    return check
 
 
-def assert_refused(result, match: str, out: Path | None = None) -> None:
-    """Exit status 1, one ``Error:`` line containing ``match``, no traceback, no output left."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)  # handled, not a crash
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and match in errors[0], result.stderr
-    assert "Traceback" not in result.output
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+@pytest.fixture
+def assert_convert_refused(cli, assert_refused):
+    def check(src: Path, tmp_path: Path, match: str) -> None:
+        out = tmp_path / "out"
+        assert_refused(cli("convert", src, out), match, out)
 
-
-def assert_convert_refused(src: Path, tmp_path: Path, match: str) -> None:
-    out = tmp_path / "out"
-    assert_refused(cli("convert", src, out), match, out)
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def edit_config(folder: Path, **changes) -> None:
 # --------------------------------------------------------------------------- working conversions
 
 
-def test_cli_convert_prints_summary_and_loads(src, tmp_path):
+def test_cli_convert_prints_summary_and_loads(src, tmp_path, cli):
     out = tmp_path / "out"
     result = cli("convert", src, out)
     assert result.exit_code == 0, result.output
@@ -95,7 +94,7 @@ def test_cli_convert_prints_summary_and_loads(src, tmp_path):
     np.testing.assert_array_equal(np.array(model.wte.weight), weights["transformer.wte.weight"])
 
 
-def test_bin_and_safetensors_give_the_same_model(small_src, tmp_path):
+def test_bin_and_safetensors_give_the_same_model(small_src, tmp_path, cli):
     for fmt, folder in small_src.items():
         assert cli("convert", folder, tmp_path / fmt).exit_code == 0
     a, b = (load_model(tmp_path / fmt) for fmt in small_src)
@@ -103,7 +102,7 @@ def test_bin_and_safetensors_give_the_same_model(small_src, tmp_path):
     np.testing.assert_array_equal(np.array(a(tokens)), np.array(b(tokens)))
 
 
-def test_gpt2_vocab_without_tokenizer_files_gets_gpt2_bpe(tmp_path):
+def test_gpt2_vocab_without_tokenizer_files_gets_gpt2_bpe(tmp_path, cli):
     src = make_hf_checkpoint(tmp_path, {"n_layer": 1, "n_embd": 16, "n_head": 2,
                                         "n_positions": 8})  # vocab_size defaults to 50257
     result = cli("convert", src, tmp_path / "out")
@@ -113,7 +112,7 @@ def test_gpt2_vocab_without_tokenizer_files_gets_gpt2_bpe(tmp_path):
     assert tok.encode("Hello, world!") == [15496, 11, 995, 0]
 
 
-def test_tokenizer_files_in_source_are_used(tmp_path):
+def test_tokenizer_files_in_source_are_used(tmp_path, cli):
     src = make_hf_checkpoint(tmp_path, {"n_layer": 1, "n_embd": 16, "n_head": 2,
                                         "n_positions": 8}, tokenizer=True)
     assert cli("convert", src, tmp_path / "out").exit_code == 0
@@ -121,7 +120,7 @@ def test_tokenizer_files_in_source_are_used(tmp_path):
     assert tok.name == "gpt2" and tok.decode(tok.encode("naïve 😀")) == "naïve 😀"
 
 
-def test_dtype_option_and_auto_dtype_on_load(src, tmp_path):
+def test_dtype_option_and_auto_dtype_on_load(src, tmp_path, cli):
     out = tmp_path / "fp16"
     assert cli("convert", src, out, "--dtype", "float16").exit_code == 0
     assert read_config(out)["torch_dtype"] == "float16"
@@ -133,7 +132,7 @@ def test_dtype_option_and_auto_dtype_on_load(src, tmp_path):
     assert model.h[0].mlp.c_fc.weight.dtype == mx.bfloat16
 
 
-def test_quantize_skips_layers_not_divisible_by_group(tmp_path):
+def test_quantize_skips_layers_not_divisible_by_group(tmp_path, cli):
     cfg = {"n_layer": 1, "n_embd": 64, "n_head": 2, "n_inner": 96, "vocab_size": 70,
            "n_positions": 8}
     src = make_hf_checkpoint(tmp_path, cfg)
@@ -146,7 +145,7 @@ def test_quantize_skips_layers_not_divisible_by_group(tmp_path):
     assert model.h[0].mlp.c_proj.weight.dtype == mx.float32
 
 
-def test_bfloat16_bin_keeps_its_bits(tmp_path):
+def test_bfloat16_bin_keeps_its_bits(tmp_path, cli):
     src = make_hf_checkpoint(tmp_path, SMALL, "bin")
     state = torch.load(src / "pytorch_model.bin")
     torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, src / "pytorch_model.bin")
@@ -157,7 +156,7 @@ def test_bfloat16_bin_keeps_its_bits(tmp_path):
     np.testing.assert_array_equal(np.array(model.wpe.weight.view(mx.int16)), want)
 
 
-def test_sharded_bin(small_src, tmp_path):
+def test_sharded_bin(small_src, tmp_path, cli):
     src = tmp_path / "src"
     shutil.copytree(small_src["bin"], src)
     state = torch.load(src / "pytorch_model.bin")
@@ -176,13 +175,13 @@ def test_sharded_bin(small_src, tmp_path):
     np.testing.assert_array_equal(np.array(a(tokens)), np.array(b(tokens)))
 
 
-def test_converting_a_model_folder_is_refused(src, tmp_path):
+def test_converting_a_model_folder_is_refused(src, tmp_path, cli, assert_refused):
     assert cli("convert", src, tmp_path / "m").exit_code == 0
     assert_refused(cli("convert", tmp_path / "m", tmp_path / "again"), "already an mlxgpt model",
                    tmp_path / "again")
 
 
-def test_force_replaces_existing_folder(src, tmp_path):
+def test_force_replaces_existing_folder(src, tmp_path, cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -190,7 +189,7 @@ def test_force_replaces_existing_folder(src, tmp_path):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
 
 
-def test_export_writes_hf_folder_with_tokenizer(tmp_path):
+def test_export_writes_hf_folder_with_tokenizer(tmp_path, cli):
     src = make_hf_checkpoint(tmp_path, {"n_layer": 1, "n_embd": 16, "n_head": 2,
                                         "n_positions": 8})
     assert cli("convert", src, tmp_path / "m").exit_code == 0
@@ -211,8 +210,8 @@ def test_export_writes_hf_folder_with_tokenizer(tmp_path):
     assert hf_tok.encode("Hello, world!") == [15496, 11, 995, 0]
 
 
-def test_resolve_model_local_folder(src):
-    assert resolve_model(str(src)) == src
+def test_resolve_source_local_folder(src):
+    assert resolve_source(str(src)) == src
 
 
 # --------------------------------------------------------------------------- the .bin reader
@@ -263,7 +262,7 @@ def _write_bin(path: Path, pickled: bytes) -> None:
 
 
 @pytest.mark.parametrize("how", ["os.system", "builtins.exec", "nested", "torch-internal"])
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path, small_src, how):
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, small_src, how, cli, assert_refused):
     marker = tmp_path / "pwned"
     src = tmp_path / "src"
     shutil.copytree(small_src["bin"], src)
@@ -286,7 +285,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, small_src, how):
     assert not marker.exists()
 
 
-def test_legacy_non_zip_bin_is_refused(tmp_path, small_src):
+def test_legacy_non_zip_bin_is_refused(tmp_path, small_src, assert_convert_refused):
     src = tmp_path / "src"
     shutil.copytree(small_src["bin"], src)
     (src / "pytorch_model.bin").write_bytes(pickle.dumps({"a": 1}))
@@ -296,13 +295,13 @@ def test_legacy_non_zip_bin_is_refused(tmp_path, small_src):
 # --------------------------------------------------------------------------- bad input
 
 
-def test_missing_weights_file(src, tmp_path):
+def test_missing_weights_file(src, tmp_path, assert_convert_refused):
     (src / "model.safetensors").unlink()
     assert_convert_refused(src, tmp_path, "no weights file")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_truncated_weights_file(small_src, tmp_path, fmt):
+def test_truncated_weights_file(small_src, tmp_path, fmt, assert_convert_refused):
     src = tmp_path / "src"
     shutil.copytree(small_src[fmt], src)
     path = src / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
@@ -311,7 +310,7 @@ def test_truncated_weights_file(small_src, tmp_path, fmt):
     assert_convert_refused(src, tmp_path, match)
 
 
-def test_wrong_tensor_shape(src, tmp_path):
+def test_wrong_tensor_shape(src, tmp_path, assert_convert_refused):
     weights = load_file(src / "model.safetensors")
     weights["transformer.h.0.mlp.c_fc.weight"] = np.zeros((48, 100), np.float32)
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
@@ -320,24 +319,24 @@ def test_wrong_tensor_shape(src, tmp_path):
     )
 
 
-def test_missing_tensor(src, tmp_path):
+def test_missing_tensor(src, tmp_path, assert_convert_refused):
     weights = load_file(src / "model.safetensors")
     del weights["transformer.ln_f.bias"]
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     assert_convert_refused(src, tmp_path, "missing tensor ln_f.bias")
 
 
-def test_vocab_size_not_matching_weights(src, tmp_path):
+def test_vocab_size_not_matching_weights(src, tmp_path, assert_convert_refused):
     edit_config(src, vocab_size=102)
     assert_convert_refused(src, tmp_path, "wte.weight has shape (101, 48)")
 
 
-def test_missing_config_key(src, tmp_path):
+def test_missing_config_key(src, tmp_path, assert_convert_refused):
     edit_config(src, n_layer=None)
     assert_convert_refused(src, tmp_path, "missing key(s) n_layer")
 
 
-def test_unknown_config_key(src, tmp_path):
+def test_unknown_config_key(src, tmp_path, assert_convert_refused):
     edit_config(src, rotary_dim=16)
     assert_convert_refused(src, tmp_path, "unknown key(s) rotary_dim")
 
@@ -347,21 +346,21 @@ def test_unknown_config_key(src, tmp_path):
     ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
     ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
 ])
-def test_unsupported_config_option(src, tmp_path, change, match):
+def test_unsupported_config_option(src, tmp_path, change, match, assert_convert_refused):
     edit_config(src, **change)
     assert_convert_refused(src, tmp_path, match)
 
 
-def test_missing_config_file(src, tmp_path):
+def test_missing_config_file(src, tmp_path, assert_convert_refused):
     (src / "config.json").unlink()
     assert_convert_refused(src, tmp_path, "no config.json")
 
 
-def test_source_not_found(tmp_path):
+def test_source_not_found(tmp_path, assert_convert_refused):
     assert_convert_refused(tmp_path / "nowhere", tmp_path, "no such folder")
 
 
-def test_existing_output_refused_without_force(src, tmp_path):
+def test_existing_output_refused_without_force(src, tmp_path, cli, assert_refused):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -370,7 +369,7 @@ def test_existing_output_refused_without_force(src, tmp_path):
     assert_refused(cli("export", out, out), "already exists (use --force")
 
 
-def test_failed_forced_conversion_leaves_old_folder(src, tmp_path):
+def test_failed_forced_conversion_leaves_old_folder(src, tmp_path, cli, assert_refused):
     out = tmp_path / "out"
     assert cli("convert", src, out).exit_code == 0
     before = (out / "model.safetensors").read_bytes()
@@ -380,6 +379,6 @@ def test_failed_forced_conversion_leaves_old_folder(src, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_export_of_non_model_folder(src, tmp_path):
+def test_export_of_non_model_folder(src, tmp_path, cli, assert_refused):
     assert_refused(cli("export", src, tmp_path / "hf"), "not an mlxgpt model folder",
                    tmp_path / "hf")

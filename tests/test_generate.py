@@ -1,5 +1,6 @@
 """Generation: parity with transformers, streaming text, stop strings, the context limit, CLI."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,17 +12,12 @@ from _hf_helpers import SMALL, random_hf_model, save_hf_checkpoint
 
 import mlxgpt
 from mlxgpt.errors import MlxgptError
-from mlxgpt.generate import (
-    Context,
-    StopMatcher,
-    generate,
-    generate_tokens,
-    prepare_for_inference,
-    shipped_model,
-    stream_generate,
-)
-from mlxgpt.sample import SamplingSettings, TokenSampler
-from mlxgpt.tokenizer import byte_tokenizer, gpt2_tokenizer
+from mlxgpt.checkpoints.folder import shipped_model
+from mlxgpt.core.backend import prepare_for_inference
+from mlxgpt.generation.context import Context
+from mlxgpt.generation.generate import StopMatcher, generate, generate_tokens, stream_generate
+from mlxgpt.generation.sample import SamplingSettings, TokenSampler
+from mlxgpt.tokenizers import byte_tokenizer, gpt2_tokenizer
 
 GREEDY = SamplingSettings(temperature=0)
 PROMPT = [5, 17, 42, 3, 99, 0, 64, 23]
@@ -243,7 +239,7 @@ def test_seeded_generation_is_reproducible():
     s = SamplingSettings(temperature=1.0, top_k=50, top_p=0.9, seed=11)
     a = generate(model, tok, "Once", max_tokens=60, sampling=s, stop_at_eos=False)
     b = generate(model, tok, "Once", max_tokens=60, sampling=s, stop_at_eos=False)
-    c = generate(model, tok, "Once", max_tokens=60, sampling=s.replace(seed=12),
+    c = generate(model, tok, "Once", max_tokens=60, sampling=dataclasses.replace(s, seed=12),
                  stop_at_eos=False)
     assert a == b and a != c
 
@@ -322,7 +318,7 @@ def test_without_a_model_the_shipped_one_is_used_or_the_fix_is_named():
 def test_blocked_layers_compute_what_the_plain_ones_do():
     import mlx.nn as nn
 
-    from mlxgpt.layout import BlockedEmbedding, BlockedLinear, block_width, to_blocks
+    from mlxgpt.cpu.layout import BlockedEmbedding, BlockedLinear, block_width, to_blocks
 
     assert block_width(768, 3072) == 1024 and block_width(768, 50257) == 1289
     assert block_width(3072, 768) == 256 and block_width(768, 768) == 768
@@ -348,7 +344,7 @@ def test_blocked_layers_compute_what_the_plain_ones_do():
 
 @pytest.mark.parametrize("limit", ["auto", None, 100_000])
 def test_blocked_model_generates_the_same_tokens(limit):
-    from mlxgpt.layout import block_weights
+    from mlxgpt.cpu.layout import block_weights
 
     model = random_model(50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
     plain = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
@@ -365,7 +361,7 @@ def test_blocked_model_generates_the_same_tokens(limit):
 
 
 def test_cli_generate_applies_an_adapter(tmp_path):
-    from mlxgpt.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+    from mlxgpt.training.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
 
     folder = byte_model_folder(tmp_path)
     model, tok = mlxgpt.load(str(folder))

@@ -1,11 +1,13 @@
 """The code path GPUs take, checked on the CPU.
 
-On MLX's CPU backend the model uses the arithmetic-only kernels of ``mlxgpt/ops.py``; on a GPU
-(Metal, CUDA) it uses ``mx.fast.scaled_dot_product_attention`` and MLX's own GELU. This machine
-has no GPU, so these tests switch ``ops.use_fast_math`` off and run that path here: the same
-parity with transformers (fp32 logits within 1e-4 at every position, through the KV cache too),
-the same greedy tokens through the compiled decode step, and the same training gradients as the
-CPU path (1e-5: two exact formulations of one function in float32).
+A model built on MLX's CPU backend takes the arithmetic-only kernels of
+:mod:`mlxgpt.cpu.fastmath`; on a GPU (Metal, CUDA) it takes the fused ones
+(``mx.fast.scaled_dot_product_attention``, MLX's own GELU and exp): :mod:`mlxgpt.core.backend`
+decides once, when the model is built. This machine has no GPU, so these tests build the model
+with the fused kernels and run that path here: the same parity with transformers (fp32 logits
+within 1e-4 at every position, through generation's KV cache and compiled decode step too), the
+same greedy tokens, and the same training gradients as the CPU path (1e-5: two exact
+formulations of one function in float32).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from _hf_helpers import SMALL, hf_logits, hf_model, make_hf_checkpoint
 from mlx.utils import tree_flatten
 
 import mlxgpt
-from mlxgpt import ops
-from mlxgpt.generate import Context, generate_tokens
-from mlxgpt.sample import SamplingSettings, TokenSampler
+from mlxgpt.core.backend import ARITHMETIC, FUSED, Kernels
+from mlxgpt.generation.context import Context
+from mlxgpt.generation.generate import generate_tokens
+from mlxgpt.generation.sample import SamplingSettings, TokenSampler
+from mlxgpt.training.loss import lm_loss
 
 CONFIG = SMALL
 
@@ -32,38 +36,43 @@ def checkpoint(tmp_path_factory):
     return folder, hf_model(folder)
 
 
-def _switch_to_gpu_path(monkeypatch) -> None:
-    def not_on_this_path(*args, **kwargs):
-        raise AssertionError("the CPU kernels ran on the GPU path")
-
-    monkeypatch.setattr(ops, "use_fast_math", lambda: False)
-    monkeypatch.setattr(ops, "attention", not_on_this_path)
-    monkeypatch.setattr(ops, "gelu_tanh", not_on_this_path)
-
-
-@pytest.fixture
-def gpu_path(monkeypatch):
-    _switch_to_gpu_path(monkeypatch)
+def load_with(folder, kernels: Kernels) -> mlxgpt.GPT:
+    """The checkpoint as a model built with ``kernels``."""
+    loaded, _ = mlxgpt.load(str(folder))
+    model = mlxgpt.GPT(loaded.config, kernels)
+    model.update(loaded.parameters())
+    model.eval()
+    assert model.kernels is kernels
+    assert all(b.attn.attend is kernels.attention and b.mlp.act is kernels.gelu_tanh
+               for b in model.h)
+    return model
 
 
 def tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, CONFIG["vocab_size"], (2, n))
 
 
-def test_logits_match_transformers_on_the_gpu_path(checkpoint, gpu_path):
+def test_the_cpu_builds_models_with_the_arithmetic_kernels(checkpoint):
+    model, _ = mlxgpt.load(str(checkpoint[0]))
+    assert model.kernels is ARITHMETIC
+
+
+def test_logits_match_transformers_on_the_gpu_path(checkpoint):
     folder, reference = checkpoint
-    model, _ = mlxgpt.load(str(folder))
+    model = load_with(folder, FUSED)
     x = tokens(40)
     ref = hf_logits(reference, x)
     assert np.abs(np.array(model(mx.array(x))) - ref).max() <= 1e-4
-    cache = model.make_cache()
-    steps = [np.array(model(mx.array(x[:, t : t + 1]), cache)) for t in range(x.shape[1])]
-    assert np.abs(np.concatenate(steps, axis=1) - ref).max() <= 1e-4
+    for row in range(x.shape[0]):  # one token at a time through generation's decode path
+        ctx = Context(model)
+        ids = [int(t) for t in x[row]]
+        steps = [ctx.prefill(ids[:1])] + [ctx.step(mx.array([t], mx.int32)) for t in ids[1:]]
+        assert np.abs(np.concatenate([np.array(s) for s in steps]) - ref[row]).max() <= 1e-4
 
 
-def test_greedy_decoding_matches_transformers_on_the_gpu_path(checkpoint, gpu_path):
+def test_greedy_decoding_matches_transformers_on_the_gpu_path(checkpoint):
     folder, reference = checkpoint
-    model, _ = mlxgpt.load(str(folder))  # a fresh model: its compiled step is traced here
+    model = load_with(folder, FUSED)
     prompt = [int(t) for t in tokens(12, seed=1)[0]]
     with torch.no_grad():
         ref = reference.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
@@ -73,18 +82,14 @@ def test_greedy_decoding_matches_transformers_on_the_gpu_path(checkpoint, gpu_pa
     assert ours == ref
 
 
-def test_training_gradients_agree_between_the_two_paths(checkpoint, monkeypatch):
+def test_training_gradients_agree_between_the_two_paths(checkpoint):
     folder, _ = checkpoint
-    model, _ = mlxgpt.load(str(folder))
     x = mx.array(tokens(33, seed=2))
-
-    def loss(m):
-        logits = m(x[:, :-1])
-        return nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean")
-
-    cpu_loss, cpu_grads = nn.value_and_grad(model, loss)(model)
-    _switch_to_gpu_path(monkeypatch)
-    gpu_loss, gpu_grads = nn.value_and_grad(model, loss)(model)
+    results = []
+    for kernels in (ARITHMETIC, FUSED):
+        model = load_with(folder, kernels)
+        results.append(nn.value_and_grad(model, lm_loss)(model, x[:, :-1], x[:, 1:]))
+    ((cpu_loss, _), cpu_grads), ((gpu_loss, _), gpu_grads) = results
     assert abs(cpu_loss.item() - gpu_loss.item()) <= 1e-5
     flat_cpu, flat_gpu = dict(tree_flatten(cpu_grads)), dict(tree_flatten(gpu_grads))
     assert flat_cpu.keys() == flat_gpu.keys()

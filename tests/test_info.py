@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlxgpt import _blas
+from mlxgpt.cpu import blas
 
 
 def info(**env) -> str:
@@ -22,11 +22,11 @@ def test_info_names_versions_device_and_blas():
         assert any(line.startswith(key + " ") for line in out.splitlines()), out
 
 
-@pytest.mark.skipif(_blas.find_openblas() is None or not sys.platform.startswith("linux"),
+@pytest.mark.skipif(blas.find_openblas() is None or not sys.platform.startswith("linux"),
                     reason="needs Linux with OpenBLAS installed")
 def test_preload_is_used_and_can_be_turned_off():
     assert "OpenBLAS" in info() and "preloaded by mlxgpt" in info()
     off = info(MLXGPT_NO_BLAS_PRELOAD="1")
-    blas = next(line for line in off.splitlines() if line.startswith("blas"))
-    assert "reference BLAS" in blas and "disabled by MLXGPT_NO_BLAS_PRELOAD" in blas
-    assert _blas.INSTALL_HINT in blas
+    line = next(line for line in off.splitlines() if line.startswith("blas"))
+    assert "reference BLAS" in line and "disabled by MLXGPT_NO_BLAS_PRELOAD" in line
+    assert blas.INSTALL_HINT in line

@@ -9,14 +9,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxgpt.errors import MlxgptError
-from mlxgpt.lora import (
+from mlxgpt.training.lora import (
     ADAPTER_CONFIG,
     LoRAConfig,
     LoRALinear,
     apply_lora,
     base_identity,
     count_parameters,
-    dense_weight,
     fuse,
     load_adapter,
     lora_modules,
@@ -24,7 +23,8 @@ from mlxgpt.lora import (
     parse_targets,
     save_adapter,
 )
-from mlxgpt.model import GPT, GPTConfig
+from mlxgpt import GPT, GPTConfig
+from mlxgpt.checkpoints.quantize import dense_weight
 
 TINY = GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=2)
 ALL = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -239,8 +239,8 @@ def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path):
     """Adapters are written in mlx-lm's layout: mlx_lm.load(model, adapter_path=...) agrees."""
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     pytest.importorskip("transformers")
-    from mlxgpt.checkpoint import save_model
-    from mlxgpt.tokenizer import gpt2_tokenizer
+    from mlxgpt.checkpoints.folder import save_model
+    from mlxgpt.tokenizers import gpt2_tokenizer
 
     cfg = GPTConfig(n_positions=32, n_embd=64, n_layer=2, n_head=2)  # GPT-2 vocabulary
     model = tiny_model(cfg=cfg)

@@ -30,8 +30,11 @@ from _hf_helpers import (  # noqa: E402
 )
 
 import mlxgpt  # noqa: E402
-from mlxgpt.checkpoint import build_model, load_model  # noqa: E402
-from mlxgpt.convert import convert, dequantized_weights, export  # noqa: E402
+from mlxgpt.checkpoints.folder import build_model, load_model  # noqa: E402
+from mlxgpt.checkpoints.convert import convert  # noqa: E402
+from mlxgpt.checkpoints.hf import export  # noqa: E402
+from mlxgpt.checkpoints.quantize import dequantized_weights  # noqa: E402
+from mlxgpt.generation.context import Context  # noqa: E402
 
 FP32_TOL = 1e-4
 BIG_T = 32  # tokens in the 124M comparison: every position is compared, keep it short
@@ -42,14 +45,15 @@ def mlx_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def cached_logits(model, tokens: np.ndarray) -> np.ndarray:
-    """Logits computed one token at a time through the KV cache."""
-    cache = model.make_cache()
-    steps = [mlx_logits_step(model, tokens[:, t : t + 1], cache) for t in range(tokens.shape[1])]
-    return np.concatenate(steps, axis=1)
-
-
-def mlx_logits_step(model, tokens, cache) -> np.ndarray:
-    return np.array(model(mx.array(tokens, dtype=mx.int32), cache=cache).astype(mx.float32))
+    """Logits (B, T, V) computed one token at a time through generation's decode path: the KV
+    cache and the compiled forward of :class:`Context` (one context per row)."""
+    rows = []
+    for row in tokens:
+        ctx = Context(model)
+        ids = [int(t) for t in row]
+        steps = [ctx.prefill(ids[:1])] + [ctx.step(mx.array([t], mx.int32)) for t in ids[1:]]
+        rows.append(np.concatenate([np.array(s.astype(mx.float32)) for s in steps]))
+    return np.stack(rows)
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:

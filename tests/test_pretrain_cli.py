@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 import mlxgpt
 from mlxgpt.cli import main
-from mlxgpt.pretrain import PRESETS, resolve_settings
+from mlxgpt.generation.sample import SamplingSettings
+from mlxgpt.training.pretrain import PRESETS, resolve_settings
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
         "--batch-size", "4", "--eval-batches", "2", "--log-every", "1", "--quiet"]
@@ -219,15 +220,8 @@ def test_the_shipped_model_loads_and_generates():
     assert dirs, "no model folder under models/"
     for folder in dirs:
         model, tokenizer = mlxgpt.load(str(folder))
-        prompt = tokenizer.encode("ROMEO:\n")
-        ids = list(prompt)
-        cache = model.make_cache()
-        logits = model(mx.array([ids]), cache)
-        for _ in range(40):  # greedy
-            nxt = int(mx.argmax(logits[0, -1]).item())
-            ids.append(nxt)
-            logits = model(mx.array([[nxt]]), cache)
-        text = tokenizer.decode(ids[len(prompt):])
+        text = mlxgpt.generate(model, tokenizer, "ROMEO:\n", max_tokens=40,
+                               sampling=SamplingSettings(temperature=0.0))
         assert len(text) > 10
         # a trained model writes mostly letters and spaces, not noise
         letters = sum(c.isalpha() or c.isspace() or c in ",.;:'!?-" for c in text)

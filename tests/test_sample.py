@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlxgpt.errors import MlxgptError
-from mlxgpt.sample import (
+from mlxgpt.generation.sample import (
     SamplingSettings,
     TokenSampler,
     apply_min_p,

@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 
 from mlxgpt.errors import MlxgptError
-from mlxgpt.model import GPT, GPTConfig
-from mlxgpt.sft import (
-    PAD_MULTIPLE,
-    Batches,
-    encode_records,
-    find_splits,
-    masked_loss,
-    read_jsonl,
-)
-from mlxgpt.tokenizer import byte_tokenizer
+from mlxgpt import GPT, GPTConfig
+from mlxgpt.data.examples import PAD_MULTIPLE, Batches, encode_records, find_splits, read_jsonl
+from mlxgpt.training.loss import lm_loss
+from mlxgpt.tokenizers import byte_tokenizer
 
 TOK = byte_tokenizer()  # ids are bytes, so positions are easy to reason about
 
@@ -44,7 +38,7 @@ def test_prompt_mask_counts_only_completion_tokens(tmp_path):
     mx.random.seed(0)
     model = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_positions=64, n_embd=32, n_layer=1,
                           n_head=2))
-    loss, n = masked_loss(model, inputs, targets, mask)
+    loss, n = lm_loss(model, inputs, targets, mask)
     logp = np.array(mx.log(mx.softmax(model(inputs).astype(mx.float32), axis=-1)))
     t, m = np.array(targets), np.array(mask)
     ce = -np.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
@@ -146,7 +140,7 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path):
 
 
 def test_messages_use_the_chat_transcript_and_mask_all_but_assistant_turns(tmp_path):
-    from mlxgpt.chat import render_transcript
+    from mlxgpt.generation.transcript import render_transcript
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
@@ -157,26 +151,3 @@ def test_messages_use_the_chat_transcript_and_mask_all_but_assistant_turns(tmp_p
     assert e.tokens[-1] == TOK.eot_id
     learnt = bytes(t for t, m in zip(e.tokens[:-1], e.mask[:-1], strict=True) if m)
     assert learnt == b" Hello.\n Bye!\n"  # the replies after "Assistant:", nothing else
-
-
-def test_linear_cross_entropy_matches_logits_then_cross_entropy(monkeypatch):
-    import mlx.nn as nn
-
-    import mlxgpt.sft as sft
-
-    monkeypatch.setattr(sft, "CE_ROWS", 7)  # several chunks and a ragged last one
-    mx.random.seed(0)
-    h, w = mx.random.normal((20, 16)), mx.random.normal((50, 16))
-    t = mx.random.randint(0, 50, (20,)).astype(mx.int32)
-    weight = mx.random.normal((20,))
-
-    def reference(h, w):
-        return (nn.losses.cross_entropy(h @ w.T, t) * weight).sum()
-
-    def chunked(h, w):
-        return (sft.linear_cross_entropy(h, w, t) * weight).sum()
-
-    assert abs(reference(h, w).item() - chunked(h, w).item()) < 1e-4
-    for a, b in zip(mx.grad(reference, argnums=(0, 1))(h, w),
-                    mx.grad(chunked, argnums=(0, 1))(h, w), strict=True):
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)

@@ -11,23 +11,18 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxgpt import checkpoint as ckpt
-from mlxgpt.data import TokenBatches
+from mlxgpt.checkpoints import folder as ckpt
+from mlxgpt.data.corpus import TokenBatches
 from mlxgpt.errors import MlxgptError
-from mlxgpt.model import GPT, GPTConfig
-from mlxgpt.pretrain import init_weights
-from mlxgpt.train import (
-    OPTIMIZER_FILE,
-    STATE_FILE,
-    TrainConfig,
-    _Stepper,
-    all_sum_tree,
-    lm_loss,
-    lr_schedule,
-    make_optimizer,
-    train,
-    world,
-)
+from mlxgpt import GPT, GPTConfig
+from mlxgpt.training.pretrain import init_weights
+from mlxgpt.training.config import TrainConfig
+from mlxgpt.training.distributed import all_sum_tree, world
+from mlxgpt.training.loop import train
+from mlxgpt.training.loss import lm_loss
+from mlxgpt.training.optim import OPTIMIZER_FILE, lr_schedule, make_optimizer
+from mlxgpt.training.state import STATE_FILE
+from mlxgpt.training.step import Stepper
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
         * 40).encode()
@@ -190,7 +185,7 @@ def test_one_step_matches_pytorch(tmp_path):
     pytest.importorskip("transformers")
     from _hf_helpers import random_hf_model, save_hf_checkpoint
 
-    from mlxgpt.convert import load_hf
+    from mlxgpt.checkpoints.hf import load_hf
 
     hf = random_hf_model({"n_layer": 2, "n_embd": 48, "n_head": 3, "vocab_size": 101,
                           "n_positions": 32})
@@ -226,7 +221,7 @@ def test_one_step_matches_pytorch(tmp_path):
                       grad_clip=0.5)
     opt = make_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    stepper = _Stepper(model, lm_loss, opt, cfg, world())
+    stepper = Stepper(model, lm_loss, opt, cfg, world())
     mx.eval(stepper.step([(mx.array(x), mx.array(y))]), stepper.state)
     params = list(hf.parameters())
     topt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2],
@@ -253,22 +248,44 @@ def hf_name(name: str) -> str:
 
 
 def test_fast_cpu_math_matches_exact_functions():
-    from mlxgpt import ops
+    from mlxgpt.cpu import fastmath as ops
 
     x = mx.random.normal((64, 300), key=mx.random.key(0)) * 4
     exp_err = (mx.abs(ops.exp(x) - mx.exp(x)) / mx.exp(x)).max().item()
     assert exp_err < 2e-6
     assert mx.abs(ops.tanh(x) - mx.tanh(x)).max().item() < 5e-7
     assert mx.abs(ops.softmax(x) - mx.softmax(x, axis=-1)).max().item() < 1e-6
-    y = mx.random.randint(0, 300, (64,), key=mx.random.key(1))
-    ce = ops.cross_entropy(x, y)
-    assert mx.abs(ce - nn.losses.cross_entropy(x, y)).max().item() < 1e-5
     g = mx.random.normal(x.shape, key=mx.random.key(2))
     for fast, exact in ((ops.softmax, lambda a: mx.softmax(a, axis=-1)),
                         (ops.gelu_tanh, lambda a: 0.5 * a * (1 + mx.tanh(
-                            math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))),
-                        (lambda a: ops.cross_entropy(a, y)[:, None],
-                         lambda a: nn.losses.cross_entropy(a, y)[:, None])):
-        ga = mx.grad(lambda a, f=fast: (f(a) * g[:, : f(a).shape[1]]).sum())(x)
-        gb = mx.grad(lambda a, f=exact: (f(a) * g[:, : f(a).shape[1]]).sum())(x)
+                            math.sqrt(2 / math.pi) * (a + 0.044715 * a**3))))):
+        ga = mx.grad(lambda a, f=fast: (f(a) * g).sum())(x)
+        gb = mx.grad(lambda a, f=exact: (f(a) * g).sum())(x)
         assert mx.abs(ga - gb).max().item() < 2e-5 * max(1.0, mx.abs(gb).max().item())
+
+
+@pytest.mark.parametrize("kernels", ["arithmetic", "fused"])
+def test_chunked_cross_entropy_matches_the_full_logits(kernels, monkeypatch):
+    """The loss's cross-entropy, made a few rows of logits at a time with either backend's exp,
+    equals MLX's cross-entropy of the full logits: values 1e-5, gradients of h and w 2e-5."""
+    from mlxgpt.core.backend import ARITHMETIC, FUSED
+    from mlxgpt.training import loss
+
+    exp = (ARITHMETIC if kernels == "arithmetic" else FUSED).exp
+    monkeypatch.setattr(loss, "CE_ELEMENTS", 300 * 7)  # 7 rows a chunk: 10 chunks, one ragged
+    ce = loss.linear_cross_entropy.__wrapped__(exp)  # a fresh function (the cache is per exp)
+    h = mx.random.normal((64, 16), key=mx.random.key(3))
+    w = mx.random.normal((300, 16), key=mx.random.key(4))
+    y = mx.random.randint(0, 300, (64,), key=mx.random.key(5))
+    c = mx.random.normal((64,), key=mx.random.key(6))
+
+    def full(h, w):
+        return (nn.losses.cross_entropy(h @ w.T, y) * c).sum()
+
+    def chunked(h, w):
+        return (ce(h, w, y) * c).sum()
+
+    assert abs(chunked(h, w).item() - full(h, w).item()) < 1e-5 * 64
+    for got, want in zip(mx.grad(chunked, argnums=(0, 1))(h, w),
+                         mx.grad(full, argnums=(0, 1))(h, w), strict=True):
+        assert mx.abs(got - want).max().item() < 2e-5 * max(1.0, mx.abs(want).max().item())

@@ -31,11 +31,11 @@ import mlxgpt  # noqa: F401  (first: preloads the fast BLAS before mlx is import
 import mlx.core as mx
 import numpy as np
 
-from mlxgpt import _blas
-from mlxgpt.checkpoint import load_model, save_model
+from mlxgpt.cpu import blas
+from mlxgpt.checkpoints.folder import load_model, save_model
 from mlxgpt.generate import Context, _LayerCache, generate_tokens, prepare_for_inference
-from mlxgpt.model import GPT, GPTConfig
-from mlxgpt.sample import SamplingSettings, TokenSampler
+from mlxgpt import GPT, GPTConfig
+from mlxgpt.generation.sample import SamplingSettings, TokenSampler
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "q8": 8, "q4": 4}
 
@@ -126,7 +126,7 @@ class MlxLmImpl(Impl):
 def run_torch(folder: Path, dtype: str, long: list[int], short: list[int], n_gen: int,
               repeats: int, work: Path) -> tuple[dict, list[int]]:
     """transformers + torch on the same weights, in a clean process (tools/bench_torch.py)."""
-    from mlxgpt.convert import export
+    from mlxgpt.checkpoints.hf import export
 
     hf = work / "hf-float32"
     if not hf.exists():
@@ -283,8 +283,8 @@ def main() -> None:
     load_before = os.getloadavg()
     result = {
         "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
-        "blas": _blas.blas_in_use(),
-        "openblas_kernels": _blas.openblas_core(),
+        "blas": blas.blas_in_use(),
+        "openblas_kernels": blas.openblas_core(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),

@@ -48,9 +48,9 @@ def make_inputs(work: Path, corpus: Path, n_lines: int = 64) -> tuple[Path, Path
     """A 124M-shape model folder and JSONL files of texts that tokenize to SEQ - 1 tokens."""
     import mlx.core as mx
 
-    from mlxgpt.checkpoint import save_model
-    from mlxgpt.model import GPT, GPTConfig
-    from mlxgpt.tokenizer import gpt2_tokenizer
+    from mlxgpt.checkpoints.folder import save_model
+    from mlxgpt import GPT, GPTConfig
+    from mlxgpt.tokenizers import gpt2_tokenizer
 
     tok = gpt2_tokenizer()
     model_dir, data_dir = work / "model", work / "data"
@@ -74,8 +74,8 @@ def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full
                   ckpt: bool) -> dict:
     import mlx.core as mx
 
-    from mlxgpt.finetune import FinetuneOptions, finetune
-    from mlxgpt.lora import LoRAConfig
+    from mlxgpt.training.finetune import FinetuneOptions, finetune
+    from mlxgpt.training.lora import LoRAConfig
     from mlxgpt.train import TrainConfig
 
     opts = FinetuneOptions(
@@ -177,7 +177,7 @@ def main() -> None:
         print(json.dumps(res))
         return
 
-    from mlxgpt import _blas
+    from mlxgpt.cpu import blas
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-lora-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def main() -> None:
     gib = 2**30
     print(f"GPT-2 124M shape, batch {BATCH} x {SEQ} tokens, rank {RANK} alpha {ALPHA:g} on "
           f"c_attn x 12 layers, {args.steps} steps (timing: last {args.window})")
-    print(f"BLAS: {_blas.blas_in_use()}")
+    print(f"BLAS: {blas.blas_in_use()}")
     print(res["mlxgpt-lora"]["trainable"])
     print(f"{'run':<18}{'tokens/s':>16}{'peak GiB':>10}")
     for k, r in res.items():

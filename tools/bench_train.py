@@ -37,9 +37,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxgpt import _blas, ops
-from mlxgpt.model import GPT, GPTConfig
-from mlxgpt.pretrain import init_weights
+from mlxgpt.cpu import blas, ops
+from mlxgpt import GPT, GPTConfig
+from mlxgpt.training.pretrain import init_weights
 from mlxgpt.train import TrainConfig, _Stepper, lm_loss, make_optimizer, world
 
 CONFIGS = {
@@ -232,7 +232,7 @@ def bench_config(name: str, steps: int, rounds: int, dropout: float) -> dict:
         for variant, (fw, threads) in VARIANTS.items():
             env = dict(os.environ)
             if fw == "torch":  # MLX only initialises weights there: keep its BLAS out of the way
-                env[_blas.DISABLE_ENV] = "1"
+                env[blas.DISABLE_ENV] = "1"
             cmd = [sys.executable, __file__, "--worker", fw, "--only", name, "--steps",
                    str(steps), "--dropout", str(dropout), "--threads", str(threads)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -313,7 +313,7 @@ def main() -> None:
         return
     import torch
 
-    print(f"mlx {mx.__version__}, device {mx.default_device()}; BLAS: {_blas.blas_in_use()}")
+    print(f"mlx {mx.__version__}, device {mx.default_device()}; BLAS: {blas.blas_in_use()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"MKL {torch.backends.mkl.is_available()}, oneDNN {torch.backends.mkldnn.is_available()}")
     if args.profile:

@@ -27,9 +27,9 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from _hf_helpers import hf_logits, random_hf_model, save_hf_checkpoint  # noqa: E402
 
-from mlxgpt import _blas  # noqa: E402
-from mlxgpt.checkpoint import load_model  # noqa: E402
-from mlxgpt.convert import convert  # noqa: E402
+from mlxgpt.cpu import blas  # noqa: E402
+from mlxgpt.checkpoints.folder import load_model  # noqa: E402
+from mlxgpt.checkpoints.convert import convert  # noqa: E402
 
 VARIANTS = {  # name -> convert() options
     "float32": {},
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     args = ap.parse_args()
-    print(f"mlx {mx.__version__}, device {mx.default_device()}, blas: {_blas.blas_in_use()}")
+    print(f"mlx {mx.__version__}, device {mx.default_device()}, blas: {blas.blas_in_use()}")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Fused-friendly math for MLX's CPU backend: exp, softmax, GELU and cross-entropy.
+"""Fused-friendly math for MLX's CPU backend: exp, softmax, tanh-GELU and causal attention.
 
 Why: on the CPU backend MLX evaluates ``exp``/``tanh`` one element at a time through libm
 (about 10 ns per element here), and compiled graphs cannot fuse them with their neighbours.
@@ -29,15 +29,19 @@ def exp(x: mx.array) -> mx.array:
 
     exp(x) = 2**k * exp(r) with k = round(x / ln 2), |r| <= ln(2)/2; exp(r) by its Taylor
     polynomial (degree 7, relative error < 1e-8 before rounding); 2**k built in the exponent
-    bits. Inputs below -87 are clamped (exp(-87) ~ 1.6e-38 stands in for 0).
+    bits. Inputs below -87 give exactly 0, never a tiny normal number: products of such a
+    number (backward passes multiply probabilities by small gradients) would be subnormal, and
+    x86 CPUs compute with subnormals many times slower (measured: a tiny LoRA step 0.54 s
+    instead of 0.06 s).
     """
-    x = mx.where(x < -87.0, -87.0, x)
+    tiny = x < -87.0
+    x = mx.where(tiny, -87.0, x)
     k = (x * _LOG2E + _ROUND) - _ROUND
     r = (x - k * _LN2_HI) - k * _LN2_LO
     p = 1.0 + r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (
         1 / 120 + r * (1 / 720 + r * (1 / 5040)))))))
     two_k = mx.view(mx.left_shift(k.astype(mx.int32) + 127, 23), mx.float32)
-    return p * two_k
+    return mx.where(tiny, 0.0, p * two_k)
 
 
 def _softmax(x: mx.array) -> mx.array:
@@ -88,28 +92,6 @@ def _gelu_tanh_vjp(primal, cotangent, output):
     t = tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x2 * x)))
     d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (_SQRT_2_OVER_PI * (1.0 + 0.134145 * x2))
     return (cotangent * d).astype(primal.dtype)
-
-
-@mx.custom_function
-def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """Per-position cross-entropy: logits (..., V), int targets (...) -> (...) float32."""
-    lf = logits.astype(mx.float32)
-    m = lf.max(axis=-1, keepdims=True)
-    lse = m[..., 0] + mx.log(exp(lf - m).sum(axis=-1))
-    picked = mx.take_along_axis(lf, targets[..., None], axis=-1)[..., 0]
-    return lse - picked
-
-
-@cross_entropy.vjp
-def _cross_entropy_vjp(primals, cotangent, output):
-    logits, targets = primals
-    lf = logits.astype(mx.float32)
-    picked = mx.take_along_axis(lf, targets[..., None], axis=-1)[..., 0]
-    lse = output + picked  # (...)
-    p = exp(lf - lse[..., None])  # softmax, from the saved log-sum-exp
-    onehot = mx.arange(lf.shape[-1]) == targets[..., None]
-    grad = (p - onehot) * cotangent[..., None]
-    return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
 CHUNK = 64  # query rows per block of causal attention
