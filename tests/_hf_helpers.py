@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 SMALL = {"n_layer": 2, "n_embd": 48, "n_head": 3, "vocab_size": 101, "n_positions": 64}
-FORMATS = ("safetensors", "bin", "sharded")
 
 
 def random_hf_model(config_kwargs: dict[str, Any], seed: int = 0):

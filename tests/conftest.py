@@ -32,12 +32,6 @@ from mlxgpt.tokenizers import byte_tokenizer, gpt2_tokenizer
 TINY = {"vocab_size": 257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with "
-                                       "-m 'not slow')")
-    config.addinivalue_line("markers", "distributed: starts several processes with mlx.launch")
-
-
 # --------------------------------------------------------------------------- the command line
 
 

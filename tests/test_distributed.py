@@ -18,8 +18,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-LAUNCH = shutil.which("mlx.launch")
-pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch not installed")
+# mlx.launch comes with mlx, next to this interpreter (a virtual environment need not be on PATH).
+_BESIDE = Path(sys.executable).parent / "mlx.launch"
+LAUNCH = str(_BESIDE) if _BESIDE.is_file() else shutil.which("mlx.launch")
+pytestmark = [pytest.mark.distributed, pytest.mark.slow,
+              pytest.mark.skipif(LAUNCH is None, reason="mlx.launch not installed")]
 
 CORPUS = ("KING HENRY:\nOnce more unto the breach, dear friends, once more;\n"
           "Or close the wall up with our English dead.\n\n") * 40

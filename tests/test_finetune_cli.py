@@ -49,6 +49,7 @@ FAST = ["--lr", "1e-2", "--batch-size", "8", "--rank", "8", "--targets", "all",
         "--warmup", "5", "--log-every", "1"]
 
 
+@pytest.mark.slow
 def test_lora_learns_a_simple_mapping(tiny, tmp_path, cli_ok):
     model_dir, data = tiny
     base, tok = load_model(model_dir), byte_tokenizer()

@@ -1,19 +1,17 @@
 """Generation: parity with transformers, streaming text, stop strings, the context limit, CLI."""
 
 import dataclasses
-import subprocess
-import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from _generate_helpers import byte_model_folder, random_model
 from _hf_helpers import SMALL, random_hf_model, save_hf_checkpoint
 
 import mlxgpt
-from mlxgpt.errors import MlxgptError
 from mlxgpt.checkpoints.folder import shipped_model
 from mlxgpt.core.backend import prepare_for_inference
+from mlxgpt.errors import MlxgptError
 from mlxgpt.generation.context import Context
 from mlxgpt.generation.generate import StopMatcher, generate, generate_tokens, stream_generate
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler
@@ -98,8 +96,8 @@ def test_logprobs_are_the_model_log_softmax(hf_pair):
 # --------------------------------------------------------------------------- the KV context
 
 
-def test_sync_reuses_the_common_prefix_and_matches_a_fresh_forward():
-    model = random_model(101, n_positions=64)
+def test_sync_reuses_the_common_prefix_and_matches_a_fresh_forward(tiny_model):
+    model = tiny_model(vocab_size=101, n_positions=64)
     ctx = Context(model)
     a = [1, 2, 3, 4, 5, 6]
     ctx.sync(a)
@@ -120,8 +118,8 @@ def test_sync_reuses_the_common_prefix_and_matches_a_fresh_forward():
                                atol=1e-4)
 
 
-def test_context_refuses_to_overflow():
-    model = random_model(101, n_positions=16)
+def test_context_refuses_to_overflow(tiny_model):
+    model = tiny_model(vocab_size=101, n_positions=16)
     ctx = Context(model)
     with pytest.raises(MlxgptError, match="do not fit"):
         ctx.prefill(list(range(17)))
@@ -146,16 +144,16 @@ def sliding_reference(model, prompt, n, keep):
 
 
 @pytest.mark.parametrize("keep", [None, 5])
-def test_generation_slides_past_n_positions(keep):
-    model = random_model(101, n_positions=24)
+def test_generation_slides_past_n_positions(keep, tiny_model):
+    model = tiny_model(vocab_size=101, n_positions=24)
     n = 70  # crosses the 24-position limit several times
     ours = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(101), max_tokens=n,
                                           window_keep=keep)]
     assert ours == sliding_reference(model, PROMPT, n, keep or 12)
 
 
-def test_a_long_prompt_is_cut_to_the_window_or_refused():
-    model = random_model(101, n_positions=24)
+def test_a_long_prompt_is_cut_to_the_window_or_refused(tiny_model):
+    model = tiny_model(vocab_size=101, n_positions=24)
     prompt = list(range(40))
     ours = [t for t, _ in generate_tokens(Context(model), prompt, greedy(101), max_tokens=10)]
     assert ours == sliding_reference(model, prompt, 10, 12)
@@ -163,8 +161,8 @@ def test_a_long_prompt_is_cut_to_the_window_or_refused():
         next(generate_tokens(Context(model), prompt, greedy(101), context="stop"))
 
 
-def test_stop_policy_ends_with_length_at_the_limit():
-    model = random_model(257, n_positions=24)
+def test_stop_policy_ends_with_length_at_the_limit(tiny_model):
+    model = tiny_model(vocab_size=257, n_positions=24)
     rs = list(stream_generate(model, byte_tokenizer(), "abcdefgh", max_tokens=100,
                               sampling=GREEDY, stop_at_eos=False, context="stop"))
     assert rs[-1].finish_reason == "length"
@@ -175,13 +173,13 @@ def test_stop_policy_ends_with_length_at_the_limit():
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
-def test_streamed_pieces_join_to_the_full_decode(tokenizer):
+def test_streamed_pieces_join_to_the_full_decode(tokenizer, tiny_model):
     if tokenizer == "byte":
-        tok, model = byte_tokenizer(), random_model(257, n_positions=512)
+        tok, model = byte_tokenizer(), tiny_model(vocab_size=257, n_positions=512)
         # "é" is C3 A9, "€" E2 82 AC: push the model towards their bytes, one token each.
         bias = {0xC3: 6.0, 0xA9: 6.0, 0xE2: 5.0, 0x82: 5.0, 0xAC: 5.0}
     else:
-        tok, model = gpt2_tokenizer(), random_model(50257, n_positions=512)
+        tok, model = gpt2_tokenizer(), tiny_model(vocab_size=50257, n_positions=512)
         # Byte-fallback tokens: pieces of multi-byte characters (e.g. id 156 = byte 0xE2).
         bias = {i: 5.0 for i in range(128, 188)}
     settings = SamplingSettings(temperature=1.0, seed=3, logit_bias=bias)
@@ -196,8 +194,8 @@ def test_streamed_pieces_join_to_the_full_decode(tokenizer):
     assert len(multibyte) > sum(1 for p in pieces if any(ord(c) > 127 for c in p)) / 10
 
 
-def test_stop_strings_never_leak_even_split_across_tokens():
-    tok, model = byte_tokenizer(), random_model(257, n_positions=256)
+def test_stop_strings_never_leak_even_split_across_tokens(tiny_model):
+    tok, model = byte_tokenizer(), tiny_model(vocab_size=257, n_positions=256)
     # Make "a", "b" and "c" likely, so "abc" is bound to appear: one byte per token.
     settings = SamplingSettings(temperature=1.0, seed=0,
                                 logit_bias={ord("a"): 6.0, ord("b"): 6.0, ord("c"): 6.0})
@@ -226,16 +224,16 @@ def test_stop_matcher_holds_back_partial_matches():
     assert m.feed("abc") == ("abc", False)
 
 
-def test_eos_ends_generation_without_its_text():
-    tok, model = byte_tokenizer(), random_model(257, n_positions=64)
+def test_eos_ends_generation_without_its_text(tiny_model):
+    tok, model = byte_tokenizer(), tiny_model(vocab_size=257, n_positions=64)
     settings = SamplingSettings(temperature=0, logit_bias={256: 50.0})
     rs = list(stream_generate(model, tok, "hi", max_tokens=10, sampling=settings))
     assert rs[-1].finish_reason == "eos" and "".join(r.text for r in rs) == ""
     assert rs[-1].generation_tokens == 1
 
 
-def test_seeded_generation_is_reproducible():
-    tok, model = byte_tokenizer(), random_model(257, n_positions=128)
+def test_seeded_generation_is_reproducible(tiny_model):
+    tok, model = byte_tokenizer(), tiny_model(vocab_size=257, n_positions=128)
     s = SamplingSettings(temperature=1.0, top_k=50, top_p=0.9, seed=11)
     a = generate(model, tok, "Once", max_tokens=60, sampling=s, stop_at_eos=False)
     b = generate(model, tok, "Once", max_tokens=60, sampling=s, stop_at_eos=False)
@@ -244,9 +242,9 @@ def test_seeded_generation_is_reproducible():
     assert a == b and a != c
 
 
-def test_penalties_apply_over_the_generated_window():
+def test_penalties_apply_over_the_generated_window(tiny_model):
     # With a huge frequency penalty over a window of 20, no token repeats within 20 steps.
-    model = random_model(101, n_positions=128)
+    model = tiny_model(vocab_size=101, n_positions=128)
     s = SamplingSettings(temperature=0, frequency_penalty=1e4, penalty_window=20)
     out = [t for t, _ in generate_tokens(Context(model), [1], TokenSampler(s, 101),
                                          max_tokens=60)]
@@ -258,8 +256,8 @@ def test_penalties_apply_over_the_generated_window():
     assert len(set(plain)) < len(set(out))  # greedy alone repeats
 
 
-def test_summary_reports_speed_and_memory():
-    tok, model = byte_tokenizer(), random_model(257, n_positions=64)
+def test_summary_reports_speed_and_memory(tiny_model):
+    tok, model = byte_tokenizer(), tiny_model(vocab_size=257, n_positions=64)
     r = list(stream_generate(model, tok, "hello", max_tokens=8, sampling=GREEDY,
                              stop_at_eos=False))[-1]
     assert (r.prompt_tokens, r.generation_tokens, r.finish_reason) == (5, 8, "length")
@@ -269,47 +267,49 @@ def test_summary_reports_speed_and_memory():
 # --------------------------------------------------------------------------- CLI
 
 
-def run_cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "mlxgpt", *args], input=stdin,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_cli_generate_streams_and_matches_the_library(tmp_path):
-    folder = byte_model_folder(tmp_path)
-    p = run_cli("generate", "-m", str(folder), "-p", "Hello", "-n", "20", "--temp", "0",
-                "--ignore-eos")
+def test_cli_generate_streams_and_matches_the_library(tmp_path, model_folder, mlxgpt_process):
+    folder = model_folder(tmp_path)
+    p = mlxgpt_process("generate", "-m", str(folder), "-p", "Hello", "-n", "20", "--temp", "0",
+                       "--ignore-eos")
     assert p.returncode == 0, p.stderr
     model, tok = mlxgpt.load(str(folder))
     expect = generate(model, tok, "Hello", max_tokens=20, sampling=GREEDY, stop_at_eos=False)
     assert p.stdout == expect + "\n"
     assert "tok/s" in p.stderr and "finish: length" in p.stderr
     # The prompt from stdin, and every sampling option accepted.
-    p = run_cli("generate", "-m", str(folder), "-p", "-", "-n", "5", "--top-k", "5",
-                "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.2",
-                "--presence-penalty", "0.1", "--frequency-penalty", "0.1", "--penalty-window",
-                "8", "--logit-bias", "65=2", "--seed", "1", "--stop", "zz", "--context", "stop",
-                "-q", stdin="Hello")
+    options = ["--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.2",
+               "--presence-penalty", "0.1", "--frequency-penalty", "0.1", "--penalty-window", "8",
+               "--logit-bias", "65=2", "--seed", "1", "--stop", "zz", "--context", "stop", "-q"]
+    p = mlxgpt_process("generate", "-m", folder, "-p", "-", "-n", "5", *options, stdin="Hello")
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
 
 
-def test_cli_generate_bad_input_is_one_line(tmp_path):
-    folder = byte_model_folder(tmp_path)
-    for args in (["--top-p", "0"], ["--logit-bias", "x"], ["--logit-bias", "999=1"]):
-        p = run_cli("generate", "-m", str(folder), "-p", "a", "-n", "2", *args)
-        assert p.returncode == 1 and p.stderr.startswith("Error: "), p.stderr
-        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = run_cli("generate", "-m", str(tmp_path / "missing"), "-p", "a")
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+def test_cli_generate_bad_input_is_one_line(tmp_path, cli, refused, model_folder):
+    folder = model_folder(tmp_path)
+    for args, why in ((["--top-p", "0"], "top_p must be in (0, 1]"),
+                      (["--logit-bias", "x"], "--logit-bias: expected ID=BIAS"),
+                      (["--logit-bias", "999=1"], "token id 999 is not in 0..256")):
+        refused(cli("generate", "-m", folder, "-p", "a", "-n", "2", *args), why)
+    refused(cli("generate", "-m", tmp_path / "missing", "-p", "a"), "no such folder")
 
 
-def test_without_a_model_the_shipped_one_is_used_or_the_fix_is_named():
-    try:
-        folder = shipped_model()
-    except MlxgptError as e:
-        assert "--model" in str(e) and "mlxgpt pretrain" in str(e)
-    else:
-        assert (folder / "config.json").is_file()
+def test_without_a_model_the_shipped_one_is_used(cli, mlxgpt_process):
+    import mlxgpt.models
+
+    folder = shipped_model()
+    assert folder.parent == Path(mlxgpt.models.__file__).parent and folder.name == "shakespeare"
+    p = mlxgpt_process("generate", "-p", "ROMEO:", "-n", "8", "--seed", "0")
+    assert p.returncode == 0 and len(p.stdout.strip()) > 0, p.stderr
+
+
+def test_without_a_model_or_a_shipped_one_the_fix_is_named(tmp_path, monkeypatch):
+    from importlib import resources
+
+    monkeypatch.setattr(resources, "files", lambda package: tmp_path)  # an install without one
+    with pytest.raises(MlxgptError, match="no --model given") as e:
+        shipped_model()
+    assert "--model PATH" in str(e.value) and "mlxgpt pretrain" in str(e.value)
 
 
 # --------------------------------------------------------------------------- CPU layout
@@ -343,27 +343,26 @@ def test_blocked_layers_compute_what_the_plain_ones_do():
 
 
 @pytest.mark.parametrize("limit", ["auto", None, 100_000])
-def test_blocked_model_generates_the_same_tokens(limit):
+def test_blocked_model_generates_the_same_tokens(limit, tiny_model):
     from mlxgpt.cpu.layout import block_weights
 
-    model = random_model(50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+    model = tiny_model(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
     plain = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                            max_tokens=30)]
     if limit == "auto":
         prepare_for_inference(model)  # what the commands do
     else:
         block_weights(model, limit)
-        model._mlxgpt_forward = None
     assert mx.default_device() != mx.cpu or "blocks" in model.wte
     fast = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                           max_tokens=30)]
     assert fast == plain
 
 
-def test_cli_generate_applies_an_adapter(tmp_path):
+def test_cli_generate_applies_an_adapter(tmp_path, model_folder, cli_ok):
     from mlxgpt.training.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
 
-    folder = byte_model_folder(tmp_path)
+    folder = model_folder(tmp_path)
     model, tok = mlxgpt.load(str(folder))
     cfg = LoRAConfig(rank=4)
     apply_lora(model, cfg)
@@ -373,8 +372,7 @@ def test_cli_generate_applies_an_adapter(tmp_path):
     save_adapter(model, tmp_path / "adapter", cfg)
     args = ["generate", "-m", str(folder), "-p", "Hello", "-n", "16", "--temp", "0",
             "--ignore-eos", "-q"]
-    plain = run_cli(*args)
-    tuned = run_cli(*args, "--adapter", str(tmp_path / "adapter"))
-    assert plain.returncode == 0 and tuned.returncode == 0, tuned.stderr
+    plain = cli_ok(*args)
+    tuned = cli_ok(*args, "--adapter", tmp_path / "adapter")
     expect = generate(model, tok, "Hello", max_tokens=16, sampling=GREEDY, stop_at_eos=False)
     assert tuned.stdout == expect + "\n" != plain.stdout

@@ -2,12 +2,15 @@
 
 import json
 
+import conftest
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlxgpt import GPT, GPTConfig
+from mlxgpt.checkpoints.quantize import dense_weight
 from mlxgpt.errors import MlxgptError
 from mlxgpt.training.lora import (
     ADAPTER_CONFIG,
@@ -23,23 +26,26 @@ from mlxgpt.training.lora import (
     parse_targets,
     save_adapter,
 )
-from mlxgpt import GPT, GPTConfig
-from mlxgpt.checkpoints.quantize import dense_weight
 
-TINY = GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=2)
+SHAPE = {"vocab_size": 97, "n_positions": 32, "n_embd": 64}
+TINY = GPTConfig(**{**conftest.TINY, **SHAPE})
 ALL = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
 
 
-def tiny_model(seed=0, quantized=False, dtype=None, cfg=TINY):
-    mx.random.seed(seed)
-    model = GPT(cfg)
-    if dtype is not None:
-        model.set_dtype(dtype)
-    if quantized:
-        nn.quantize(model, group_size=32, bits=4)
-    model.eval()
-    mx.eval(model.parameters())
-    return model
+@pytest.fixture
+def base(tiny_model):
+    """A LoRA base: conftest's tiny model at SHAPE, optionally cast or 4-bit quantized."""
+
+    def make(seed=0, quantized=False, dtype=None, **config):
+        model = tiny_model(seed, **{**SHAPE, **config})
+        if dtype is not None:
+            model.set_dtype(dtype)
+        if quantized:
+            nn.quantize(model, group_size=32, bits=4)
+        mx.eval(model.parameters())
+        return model
+
+    return make
 
 
 def tokens(seed=1, b=2, t=16):
@@ -55,8 +61,8 @@ def randomize_b(model, seed=2):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_fresh_adapter_leaves_logits_unchanged(quantized):
-    model, x = tiny_model(quantized=quantized), tokens()
+def test_fresh_adapter_leaves_logits_unchanged(quantized, base):
+    model, x = base(quantized=quantized), tokens()
     before = model(x)
     apply_lora(model, LoRAConfig(rank=4, targets=ALL))
     assert len(lora_modules(model)) == 4 * TINY.n_layer
@@ -65,8 +71,8 @@ def test_fresh_adapter_leaves_logits_unchanged(quantized):
     assert mx.array_equal(before, after)
 
 
-def test_only_lora_matrices_train_and_base_stays_quantized():
-    model = tiny_model(quantized=True)
+def test_only_lora_matrices_train_and_base_stays_quantized(base):
+    model = base(quantized=True)
     apply_lora(model, LoRAConfig(rank=4, targets=("c_attn", "c_fc")))
     names = [k for k, _ in tree_flatten(model.trainable_parameters())]
     assert names and all(k.endswith((".lora_a", ".lora_b")) for k in names)
@@ -95,8 +101,8 @@ def test_scale_is_alpha_over_rank():
 
 
 @pytest.mark.parametrize("dtype", [None, mx.float16, mx.bfloat16])
-def test_fused_equals_base_plus_adapter_fp(dtype):
-    model, x = tiny_model(dtype=dtype), tokens()
+def test_fused_equals_base_plus_adapter_fp(dtype, base):
+    model, x = base(dtype=dtype), tokens()
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL))
     randomize_b(model)
     with_adapter = model(x).astype(mx.float32)
@@ -116,8 +122,8 @@ def test_fused_equals_base_plus_adapter_fp(dtype):
                                np.array(with_adapter), atol=tol)
 
 
-def test_fused_equals_base_plus_adapter_quantized():
-    model, x = tiny_model(quantized=True), tokens()
+def test_fused_equals_base_plus_adapter_quantized(base):
+    model, x = base(quantized=True), tokens()
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL))
     randomize_b(model)
     with_adapter = model(x)
@@ -128,8 +134,8 @@ def test_fused_equals_base_plus_adapter_quantized():
     np.testing.assert_allclose(np.array(fused(x)), np.array(with_adapter), atol=1e-4)
 
 
-def test_fuse_requantize_keeps_quantization():
-    model, x = tiny_model(quantized=True), tokens()
+def test_fuse_requantize_keeps_quantization(base):
+    model, x = base(quantized=True), tokens()
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
     randomize_b(model)
     with_adapter = model(x)
@@ -146,8 +152,8 @@ def test_fuse_requantize_keeps_quantization():
     assert 0 < err < 0.5
 
 
-def test_adapter_save_load_round_trip(tmp_path):
-    model, x = tiny_model(), tokens()
+def test_adapter_save_load_round_trip(tmp_path, base):
+    model, x = base(), tokens()
     cfg = LoRAConfig(rank=4, alpha=4, targets=("c_attn", "mlp.c_proj"), layers=(1,),
                      base=base_identity(TINY, "base-model"))
     apply_lora(model, cfg)
@@ -162,40 +168,39 @@ def test_adapter_save_load_round_trip(tmp_path):
     assert meta["num_layers"] == 1
     assert meta["lora_parameters"]["keys"] == ["attn.c_attn", "mlp.c_proj"]
 
-    fresh = tiny_model()
+    fresh = base()
     load_adapter(fresh, tmp_path / "ad")
     assert len(lora_modules(fresh)) == 2
     assert mx.array_equal(fresh(x), want)
 
 
-def test_adapter_for_another_model_shape_is_refused(tmp_path):
-    model = tiny_model()
+def test_adapter_for_another_model_shape_is_refused(tmp_path, base):
+    model = base()
     cfg = LoRAConfig(rank=4, base=base_identity(TINY))
     apply_lora(model, cfg)
     save_adapter(model, tmp_path / "ad", cfg)
-    wider = GPTConfig(vocab_size=97, n_positions=32, n_embd=128, n_layer=2, n_head=2)
     with pytest.raises(MlxgptError, match=r"does not fit this model: n_embd=64 \(model has 128\)"):
-        load_adapter(tiny_model(cfg=wider), tmp_path / "ad")
+        load_adapter(base(n_embd=128), tmp_path / "ad")
     # Without a recorded identity the tensor shapes still catch it.
     meta = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
     meta["base_model"] = {}
     (tmp_path / "ad" / ADAPTER_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(MlxgptError, match="does not fit this model"):
-        load_adapter(tiny_model(cfg=wider), tmp_path / "ad")
+        load_adapter(base(n_embd=128), tmp_path / "ad")
 
 
-def test_adapter_folder_errors(tmp_path):
+def test_adapter_folder_errors(tmp_path, base):
     with pytest.raises(MlxgptError, match="adapter folder not found"):
-        load_adapter(tiny_model(), tmp_path / "nope")
+        load_adapter(base(), tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MlxgptError, match="not an adapter folder"):
-        load_adapter(tiny_model(), tmp_path / "empty")
+        load_adapter(base(), tmp_path / "empty")
 
 
-def test_rank_larger_than_layer_is_refused():
+def test_rank_larger_than_layer_is_refused(base):
     with pytest.raises(MlxgptError, match=r"--rank 65 is larger than layer h.0.attn.c_attn "
                                           r"\(64 -> 192\) allows; use a rank <= 64"):
-        apply_lora(tiny_model(), LoRAConfig(rank=65))
+        apply_lora(base(), LoRAConfig(rank=65))
 
 
 def test_target_and_layer_parsing():
@@ -224,8 +229,8 @@ def test_gpt2_124m_rank8_c_attn_trainable_count():
     assert trainable / total < 0.003
 
 
-def test_quantized_count_uses_logical_sizes():
-    fp, q = tiny_model(), tiny_model(quantized=True)
+def test_quantized_count_uses_logical_sizes(base):
+    fp, q = base(), base(quantized=True)
     assert count_parameters(fp)[1] == count_parameters(q)[1]
 
 
@@ -235,15 +240,15 @@ def test_dense_weight_of_quantized_layer_is_close():
     assert float(mx.abs(dense_weight(q) - lin.weight).max()) < 0.01
 
 
-def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path):
+def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path, base):
     """Adapters are written in mlx-lm's layout: mlx_lm.load(model, adapter_path=...) agrees."""
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     pytest.importorskip("transformers")
     from mlxgpt.checkpoints.folder import save_model
     from mlxgpt.tokenizers import gpt2_tokenizer
 
-    cfg = GPTConfig(n_positions=32, n_embd=64, n_layer=2, n_head=2)  # GPT-2 vocabulary
-    model = tiny_model(cfg=cfg)
+    model = base(vocab_size=50257)  # GPT-2's vocabulary
+    cfg = model.config
     save_model(model, tmp_path / "base", gpt2_tokenizer())
     lcfg = LoRAConfig(rank=4, alpha=8, targets=("c_attn", "c_fc"), layers=(1,),
                       base=base_identity(cfg))
@@ -255,8 +260,8 @@ def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path):
     np.testing.assert_allclose(np.array(theirs(x)), np.array(model(x)), atol=1e-4)
 
 
-def test_reads_adapters_written_by_mlx_lm(tmp_path):
-    model, x = tiny_model(), tokens()
+def test_reads_adapters_written_by_mlx_lm(tmp_path, base):
+    model, x = base(), tokens()
     cfg = LoRAConfig(rank=4, alpha=8, targets=("c_attn",), layers=(1,))
     apply_lora(model, cfg)
     randomize_b(model)
@@ -266,5 +271,5 @@ def test_reads_adapters_written_by_mlx_lm(tmp_path):
         "fine_tune_type": "lora", "num_layers": 1, "model": "somewhere",
         "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["attn.c_attn"]},
     }))
-    fresh = load_adapter(tiny_model(), tmp_path / "ad")
+    fresh = load_adapter(base(), tmp_path / "ad")
     assert mx.array_equal(fresh(x), model(x))

@@ -30,8 +30,8 @@ from _hf_helpers import (  # noqa: E402
 )
 
 import mlxgpt  # noqa: E402
-from mlxgpt.checkpoints.folder import build_model, load_model  # noqa: E402
 from mlxgpt.checkpoints.convert import convert  # noqa: E402
+from mlxgpt.checkpoints.folder import build_model, load_model  # noqa: E402
 from mlxgpt.checkpoints.hf import export  # noqa: E402
 from mlxgpt.checkpoints.quantize import dequantized_weights  # noqa: E402
 from mlxgpt.generation.context import Context  # noqa: E402
@@ -80,6 +80,7 @@ def big(tmp_path_factory):
     return SimpleNamespace(tmp=tmp, st=st, bin=binf, tokens=tokens, ref=ref, fp32=fp32)
 
 
+@pytest.mark.slow
 def test_gpt2_124m_fp32_from_safetensors(big):
     model = load_model(big.fp32)
     assert model.n_params == 124_439_808
@@ -88,6 +89,7 @@ def test_gpt2_124m_fp32_from_safetensors(big):
     assert max_diff(cached_logits(model, big.tokens), out) <= FP32_TOL
 
 
+@pytest.mark.slow
 def test_gpt2_124m_fp32_from_pytorch_bin(big):
     folder = big.tmp / "mlx-fp32-bin"
     convert(big.bin, folder)
@@ -120,6 +122,7 @@ REDUCED = {  # name: (convert options, eps, k_rms, k_max)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REDUCED))
 def test_gpt2_124m_reduced_precision(big, name):
     opts, eps, k_rms, k_max = REDUCED[name]
@@ -139,6 +142,7 @@ def test_gpt2_124m_reduced_precision(big, name):
         assert max_diff(mlx_logits(dense, big.tokens), out) <= FP32_TOL
 
 
+@pytest.mark.slow
 def test_gpt2_124m_export_round_trip(big):
     out = big.tmp / "hf-export"
     export(big.fp32, out)

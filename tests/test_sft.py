@@ -6,11 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxgpt.errors import MlxgptError
-from mlxgpt import GPT, GPTConfig
 from mlxgpt.data.examples import PAD_MULTIPLE, Batches, encode_records, find_splits, read_jsonl
-from mlxgpt.training.loss import lm_loss
+from mlxgpt.errors import MlxgptError
 from mlxgpt.tokenizers import byte_tokenizer
+from mlxgpt.training.loss import lm_loss
 
 TOK = byte_tokenizer()  # ids are bytes, so positions are easy to reason about
 
@@ -20,7 +19,7 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_prompt_mask_counts_only_completion_tokens(tmp_path):
+def test_prompt_mask_counts_only_completion_tokens(tmp_path, tiny_model):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "abc:", "completion": "xy"},
                                            {"prompt": "hello there:", "completion": "z"}])
     examples, _ = encode_records(read_jsonl(f), TOK, mask_prompt=True, max_len=64)
@@ -35,9 +34,7 @@ def test_prompt_mask_counts_only_completion_tokens(tmp_path):
     assert float(mask.sum()) == 3 + 2
 
     # The loss is the mean cross-entropy over exactly those targets.
-    mx.random.seed(0)
-    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_positions=64, n_embd=32, n_layer=1,
-                          n_head=2))
+    model = tiny_model(n_layer=1)
     loss, n = lm_loss(model, inputs, targets, mask)
     logp = np.array(mx.log(mx.softmax(model(inputs).astype(mx.float32), axis=-1)))
     t, m = np.array(targets), np.array(mask)

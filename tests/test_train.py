@@ -5,22 +5,23 @@ from __future__ import annotations
 import json
 import math
 
+import conftest
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlxgpt import GPT
 from mlxgpt.checkpoints import folder as ckpt
 from mlxgpt.data.corpus import TokenBatches
 from mlxgpt.errors import MlxgptError
-from mlxgpt import GPT, GPTConfig
-from mlxgpt.training.pretrain import init_weights
 from mlxgpt.training.config import TrainConfig
 from mlxgpt.training.distributed import all_sum_tree, world
 from mlxgpt.training.loop import train
 from mlxgpt.training.loss import lm_loss
 from mlxgpt.training.optim import OPTIMIZER_FILE, lr_schedule, make_optimizer
+from mlxgpt.training.pretrain import init_weights
 from mlxgpt.training.state import STATE_FILE
 from mlxgpt.training.step import Stepper
 
@@ -29,10 +30,9 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
 TOKENS = np.frombuffer(TEXT, dtype=np.uint8).astype(np.uint16)
 
 
-def tiny_model(dropout: float = 0.0, seed: int = 0) -> GPT:
-    cfg = GPTConfig(vocab_size=257, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                    dropout=dropout)
-    model = GPT(cfg)
+def fresh_model(dropout: float = 0.0, seed: int = 0) -> GPT:
+    """Conftest's tiny model at 32 positions, initialised as pretraining does."""
+    model = conftest.make_tiny_model(n_positions=32, dropout=dropout)
     init_weights(model, seed)
     return model
 
@@ -48,7 +48,7 @@ def load_weights(model: nn.Module, folder) -> None:
 
 def run(tmp_path, name, cfg, *, dropout=0.0, resume=False, should_stop=None, batch_size=8,
         val=True):
-    model = tiny_model(dropout)
+    model = fresh_model(dropout)
     data = TokenBatches(TOKENS[:3000], batch_size, 32, seed=1)
     val_data = TokenBatches(TOKENS[3000:], batch_size, 32, seed=2) if val else None
     result = train(model, lm_loss, data, cfg, tmp_path / name, save_weights=save_weights,
@@ -115,7 +115,7 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
     data = TokenBatches(TOKENS, 8, 32, seed=3)
     results = {}
     for accum, source in ((1, data), (2, Halves(data))):
-        model = tiny_model()
+        model = fresh_model()
         cfg = TrainConfig(steps=3, lr=1e-3, warmup=0, grad_accum=accum, eval_every=0,
                           log_every=1)
         r = train(model, lm_loss, source, cfg, tmp_path / f"acc{accum}",
@@ -143,7 +143,7 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    model = tiny_model()
+    model = fresh_model()
     opt = make_optimizer(TrainConfig(weight_decay=0.5))
     no_decay, decay = opt.optimizers
     assert no_decay.weight_decay == 0.0 and decay.weight_decay == 0.5
@@ -164,9 +164,29 @@ def test_resume_refuses_a_missing_or_corrupt_checkpoint(tmp_path):
         run(tmp_path, "ok", TrainConfig(steps=8, eval_every=0), resume=True, val=False)
 
 
-def test_all_sum_tree_is_identity_on_one_process():
-    tree = {"a": mx.ones((2, 3)), "b": [mx.zeros((4,))]}
-    assert all_sum_tree(tree, world()) is tree
+def test_all_sum_tree_packs_the_tree_into_one_sum(monkeypatch):
+    """Several ranks' trees go through ONE all_sum of a flat float32 buffer and come back with
+    every shape, dtype and position as they were (two ranks simulated: the sum doubles)."""
+
+    class TwoRanks:
+        def size(self):
+            return 2
+
+    calls = []
+
+    def all_sum(x, group=None):
+        calls.append(x.shape)
+        return x * 2
+
+    monkeypatch.setattr(mx.distributed, "all_sum", all_sum)
+    tree = {"a": mx.arange(6, dtype=mx.float32).reshape(2, 3),
+            "b": [mx.array([1.5, -2.0], mx.float16), mx.array(7.0)]}
+    out = all_sum_tree(tree, TwoRanks())
+    assert calls == [(6 + 2 + 1,)]  # one call, one buffer
+    assert out["a"].shape == (2, 3) and out["b"][0].dtype == mx.float16 and out["b"][1].ndim == 0
+    assert out["a"].tolist() == [[0, 2, 4], [6, 8, 10]] and out["b"][0].tolist() == [3, -4]
+    assert out["b"][1].item() == 14
+    assert all_sum_tree(tree, world()) is tree  # one process: nothing to sum
 
 
 # --------------------------------------------------------------------------- parity

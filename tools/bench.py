@@ -31,10 +31,13 @@ import mlxgpt  # noqa: F401  (first: preloads the fast BLAS before mlx is import
 import mlx.core as mx
 import numpy as np
 
-from mlxgpt.cpu import blas
-from mlxgpt.checkpoints.folder import load_model, save_model
-from mlxgpt.generate import Context, _LayerCache, generate_tokens, prepare_for_inference
 from mlxgpt import GPT, GPTConfig
+from mlxgpt.checkpoints.folder import load_model, save_model
+from mlxgpt.core.backend import prepare_for_inference
+from mlxgpt.cpu import blas
+from mlxgpt.generation.cache import KVCache
+from mlxgpt.generation.context import Context, compiled_forward
+from mlxgpt.generation.generate import generate_tokens
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "q8": 8, "q4": 4}
@@ -57,7 +60,7 @@ def make_folders(src: Path | None, names: list[str], work: Path) -> dict[str, Pa
         model.update(base.parameters())  # shares the arrays; the changes below make new ones
         quant = None
         if isinstance(DTYPES[name], int):
-            from mlxgpt.convert import quantize
+            from mlxgpt.checkpoints.quantize import quantize
 
             quant, _ = quantize(model, DTYPES[name])
         else:
@@ -225,12 +228,12 @@ def profile_decode(folder: Path, short: list[int]) -> dict:
     head = step_time(lambda: mx.eval(model.logits(h)))
     with tempfile.TemporaryDirectory() as tmp:
         # Operations one token dispatches, eager vs the compiled step (fused kernels count 1).
-        out = ctx._step(tok.reshape(1, 1), mx.array(ctx.offset, mx.int32), mx.array(0),
-                        *ctx._buffers)
+        buffers = [a for c in ctx.cache for a in (c.keys, c.values)]
+        out = compiled_forward(model)(tok.reshape(1, 1), mx.array(ctx.offset, mx.int32),
+                                      mx.array(0), *buffers)
         mx.export_to_dot(os.path.join(tmp, "compiled.dot"), *out)
         del out
-        b = ctx._buffers
-        layers = [_LayerCache(k, v, ctx.offset) for k, v in zip(b[0::2], b[1::2], strict=True)]
+        layers = [KVCache(c.keys, c.values, ctx.offset) for c in ctx.cache]
         eager = model.logits(model.hidden(tok[None], layers)[:, -1])
         mx.export_to_dot(os.path.join(tmp, "eager.dot"), eager)
         counts = {k: _dot_ops(os.path.join(tmp, f"{k}.dot")) for k in ("eager", "compiled")}

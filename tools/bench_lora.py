@@ -48,8 +48,8 @@ def make_inputs(work: Path, corpus: Path, n_lines: int = 64) -> tuple[Path, Path
     """A 124M-shape model folder and JSONL files of texts that tokenize to SEQ - 1 tokens."""
     import mlx.core as mx
 
-    from mlxgpt.checkpoints.folder import save_model
     from mlxgpt import GPT, GPTConfig
+    from mlxgpt.checkpoints.folder import save_model
     from mlxgpt.tokenizers import gpt2_tokenizer
 
     tok = gpt2_tokenizer()
@@ -74,9 +74,9 @@ def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full
                   ckpt: bool) -> dict:
     import mlx.core as mx
 
+    from mlxgpt.training.config import TrainConfig
     from mlxgpt.training.finetune import FinetuneOptions, finetune
     from mlxgpt.training.lora import LoRAConfig
-    from mlxgpt.train import TrainConfig
 
     opts = FinetuneOptions(
         model=model, data=data, out=out, batch_size=BATCH, max_seq_len=SEQ, force=True,
@@ -87,7 +87,7 @@ def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full
                                     log_every=window, save_every=10**9),
     )
     # CPU seconds of this process at the start of every step (the loop asks for the batch).
-    from mlxgpt import sft
+    from mlxgpt.data import examples as sft
 
     cpu_at: dict[int, float] = {}
     real_batch = sft.Batches.batch

@@ -3,10 +3,10 @@
 Both sides train the same GPT-2 architecture (biases, tied embeddings, tanh GELU, pre-LN) from
 the same initial weights on the same batches: forward + backward + gradient clipping + AdamW
 (no decay on biases/norms). The MLX side is the exact step ``mlxgpt pretrain`` runs
-(:class:`mlxgpt.train._Stepper` with :func:`mlxgpt.train.lm_loss`); the torch side is plain eager
-PyTorch (``F.scaled_dot_product_attention``, ``torch.optim.AdamW``). Timings are interleaved
-(MLX steps, torch steps, MLX steps, ...) so both see the same machine load; each figure is the
-median over rounds.
+(:class:`mlxgpt.training.step.Stepper` with :func:`mlxgpt.training.loss.lm_loss`); the torch side
+is plain eager PyTorch (``F.scaled_dot_product_attention``, ``torch.optim.AdamW``). Timings are
+interleaved (MLX steps, torch steps, MLX steps, ...) so both see the same machine load; each
+figure is the median over rounds.
 
 MFU = model FLOPs/s (6 N + 12 L T C per token, as nanoGPT counts them) divided by the best
 single-matmul FLOP/s measured in the same run (a 2048^3 sgemm, torch and MLX, best of both):
@@ -36,11 +36,17 @@ import mlxgpt  # noqa: F401  (preloads the fast BLAS: must come before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from mlxgpt.cpu import blas, ops
 from mlxgpt import GPT, GPTConfig
+from mlxgpt.core.backend import ARITHMETIC, FUSED, Kernels, kernels_for
+from mlxgpt.cpu import blas
+from mlxgpt.training.config import TrainConfig
+from mlxgpt.training.distributed import world
+from mlxgpt.training.loss import lm_loss
+from mlxgpt.training.optim import make_optimizer
 from mlxgpt.training.pretrain import init_weights
-from mlxgpt.train import TrainConfig, _Stepper, lm_loss, make_optimizer, world
+from mlxgpt.training.step import Stepper
 
 CONFIGS = {
     # name: (n_layer, n_head, n_embd, block, batch)
@@ -160,11 +166,11 @@ def peak_sgemm(framework: str) -> float:
     return 2 * n**3 / best
 
 
-def setup(name: str, dropout: float):
+def setup(name: str, dropout: float, kernels: Kernels | None = None):
     L, H, C, T, B = CONFIGS[name]
     cfg = GPTConfig(vocab_size=VOCAB, n_positions=T, n_embd=C, n_layer=L, n_head=H,
                     dropout=dropout)
-    model = GPT(cfg)
+    model = GPT(cfg, kernels or kernels_for())
     init_weights(model, 0)
     rng = np.random.default_rng(0)
     rows = rng.integers(0, VOCAB, size=(8, B, T + 1)).astype(np.int32)  # 8 distinct batches
@@ -180,7 +186,7 @@ def run_worker(framework: str, name: str, steps: int, dropout: float, threads: i
         opt = make_optimizer(tcfg)
         opt.init(model.trainable_parameters())
         model.train()
-        stepper = _Stepper(model, lm_loss, opt, tcfg, world())
+        stepper = Stepper(model, lm_loss, opt, tcfg, world())
         batches = [(mx.array(r[:, :-1]), mx.array(r[:, 1:])) for r in rows]
 
         def one(i: int) -> float:
@@ -194,7 +200,7 @@ def run_worker(framework: str, name: str, steps: int, dropout: float, threads: i
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(0)
-        weights = {k: np.array(v) for k, v in _flat(model.parameters())}
+        weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
         tmodel = torch_gpt(cfg, weights, dropout)
         tmodel.train()
         tstep = torch_stepper(tmodel, tcfg)
@@ -248,23 +254,18 @@ def bench_config(name: str, steps: int, rounds: int, dropout: float) -> dict:
             "first_loss": {v: r["first_loss"] for v, r in info.items()}}
 
 
-def _flat(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
-
-
 def profile(name: str, steps: int) -> None:
-    """Time the pieces of MLX's step, with and without the arithmetic-only CPU math."""
-    for fast in (False, True):
-        ops.use_fast_math = (lambda f: (lambda: f))(fast)
+    """Time the pieces of MLX's step with each set of kernels (arithmetic-only and fused)."""
+    for kernels in (FUSED, ARITHMETIC):
         for dropout in (0.0, 0.2):
-            for label, ms in _profile_parts(name, dropout, steps):
-                print(f"{name} fast_math={fast!s:5} dropout={dropout}: {label:18s} {ms:8.2f} ms")
+            for label, ms in _profile_parts(name, dropout, steps, kernels):
+                print(f"{name} kernels={kernels.name:10} dropout={dropout}: {label:18s} "
+                      f"{ms:8.2f} ms")
 
 
-def _profile_parts(name: str, dropout: float, steps: int) -> list[tuple[str, float]]:
-    cfg, model, rows = setup(name, dropout)
+def _profile_parts(name: str, dropout: float, steps: int,
+                   kernels: Kernels) -> list[tuple[str, float]]:
+    cfg, model, rows = setup(name, dropout, kernels)
     model.train()
     x, y = mx.array(rows[0, :, :-1]), mx.array(rows[0, :, 1:])
     tcfg = TrainConfig(steps=10**6, warmup=0)
@@ -277,7 +278,7 @@ def _profile_parts(name: str, dropout: float, steps: int) -> list[tuple[str, flo
     grads = vg(model, x, y)[1]
     mx.eval(grads)
     upd = mx.compile(lambda g: opt.update(model, g), inputs=state, outputs=state)
-    stepper = _Stepper(model, lm_loss, opt, tcfg, world())
+    stepper = Stepper(model, lm_loss, opt, tcfg, world())
     parts = {
         "forward": lambda: mx.eval(fwd(x, y)),
         "forward+backward": lambda: mx.eval(fwd_bwd(x, y)),

@@ -4,10 +4,12 @@
 
 Builds a random-init transformers GPT2LMHeadModel with GPT-2 124M's shape (every parameter
 random), saves it as model.safetensors and as a legacy pytorch_model.bin, times
-``mlxgpt.convert.convert`` on each (read, transpose, build, write a 500 MB folder; the first
-conversion also pays for warming the page cache), then converts to float16, bfloat16, 8-bit and
-4-bit and compares logits with transformers' fp32 forward on one random sequence. Half-precision
-folders are evaluated in their stored dtype (``checkpoint.load_model``, as a GPU runs them).
+``mlxgpt.checkpoints.convert.convert`` on each (read, transpose, build, write a 500 MB folder;
+the first conversion also pays for warming the page cache), then converts to float16, bfloat16,
+8-bit and 4-bit and compares logits with transformers' fp32 forward on one random sequence.
+Half-precision folders are evaluated in their stored dtype
+(``mlxgpt.checkpoints.folder.load_model``,
+as a GPU runs them).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from _hf_helpers import hf_logits, random_hf_model, save_hf_checkpoint  # noqa: E402
 
-from mlxgpt.cpu import blas  # noqa: E402
-from mlxgpt.checkpoints.folder import load_model  # noqa: E402
 from mlxgpt.checkpoints.convert import convert  # noqa: E402
+from mlxgpt.checkpoints.folder import load_model  # noqa: E402
+from mlxgpt.cpu import blas  # noqa: E402
 
 VARIANTS = {  # name -> convert() options
     "float32": {},

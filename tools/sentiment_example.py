@@ -152,7 +152,7 @@ def main() -> None:
     if not args.run:
         return
     if not args.model:  # the model that ships with mlxgpt
-        from mlxgpt.generate import shipped_model
+        from mlxgpt.checkpoints.folder import shipped_model
 
         args.model = str(shipped_model())
     adapter = args.adapter_out or args.out / "adapter"
