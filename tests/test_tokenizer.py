@@ -12,7 +12,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from mlxgpt.errors import MlxgptError
-from mlxgpt.tokenizers.tokenizer import (
+from mlxgpt.tokenizers import (
     EOT,
     GPT2_PATTERN,
     BPETokenizer,
@@ -317,9 +317,9 @@ def test_inconsistent_merges_warn(tmp_path):
 
 
 def _gpt2_byte_chars() -> list[str]:
-    from mlxgpt.tokenizers.tokenizer import _byte_to_char
+    from mlxgpt.tokenizers.hf_files import byte_to_char
 
-    return [_byte_to_char()[b] for b in range(256)]
+    return [byte_to_char()[b] for b in range(256)]
 
 
 # --------------------------------------------------------------------------- byte, ids

@@ -1,0 +1,111 @@
+"""Tokenizer base class, the stream decoder and the ids-only tokenizer: what every tokenizer
+shares."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import MlxgptError
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+EOT = "<|endoftext|>"
+
+
+class StreamDecoder:
+    """Incremental decoding: ``add(id)`` returns the text completed by that token, ``flush()``
+    the rest. The pieces joined equal ``tokenizer.decode(ids)``, invalid bytes included.
+
+    Bytes go through Python's incremental UTF-8 decoder, which holds back at most an incomplete
+    character (<= 3 bytes), so each step costs O(token length), not O(history).
+    """
+
+    def __init__(self, token_bytes: Callable[[int], bytes]):
+        self._token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self._utf8.decode(self._token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        """Emit what is held back (as U+FFFD if incomplete) and start afresh."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+class Tokenizer:
+    """Base class. Subclasses define ``encode``, ``token_bytes`` and ``save``."""
+
+    name: str
+    vocab_size: int
+    eot_id: int | None = None
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Text -> ids. With ``allow_special=False`` "<|endoftext|>" is ordinary text."""
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id decodes to."""
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Write this tokenizer's files into ``folder``; return the description for config."""
+        raise NotImplementedError
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self.token_bytes(i) for i in as_ids(ids))
+
+    def decode(self, ids) -> str:
+        """Ids -> text; invalid UTF-8 becomes U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self.token_bytes)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def as_ids(ids) -> list[int]:
+    """Accept a list, tuple, numpy or mx array (1-D) or a single int."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+def bad_id(token_id: int, vocab_size: int) -> MlxgptError:
+    return MlxgptError(f"token id {token_id} is not in the tokenizer's vocabulary ({vocab_size})")
+
+
+class IdTokenizer(Tokenizer):
+    """For a model that came without a tokenizer: it works on token ids only.
+
+    ``encode`` refuses. ``decode`` renders each id as ``<id>`` (e.g. ``<464><3290>``) so
+    generated ids can still be shown and streamed.
+    """
+
+    name = "ids"
+
+    def __init__(self, vocab_size: int = 0):
+        self.vocab_size = vocab_size  # 0: unknown, ids are not range-checked
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        raise MlxgptError(
+            "this model has no tokenizer: it works on token ids only "
+            "(convert it from a source with vocab.json + merges.txt or tokenizer.json)"
+        )
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id < 0 or (self.vocab_size and token_id >= self.vocab_size):
+            raise bad_id(token_id, self.vocab_size)
+        return f"<{token_id}>".encode()
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        return {"type": "ids", "vocab_size": self.vocab_size}

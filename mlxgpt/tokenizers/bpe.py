@@ -1,0 +1,181 @@
+"""Byte-level BPE run by tiktoken, and GPT-2's own tokenizer from the ranks file the package
+ships."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import importlib.resources
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tiktoken
+
+from ..errors import MlxgptError
+from .base import EOT, GPT2_PATTERN, Tokenizer, as_ids, bad_id
+from .hf_files import write_hf_files
+
+TIKTOKEN_FILE = "tokenizer.tiktoken"
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE run by tiktoken.
+
+    tiktoken merges by *rank*: it repeatedly joins the adjacent pair whose concatenation has the
+    lowest rank. Ranks therefore follow merge order. Where a vocabulary numbers its tokens
+    differently (Hugging Face tokenizers often put special tokens or the byte alphabet first),
+    ``token_ids`` maps rank -> id; for GPT-2 ranks and ids coincide and no mapping is kept.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        ranks: dict[bytes, int],
+        pattern: str,
+        special_tokens: dict[str, int],
+        *,
+        token_ids: np.ndarray | None = None,
+        extra_tokens: dict[int, bytes] | None = None,
+        merges: list[tuple[bytes, bytes]] | None = None,
+        eot_id: int | None = None,
+    ):
+        """``token_ids``: rank -> id for the mergeable ranks (None: the ranks are the ids).
+        ``extra_tokens``: id -> bytes of vocabulary entries BPE never produces (decode only).
+        ``merges``: the merge list as read (kept so ``save`` writes it back exactly)."""
+        self.name, self.pattern = name, pattern
+        self.special_tokens = dict(special_tokens)
+        self._ranks, self._merges = ranks, merges
+        if token_ids is None:
+            tik_special = self.special_tokens
+            self._rank_to_id = None
+            rank_ids: Iterable[tuple[int, bytes]] = ((r, b) for b, r in ranks.items())
+        else:
+            # tiktoken needs special ranks apart from mergeable ones: put them after.
+            tik_special = {s: len(ranks) + k for k, s in enumerate(self.special_tokens)}
+            specials = np.array(list(self.special_tokens.values()), dtype=np.int64)
+            self._rank_to_id = np.concatenate([np.asarray(token_ids, np.int64), specials])
+            rank_ids = ((int(token_ids[r]), b) for b, r in ranks.items())
+        try:
+            self._enc = tiktoken.Encoding(
+                name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=tik_special
+            )
+        except Exception as e:  # a bad regex or colliding ranks
+            raise MlxgptError(f"cannot build the {name} tokenizer: {e}") from None
+        table: dict[int, bytes] = dict(rank_ids)
+        table.update(extra_tokens or {})
+        table.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        self.vocab_size = max(table) + 1
+        self._id_bytes: list[bytes | None] = [None] * self.vocab_size
+        for i, b in table.items():
+            self._id_bytes[i] = b
+        self.eot_id = self.special_tokens.get(EOT) if eot_id is None else eot_id
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        if allow_special:
+            ranks = self._enc.encode(text, allowed_special="all")
+        else:
+            ranks = self._enc.encode_ordinary(text)
+        if self._rank_to_id is None:
+            return ranks
+        return self._rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        b = self._id_bytes[token_id] if 0 <= token_id < self.vocab_size else None
+        if b is None:
+            raise bad_id(token_id, self.vocab_size)
+        return b
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = as_ids(ids)
+        try:
+            if min(ids, default=0) >= 0:
+                return b"".join([self._id_bytes[i] for i in ids])  # TypeError on a hole (None)
+        except (IndexError, TypeError):
+            pass
+        return b"".join(self.token_bytes(i) for i in ids)  # slow path names the bad id
+
+    @property
+    def ranks(self) -> dict[bytes, int]:
+        """Token bytes -> merge rank, as tiktoken uses them."""
+        return self._ranks
+
+    @functools.cached_property
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        """The merge list, in order (rebuilt from the ranks when built from a tiktoken file)."""
+        return self._merges if self._merges is not None else _merges_from_ranks(self._ranks)
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        folder = Path(folder)
+        vocab = {i: b for i, b in enumerate(self._id_bytes) if b is not None}
+        for i in self.special_tokens.values():
+            del vocab[i]
+        write_hf_files(folder, vocab, self.merges, self.special_tokens, self.eot_id, self.pattern)
+        if self.name == "gpt2":
+            (folder / TIKTOKEN_FILE).write_bytes(gpt2_ranks_file())
+            return {"type": "gpt2"}
+        return {
+            "type": "bpe",
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "eot_id": self.eot_id,
+        }
+
+
+def gpt2_ranks_file() -> bytes:
+    return importlib.resources.files("mlxgpt").joinpath("assets", "gpt2.tiktoken").read_bytes()
+
+
+def read_tiktoken_ranks(data: bytes, source: str) -> dict[bytes, int]:
+    """Parse a tiktoken ranks file: one ``base64(token) rank`` per line."""
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise MlxgptError(f"{source}: line {n} is not 'base64-token rank'") from None
+    if not ranks:
+        raise MlxgptError(f"{source}: no ranks")
+    return ranks
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_tokenizer() -> BPETokenizer:
+    """GPT-2's tokenizer from the ranks file shipped in the package (no network)."""
+    ranks = read_tiktoken_ranks(gpt2_ranks_file(), "mlxgpt/assets/gpt2.tiktoken")
+    return BPETokenizer("gpt2", ranks, GPT2_PATTERN, {EOT: len(ranks)})
+
+
+def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Recover the merge list from tiktoken ranks: run BPE on each token's bytes with only the
+    lower ranks available; it must stop at exactly two parts, which are the merge."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, best_rank = -1, rank
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1], rank)
+                if r < best_rank:
+                    best, best_rank = i, r
+            if best < 0:
+                break
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) != 2:
+            raise MlxgptError(f"BPE ranks: token {token!r} cannot be built from lower ranks")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def merges_match(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]]) -> bool:
+    try:
+        return _merges_from_ranks(ranks) == merges
+    except MlxgptError:  # some token cannot be built from lower ranks
+        return False
