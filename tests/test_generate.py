@@ -256,6 +256,18 @@ def test_penalties_apply_over_the_generated_window(tiny_model):
     assert len(set(plain)) < len(set(out))  # greedy alone repeats
 
 
+def test_no_rate_from_nothing_or_from_a_near_zero_time(tiny_model):
+    from mlxgpt.generation.generate import format_rate, rate
+
+    assert rate(2, 1e-9) is None and rate(0, 1.0) is None and rate(30, 2.0) == 15.0
+    assert format_rate(None) == "- tok/s" and format_rate(15.0) == "15.0 tok/s"
+    model = tiny_model()
+    one = list(stream_generate(model, byte_tokenizer(), "Hi", max_tokens=1))[-1]
+    assert one.generation_tokens == 1 and one.generation_tps is None  # one token: no rate
+    with pytest.raises(MlxgptError, match="max_tokens must be a positive number"):
+        generate(model, byte_tokenizer(), "Hi", max_tokens=0)
+
+
 def test_summary_reports_speed_and_memory(tiny_model):
     tok, model = byte_tokenizer(), tiny_model(vocab_size=257, n_positions=64)
     r = list(stream_generate(model, tok, "hello", max_tokens=8, sampling=GREEDY,
@@ -289,8 +301,11 @@ def test_cli_generate_bad_input_is_one_line(tmp_path, cli, refused, model_folder
     folder = model_folder(tmp_path)
     for args, why in ((["--top-p", "0"], "top_p must be in (0, 1]"),
                       (["--logit-bias", "x"], "--logit-bias: expected ID=BIAS"),
-                      (["--logit-bias", "999=1"], "token id 999 is not in 0..256")):
+                      (["--logit-bias", "999=1"], "token id 999 is not in 0..256"),
+                      (["-n", "-5"], "--max-tokens must be at least 1, got -5"),
+                      (["-n", "0"], "--max-tokens must be at least 1, got 0")):
         refused(cli("generate", "-m", folder, "-p", "a", "-n", "2", *args), why)
+    refused(cli("chat", "-m", folder, "-n", "0", input="hi\n"), "--max-tokens must be at least 1")
     refused(cli("generate", "-m", tmp_path / "missing", "-p", "a"), "no such folder")
 
 

@@ -26,7 +26,7 @@ from mlxgpt.cli.options import load_model, model_options, sampling_options, samp
 def generate(model, adapter, dtype, prompt, stop, ignore_eos, context, window_keep, quiet,
              **opts) -> None:
     """Continue a prompt and stream the text to stdout."""
-    from mlxgpt.generation.generate import stream_generate
+    from mlxgpt.generation.generate import format_rate, stream_generate
 
     max_tokens = opts.pop("max_tokens")
     sampling = sampling_settings(opts)
@@ -45,8 +45,8 @@ def generate(model, adapter, dtype, prompt, stop, ignore_eos, context, window_ke
     sys.stdout.write("\n")
     if not quiet and final is not None:
         click.echo(
-            f"[prompt {final.prompt_tokens} tokens, {final.prompt_tps:.1f} tok/s | "
-            f"generated {final.generation_tokens} tokens, {final.generation_tps:.1f} tok/s | "
+            f"[prompt {final.prompt_tokens} tokens, {format_rate(final.prompt_tps)} | "
+            f"generated {final.generation_tokens} tokens, {format_rate(final.generation_tps)} | "
             f"first token {final.ttft * 1000:.0f} ms | peak memory {final.peak_memory_gb:.2f} GB"
             f" | finish: {final.finish_reason}]",
             err=True,

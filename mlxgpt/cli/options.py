@@ -20,13 +20,20 @@ def dtype_option(auto: bool = True, help: str = "Weight precision.") -> Callable
     return click.option("--dtype", type=click.Choice(DTYPES), help=help)
 
 
+def positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """Refuse a count below 1 with the one-line error every bad input gets."""
+    if value is not None and value < 1:
+        raise MlxgptError(f"--{param.name.replace('_', '-')} must be at least 1, got {value}")
+    return value
+
+
 def sampling_options(f: Callable) -> Callable:
     """The options that make a :class:`SamplingSettings` (and max tokens)."""
 
     d = SamplingSettings()  # the library's defaults are the CLI's
     options = [
         click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
-                     help="Most tokens to generate."),
+                     callback=positive, help="Most tokens to generate."),
         click.option("--temp", "temperature", type=float, default=d.temperature, show_default=True,
                      help="Temperature; 0 is greedy."),
         click.option("--top-k", type=int, default=d.top_k, show_default=True,

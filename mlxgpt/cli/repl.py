@@ -14,6 +14,7 @@ from typing import TextIO
 
 from mlxgpt.errors import MlxgptError
 from mlxgpt.generation.chat import ChatSession, ChatSettings
+from mlxgpt.generation.generate import format_rate
 from mlxgpt.generation.sample import SamplingSettings
 
 HELP = """\
@@ -68,9 +69,9 @@ def format_stats(session: ChatSession) -> str:
     r = session.last
     if r is not None:
         lines.append(
-            f"last reply: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s, "
+            f"last reply: {r.generation_tokens} tokens, {format_rate(r.generation_tps)}, "
             f"read {r.prompt_tokens - r.cached_tokens} new prompt tokens "
-            f"({r.prompt_tps:.0f} tok/s; {r.cached_tokens} were cached), "
+            f"({format_rate(r.prompt_tps, 0)}; {r.cached_tokens} were cached), "
             f"first token {r.ttft * 1000:.0f} ms, peak memory {r.peak_memory_gb:.2f} GB, "
             f"finish: {r.finish_reason}"
         )

@@ -29,6 +29,10 @@ class ChatSettings:
     max_tokens: int = 256  # per reply
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise MlxgptError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+
 
 class ChatSession:
     """A conversation with one model; the KV cache follows the transcript."""

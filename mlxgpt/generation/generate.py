@@ -31,6 +31,7 @@ from .context import PREFILL_STEP, Context, common_prefix
 from .sample import SamplingSettings, TokenSampler
 
 CONTEXT_POLICIES = ("slide", "stop")
+MIN_TIMED = 1e-3  # seconds: a rate over a shorter time is noise (or a division by ~0)
 
 
 # --------------------------------------------------------------------------- token loop
@@ -67,13 +68,13 @@ def generate_tokens(
     """
     if context not in CONTEXT_POLICIES:
         raise MlxgptError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise MlxgptError(f"max_tokens must be a positive number of tokens, got {max_tokens!r}")
     n_pos = ctx.n_positions
     keep = window_keep or max(1, n_pos // 2)
     if not 0 < keep <= n_pos:
         raise MlxgptError(f"window_keep must be in 1..{n_pos}")
     prompt = fit_prompt(prompt, n_pos, context, keep)
-    if max_tokens <= 0:
-        return
     window = sampler.settings.penalty_window if sampler.settings.penalised else 0
     recent = mx.array(list(prompt)[-window:], mx.int32)[None] if window else None  # (1, W)
 
@@ -131,8 +132,9 @@ class GenerationResponse:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens already in the KV cache (not read again)
     generation_tokens: int = 0
-    prompt_tps: float = 0.0  # prompt tokens read per second (up to the first token)
-    generation_tps: float = 0.0  # tokens per second after the first
+    prompt_tps: float | None = None  # prompt tokens read per second (up to the first token)
+    generation_tps: float | None = None  # tokens per second after the first
+    # (a rate is None when there is too little to time: nothing read, one token, < 1 ms)
     ttft: float = 0.0  # seconds to the first token
     peak_memory_gb: float = 0.0
 
@@ -231,11 +233,21 @@ def stream_generate(
         prompt_tokens=len(ids),
         cached_tokens=cached,
         generation_tokens=n,
-        prompt_tps=(len(ids) - cached) / max(first - start, 1e-9),
-        generation_tps=(n - 1) / (last - first) if n > 1 and last > first else 0.0,
+        prompt_tps=rate(len(ids) - cached, first - start),
+        generation_tps=rate(n - 1, last - first),
         ttft=first - start,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
+
+
+def rate(count: int, seconds: float) -> float | None:
+    """count / seconds, or None when there is nothing to count or too short a time to trust."""
+    return count / seconds if count > 0 and seconds >= MIN_TIMED else None
+
+
+def format_rate(tps: float | None, digits: int = 1) -> str:
+    """A rate for people: "12.3 tok/s", or "- tok/s" when it could not be measured."""
+    return "- tok/s" if tps is None else f"{tps:.{digits}f} tok/s"
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:

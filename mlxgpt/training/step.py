@@ -26,7 +26,7 @@ LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (mean lo
 
 
 class Stepper:
-    """Builds the compiled training and evaluation functions for one model and optimizer.
+    """The compiled functions of one optimizer update, for one model and optimizer.
 
     Fast path (grad_accum 1, one process): loss, gradients, clipping and the AdamW update in
     one compiled function. Otherwise: a compiled micro-step that accumulates ``n * grad`` and a
