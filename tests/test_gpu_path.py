@@ -52,9 +52,23 @@ def tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, CONFIG["vocab_size"], (2, n))
 
 
-def test_the_cpu_builds_models_with_the_arithmetic_kernels(checkpoint):
+def test_models_get_the_kernels_the_backend_measured_faster(checkpoint, monkeypatch):
+    from mlxgpt.core import backend
+
     model, _ = mlxgpt.load(str(checkpoint[0]))
-    assert model.kernels is ARITHMETIC
+    assert model.kernels is backend.kernels_for() is backend.cpu_kernels()
+    seconds = backend._kernel_seconds()
+    assert model.kernels is min(seconds, key=seconds.get)
+    for name, kernels in (("fused", FUSED), ("arithmetic", ARITHMETIC)):
+        monkeypatch.setenv(backend.KERNELS_ENV, name)
+        backend.cpu_kernels.cache_clear()
+        assert mlxgpt.GPT(model.config).kernels is kernels
+    monkeypatch.setenv(backend.KERNELS_ENV, "magic")
+    backend.cpu_kernels.cache_clear()
+    with pytest.raises(mlxgpt.MlxgptError, match="choose fused or arithmetic"):
+        mlxgpt.GPT(model.config)
+    monkeypatch.delenv(backend.KERNELS_ENV)
+    backend.cpu_kernels.cache_clear()
 
 
 def test_logits_match_transformers_on_the_gpu_path(checkpoint):

@@ -12,8 +12,9 @@ from mlxgpt.cpu import blas
 def info(mlxgpt_process):
     """``mlxgpt info`` in a fresh process (the BLAS preload happens at import)."""
 
-    def run(**env) -> str:
-        p = mlxgpt_process("info", env={**os.environ, **env}, timeout=60)
+    def run(unset: tuple[str, ...] = (), **env: str) -> str:
+        base = {k: v for k, v in os.environ.items() if k not in unset}
+        p = mlxgpt_process("info", env={**base, **env}, timeout=60)
         assert p.returncode == 0, p.stderr
         return p.stdout
 
@@ -34,3 +35,37 @@ def test_preload_is_used_and_can_be_turned_off(info):
     line = next(line for line in off.splitlines() if line.startswith("blas"))
     assert "reference BLAS" in line and "disabled by MLXGPT_NO_BLAS_PRELOAD" in line
     assert blas.INSTALL_HINT in line
+
+
+def test_the_best_kernel_set_follows_the_cpu_flags():
+    avx512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    assert blas.best_kernel_set(frozenset(avx512 | {"avx2", "fma", "avx"})) == "SkylakeX"
+    assert blas.best_kernel_set(frozenset({"avx512f", "avx2", "fma", "avx"})) == "Haswell"
+    assert blas.best_kernel_set(frozenset({"avx2", "fma", "avx"})) == "Haswell"
+    assert blas.best_kernel_set(frozenset({"avx", "sse4_2"})) == "SandyBridge"
+    assert blas.best_kernel_set(frozenset({"sse4_2", "pni"})) is None  # OpenBLAS decides
+    assert blas.best_kernel_set(frozenset()) is None  # not x86 (or no /proc/cpuinfo)
+
+
+needs_openblas = pytest.mark.skipif(
+    blas.find_openblas() is None or blas.best_kernel_set() is None,
+    reason="needs Linux x86 with OpenBLAS installed")
+
+
+@needs_openblas
+def test_unset_coretype_gets_the_best_kernels_the_cpu_allows(info):
+    out = info(unset=(blas.CORETYPE_ENV,))
+    kernels = next(line for line in out.splitlines() if line.startswith("kernels"))
+    assert kernels.split()[1].rstrip(",") == blas.best_kernel_set(), out
+    assert "this CPU allows" not in kernels
+    assert f"{blas.CORETYPE_ENV}={blas.best_kernel_set()}" in out
+    assert f"{blas.TIMEOUT_ENV}={blas.THREAD_TIMEOUT}" in out  # idle threads do not spin
+
+
+@needs_openblas
+def test_weaker_kernels_set_by_hand_are_kept_and_the_fix_is_named(info):
+    out = info(**{blas.CORETYPE_ENV: "Prescott"})
+    kernels = next(line for line in out.splitlines() if line.startswith("kernels"))
+    assert kernels.split()[1].rstrip(",").lower() == "prescott"  # the environment's choice
+    assert f"this CPU allows {blas.best_kernel_set()}" in kernels
+    assert f"unset {blas.CORETYPE_ENV} (now Prescott)" in kernels

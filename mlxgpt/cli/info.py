@@ -10,7 +10,7 @@ def info() -> None:
     """Show MLX version, device, backend and BLAS."""
     import mlx.core as mx
 
-    from mlxgpt.core.backend import default_dtype, kernels_for
+    from mlxgpt.core.backend import default_dtype, kernels_report
     from mlxgpt.cpu import blas
 
     device = mx.default_device()
@@ -26,7 +26,7 @@ def info() -> None:
     blas_kernels = blas.kernels_note()
     if blas_kernels:
         click.echo(f"kernels     {blas_kernels}")
-    click.echo(f"model ops   {kernels_for().name} (attention, GELU, loss kernels for this device)")
+    click.echo(f"model ops   {kernels_report()}")
 
 
 def _cuda() -> bool:

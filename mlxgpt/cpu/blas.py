@@ -5,10 +5,12 @@ MLX's Linux CPU wheel links a slow reference BLAS. When an optimized OpenBLAS is
 first imported makes MLX's sgemm calls resolve to it (~36x faster matmuls on x86_64).
 Set ``MLXGPT_NO_BLAS_PRELOAD=1`` to turn this off. This module must not import mlx.
 
-OpenBLAS releases older than the CPU (0.3.21 on Debian 12 vs AMD Zen 4/5) do not recognise it
-and fall back to AVX2 ("Haswell") kernels, half the speed of its AVX-512 ones. On AMD CPUs
-with AVX-512, mlxgpt asks for the AVX-512 (SkylakeX) kernels through ``OPENBLAS_CORETYPE``
-unless that variable is already set.
+OpenBLAS releases older than the CPU (0.3.21 on Debian 12 vs AMD Zen 4/5 or a recent Xeon) do
+not recognise it and fall back to old kernels: AVX2 ("Haswell") or even SSE3 ("Prescott"), 1.6x
+to 4x slower than the AVX-512 ones. So when ``OPENBLAS_CORETYPE`` is unset, mlxgpt sets it to the
+best kernel set the CPU's flags allow (:func:`best_kernel_set`), for Intel and AMD alike; a value
+the environment sets is kept (it is set where old OpenBLAS builds misbehave). It also shortens
+the time OpenBLAS's idle threads spin (``OPENBLAS_THREAD_TIMEOUT``, see :data:`THREAD_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -34,22 +36,48 @@ _NAMES = ("libopenblas.so.0", "libopenblas.so", "openblas-pthread/libopenblas.so
 preloaded_path: str | None = None
 preload_note: str = "not attempted"
 
-
 CORETYPE_ENV = "OPENBLAS_CORETYPE"
-_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what SkylakeX kernels use
+TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
+# OpenBLAS threads spin (sched_yield: system time) for 2**TIMEOUT cycles after each call before
+# they sleep; the default (2**28 cycles, ~0.1 s) burns a core between MLX's many small matmuls.
+# 2**4 cycles: measured on the nano preset (2 threads, Intel Xeon, SkylakeX kernels) 8,545
+# tokens/s and 37 CPU-s (2.8 s system) for 300 steps, against 8,613 tokens/s and 56 CPU-s
+# (17.6 s system) by default, and 7,597 tokens/s with one thread.
+THREAD_TIMEOUT = "4"
+
+# x86 kernel sets, best first, and the CPU flags each needs. Debian's OpenBLAS 0.3.21 does not
+# know CPUs newer than itself and falls back to old kernels (Prescott, SSE3, on an Emerald Rapids
+# Xeon), so the set is chosen from the flags instead when OPENBLAS_CORETYPE is unset.
+KERNEL_SETS = (
+    ("SkylakeX", frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})),
+    ("Haswell", frozenset({"avx2", "fma"})),
+    ("SandyBridge", frozenset({"avx"})),
+)
+# What OpenBLAS names its kernel sets (openblas_get_corename), by the flag level they use.
+_LEVEL = {**{c: 3 for c in ("skylakex", "cooperlake", "sapphirerapids")},
+          **{c: 2 for c in ("haswell", "zen")}, "sandybridge": 1}
+# 1024^3 sgemm, one thread, GFLOP/s, Intel Xeon (Sapphire Rapids class), OpenBLAS 0.3.21 with the
+# kernel set forced: what a weaker set costs.
+MEASURED_GFLOPS = {"SkylakeX": 145, "Haswell": 92, "SandyBridge": None, "Prescott": 37}
 
 
-def _amd_with_avx512() -> bool:
-    """An AMD CPU with the AVX-512 subsets OpenBLAS's SkylakeX kernels need (Zen 4 and later)."""
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's flags from /proc/cpuinfo (empty where there is none)."""
     try:
         cpu0 = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
     except OSError:
-        return False
-    flags = set()
+        return frozenset()
     for line in cpu0.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    return "AuthenticAMD" in cpu0 and _AVX512 <= flags
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def best_kernel_set(flags: frozenset[str] | None = None) -> str | None:
+    """The best OpenBLAS kernel set the CPU's flags allow (x86 only; None: leave it to
+    OpenBLAS)."""
+    flags = cpu_flags() if flags is None else flags
+    return next((name for name, needs in KERNEL_SETS if needs <= flags), None)
 
 
 def find_openblas() -> str | None:
@@ -79,16 +107,20 @@ def preload() -> None:
     if path is None:
         preload_note = "no OpenBLAS found"
         return
-    coretype = ""
-    if CORETYPE_ENV not in os.environ and _amd_with_avx512():
-        os.environ[CORETYPE_ENV] = coretype = "SKYLAKEX"  # read once, when OpenBLAS loads
+    chosen = []  # both variables are read once, when OpenBLAS loads
+    if CORETYPE_ENV not in os.environ and best_kernel_set():
+        os.environ[CORETYPE_ENV] = best_kernel_set()
+        chosen.append(f"{CORETYPE_ENV}={os.environ[CORETYPE_ENV]}")
+    if TIMEOUT_ENV not in os.environ:
+        os.environ[TIMEOUT_ENV] = THREAD_TIMEOUT
+        chosen.append(f"{TIMEOUT_ENV}={THREAD_TIMEOUT}")
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         preload_note = f"failed to load {path}: {e}"
         return
     preloaded_path = path
-    preload_note = "preloaded by mlxgpt" + (f", {CORETYPE_ENV}={coretype}" if coretype else "")
+    preload_note = "preloaded by mlxgpt" + "".join(f", {c}" for c in chosen)
 
 
 def openblas_core() -> str | None:
@@ -103,17 +135,35 @@ def openblas_core() -> str | None:
         return None
 
 
+def openblas_threads() -> int | None:
+    """How many threads the preloaded OpenBLAS uses."""
+    if preloaded_path is None:
+        return None
+    try:
+        return int(ctypes.CDLL(preloaded_path).openblas_get_num_threads())
+    except (OSError, AttributeError):
+        return None
+
+
 def kernels_note() -> str | None:
-    """The OpenBLAS kernels in use, with a hint when AVX2 kernels run on an AVX-512 AMD CPU
-    because ``OPENBLAS_CORETYPE`` was set by hand (the environment's choice is kept)."""
+    """The OpenBLAS kernels in use, and, when they are weaker than the CPU allows (an
+    OPENBLAS_CORETYPE set by hand, which is kept), what that costs and how to get the best."""
     core = openblas_core()
     if core is None:
         return None
-    if core.lower() in ("haswell", "zen") and _amd_with_avx512():
-        forced = f"{CORETYPE_ENV}={os.environ.get(CORETYPE_ENV)}"
-        return (f"{core} (AVX2); this CPU has AVX-512: without {forced} mlxgpt would use "
-                "the SkylakeX kernels (about 2x faster matmuls)")
-    return core
+    best = best_kernel_set()
+    level = _LEVEL.get(core.lower(), 0)
+    best_level = len(KERNEL_SETS) - [n for n, _ in KERNEL_SETS].index(best) if best else 0
+    threads = openblas_threads()
+    note = core + (f", {threads} threads" if threads else "")
+    if level >= best_level:
+        return note
+    have, want = MEASURED_GFLOPS.get(core), MEASURED_GFLOPS.get(best)
+    cost = (f" (1024^3 sgemm on one Xeon core: {have} vs {want} GFLOP/s, {want / have:.1f}x)"
+            if have and want else "")
+    how = (f"unset {CORETYPE_ENV} (now {os.environ[CORETYPE_ENV]}) or set it to {best}"
+           if os.environ.get(CORETYPE_ENV) else f"set {CORETYPE_ENV}={best}")
+    return f"{note}; this CPU allows {best}, which multiplies faster{cost}: {how}"
 
 
 def blas_in_use() -> str:
