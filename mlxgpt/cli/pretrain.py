@@ -61,8 +61,7 @@ def pretrain(resume: bool, quiet: bool, config_file: str | None, **options) -> N
         click.echo(f"stopped at step {result.step}{best}; continue with: mlxgpt pretrain "
                    f"--out {settings.out} --resume")
         sys.exit(130)
-    import mlx.core as mx
 
     click.echo(f"done: {result.step} steps, {result.tokens:,} tokens, {tok_s:,.0f} tokens/s, "
-               f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB{best}; "
+               f"peak memory {result.peak_memory / 2**30:.2f} GiB{best}; "
                f"model in {settings.out}/model")

@@ -162,7 +162,6 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
 
         restore = mlx_folder.restore_weights
 
-    mx.reset_peak_memory()
     result = train(model, lm_loss, train_data, cfg, out, save_weights=save,
                    load_weights=restore, val_data=val_data, sample=sample, resume=opts.resume,
                    fingerprint={"data": str(opts.data), "lora": str(lora)}, echo=echo)
@@ -170,7 +169,7 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
         publish(out, "best" if (out / "best").is_dir() else "last")
     tok_s = result.tokens / result.elapsed if result.elapsed else 0.0
     echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}: "
-         f"{tok_s:,.0f} tokens/s, peak memory {mx.get_peak_memory() / 2**30:.2f} GiB")
+         f"{tok_s:,.0f} tokens/s, peak memory {result.peak_memory / 2**30:.2f} GiB")
     what = "adapter" if lora is not None else "model"
     best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
     echo(f"{what} written to {out}{best}")

@@ -180,8 +180,11 @@ class _Run:
         batches = [shard(train_data.batch(self.micro_index + k), self.group)
                    for k in range(self.cfg.grad_accum)]
         mx.random.seed(step_seed(self.cfg.seed, self.result.step, self.group.rank()))
+        mx.reset_peak_memory()
         loss, ntok, gnorm = self.stepper.step(batches)
         mx.eval(loss, ntok, gnorm, self.stepper.state)
+        # Kept per step: evaluation and samples (stream_generate) reset MLX's counter too.
+        self.result.peak_memory = max(self.result.peak_memory, mx.get_peak_memory())
         loss_v, ntok_v = loss.item(), int(ntok.item())
         r = self.result
         r.step += 1
