@@ -63,8 +63,9 @@ def convert(
     quant, n_quant = None, 0
     if quantize_bits is not None:
         quant, n_quant = quantize(model, quantize_bits, group_size)
+    source_name = str(source) if revision is None else f"{source}@{revision}"
     mlx_folder.save_model(model, out, tok, force=force, quantization=quant,
-                    extra={"source": str(source) if revision is None else f"{source}@{revision}"})
+                          extra={"source": source_name})
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     dtype_name = str(float_dtype(model)).removeprefix("mlx.core.")
     return Summary(out, n_params, dtype_name, size, time.perf_counter() - t0, quant, n_quant,

@@ -108,8 +108,9 @@ def preload() -> None:
         preload_note = "no OpenBLAS found"
         return
     chosen = []  # both variables are read once, when OpenBLAS loads
-    if CORETYPE_ENV not in os.environ and best_kernel_set():
-        os.environ[CORETYPE_ENV] = best_kernel_set()
+    best = best_kernel_set()
+    if CORETYPE_ENV not in os.environ and best:
+        os.environ[CORETYPE_ENV] = best
         chosen.append(f"{CORETYPE_ENV}={os.environ[CORETYPE_ENV]}")
     if TIMEOUT_ENV not in os.environ:
         os.environ[TIMEOUT_ENV] = THREAD_TIMEOUT
@@ -152,11 +153,9 @@ def kernels_note() -> str | None:
     if core is None:
         return None
     best = best_kernel_set()
-    level = _LEVEL.get(core.lower(), 0)
-    best_level = len(KERNEL_SETS) - [n for n, _ in KERNEL_SETS].index(best) if best else 0
     threads = openblas_threads()
     note = core + (f", {threads} threads" if threads else "")
-    if level >= best_level:
+    if best is None or _LEVEL.get(core.lower(), 0) >= _LEVEL[best.lower()]:
         return note
     have, want = MEASURED_GFLOPS.get(core), MEASURED_GFLOPS.get(best)
     cost = (f" (1024^3 sgemm on one Xeon core: {have} vs {want} GFLOP/s, {want / have:.1f}x)"

@@ -262,4 +262,4 @@ def fuse_adapter(model_path: str, adapter: str, out: str, *, requantize: bool = 
     mx.eval(model.parameters())
     extra = {"fused_from": {"model": str(model_path), "adapter": str(adapter)}}
     return mlx_folder.save_model(model, out, tokenizer, force=force,
-                           quantization=quant if requantize else None, extra=extra)
+                                 quantization=quant if requantize else None, extra=extra)
