@@ -14,9 +14,10 @@ examples), ``training`` (the loop, LoRA, pretrain/finetune/eval), ``cli``.
 
 from __future__ import annotations
 
-from mlxgpt.cpu import blas
+from mlxgpt.cpu import blas, parallel
 
 blas.preload()  # must run before mlx is first imported; see mlxgpt/cpu/blas.py
+parallel.configure()  # before MLX's first evaluation; see mlxgpt/cpu/parallel.py
 
 from mlxgpt.checkpoints.load import load  # noqa: E402
 from mlxgpt.core.config import GPTConfig  # noqa: E402

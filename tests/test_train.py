@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from mlxgpt import GPT
 from mlxgpt.checkpoints import folder as ckpt
+from mlxgpt.cpu import parallel
 from mlxgpt.data.corpus import TokenBatches
 from mlxgpt.errors import MlxgptError
 from mlxgpt.training.config import TrainConfig
@@ -129,6 +130,64 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
     for k in p1:
         np.testing.assert_allclose(np.array(p1[k]), np.array(p2[k]), rtol=0, atol=1e-5,
                                    err_msg=k)
+
+
+@pytest.mark.parametrize("streams,accum", [(2, 1), (3, 2)])
+def test_rows_split_over_cpu_streams_train_like_one_stream(tmp_path, monkeypatch, streams, accum):
+    """mlxgpt/cpu/parallel.py: the batch's rows split over CPU streams (3 streams: rows of 3, 3
+    and 2) reach the losses, weights and validation loss of one stream, within 1e-5."""
+    results = {}
+    for n in (1, streams):
+        monkeypatch.setenv(parallel.STREAMS_ENV, str(n))
+        model = fresh_model()
+        data = TokenBatches(TOKENS, 8, 32, seed=3)
+        cfg = TrainConfig(steps=3, lr=1e-3, warmup=0, grad_accum=accum, eval_every=3,
+                          log_every=1)
+        r = train(model, lm_loss, data, cfg, tmp_path / f"s{n}", save_weights=save_weights,
+                  load_weights=load_weights, val_data=TokenBatches(TOKENS[3000:], 8, 32, seed=2),
+                  progress=False, echo=lambda m: None)
+        results[n] = (r, dict(tree_flatten(model.parameters())))
+    (r1, p1), (rn, pn) = results[1], results[streams]
+    np.testing.assert_allclose([v for _, v in r1.losses], [v for _, v in rn.losses],
+                               rtol=0, atol=1e-5)
+    assert r1.best_val_loss == pytest.approx(rn.best_val_loss, abs=1e-5)
+    for k in p1:
+        np.testing.assert_allclose(np.array(p1[k]), np.array(pn[k]), rtol=0, atol=1e-5,
+                                   err_msg=k)
+
+
+def test_masked_loss_split_over_streams_weights_rows_by_their_tokens(monkeypatch):
+    """Rows with different numbers of counted tokens: the streams' parts are token-weighted, so
+    the loss and gradient norm are the whole batch's; updated weights within 5e-6 (Adam's
+    m / sqrt(v) magnifies rounding in near-zero gradients, as in the PyTorch test below)."""
+    rng = np.random.default_rng(0)
+    x, y = mx.array(rng.integers(0, 64, size=(4, 32))), mx.array(rng.integers(0, 64, size=(4, 32)))
+    mask = mx.array((np.arange(32)[None, :] < np.array([[32], [3], [20], [1]])).astype(np.float32))
+    out = {}
+    for n in (1, 2):
+        monkeypatch.setenv(parallel.STREAMS_ENV, str(n))
+        model = fresh_model()
+        cfg = TrainConfig(steps=10, lr=1e-3, warmup=0)
+        opt = make_optimizer(cfg)
+        opt.init(model.trainable_parameters())
+        stepper = Stepper(model, lm_loss, opt, cfg, world())
+        assert len(stepper.streams) == (n if n > 1 else 0)
+        loss, count, norm = stepper.step([(x, y, mask)])
+        out[n] = (loss.item(), count.item(), norm.item(), dict(tree_flatten(model.parameters())))
+    assert out[1][1] == out[2][1] == 32 + 3 + 20 + 1
+    assert out[1][0] == pytest.approx(out[2][0], abs=1e-6)
+    assert out[1][2] == pytest.approx(out[2][2], rel=1e-5)
+    for k, v in out[1][3].items():
+        np.testing.assert_allclose(np.array(v), np.array(out[2][3][k]), rtol=0, atol=5e-6,
+                                   err_msg=k)
+
+
+def test_split_rows_cuts_near_equal_parts():
+    batch = (mx.arange(7 * 2).reshape(7, 2), mx.arange(7))
+    parts = parallel.split_rows(batch, 3)
+    assert [p[0].shape[0] for p in parts] == [2, 2, 3]
+    assert mx.array_equal(mx.concatenate([p[1] for p in parts]), batch[1])
+    assert len(parallel.split_rows(batch, 10)) == 7  # never an empty part
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

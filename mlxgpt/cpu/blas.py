@@ -18,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DISABLE_ENV = "MLXGPT_NO_BLAS_PRELOAD"
@@ -144,6 +146,25 @@ def openblas_threads() -> int | None:
         return int(ctypes.CDLL(preloaded_path).openblas_get_num_threads())
     except (OSError, AttributeError):
         return None
+
+
+@contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Run the block with OpenBLAS using ``n`` threads (``None``: leave it as it is)."""
+    if n is None or preloaded_path is None:
+        yield
+        return
+    try:
+        lib = ctypes.CDLL(preloaded_path)
+        before = int(lib.openblas_get_num_threads())
+    except (OSError, AttributeError):
+        yield
+        return
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)
 
 
 def kernels_note() -> str | None:

@@ -1,10 +1,12 @@
 """The compiled training step, and evaluation of a loss over batches.
 
 :class:`Stepper` builds, for one model and optimizer, the functions one optimizer update runs:
-with one micro-batch on one process, loss, gradients, clipping and the AdamW update are one
-compiled function; otherwise a compiled micro-step accumulates token-weighted gradients and a
-compiled update all-sums them across ranks. :class:`Evaluator` gives the token-weighted mean
-loss over any batches (the training loop's validation and ``mlxgpt eval`` alike).
+with one micro-batch on one process and one stream, loss, gradients, clipping and the AdamW
+update are one compiled function; otherwise a compiled micro-step accumulates token-weighted
+gradients and a compiled update sums them (across streams and ranks) and applies them. On the
+CPU each micro-batch's rows are split over one stream per core (:mod:`mlxgpt.cpu.parallel`).
+:class:`Evaluator` gives the token-weighted mean loss over any batches (the training loop's
+validation and ``mlxgpt eval`` alike), split over the same streams.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from ..core.backend import keep_freed_buffers
+from ..cpu import blas
+from ..cpu.parallel import new_streams, on_stream, split_rows, stream_count
 from .config import TrainConfig
 from .distributed import Batch, all_sum_tree, shard, world
 
@@ -28,14 +32,16 @@ LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (mean lo
 class Stepper:
     """The compiled functions of one optimizer update, for one model and optimizer.
 
-    Fast path (grad_accum 1, one process): loss, gradients, clipping and the AdamW update in
-    one compiled function. Otherwise: a compiled micro-step that accumulates ``n * grad`` and a
-    compiled update that all-sums across ranks and divides by the token count.
+    Fast path (grad_accum 1, one process, one stream): loss, gradients, clipping and the AdamW
+    update in one compiled function. Otherwise: a compiled micro-step per stream that
+    accumulates ``n * grad`` over its rows, and a compiled update that sums the streams'
+    accumulators, all-sums across ranks and divides by the token count.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: optim.Optimizer,
                  cfg: TrainConfig, group: mx.distributed.Group):
         self.model, self.opt, self.cfg, self.group = model, opt, cfg, group
+        self.streams = new_streams(stream_count(group.size()))
         keep_freed_buffers()
         self.state = [model.state, opt.state, mx.random.state]
         value_grad = nn.value_and_grad(model, loss_fn)
@@ -62,30 +68,40 @@ class Stepper:
                 "grads": tree_map(lambda a, g: a + g * n, acc["grads"], grads),
             }
 
-        def apply(acc: dict[str, Any]) -> tuple[mx.array, mx.array, mx.array]:
+        def apply(*accs: dict[str, Any]) -> tuple[mx.array, mx.array, mx.array]:
+            acc = tree_map(lambda *a: sum(a[1:], a[0]), *accs)
             acc = all_sum_tree(acc, group)
             n = mx.maximum(acc["n"], 1.0)
             grads = tree_map(lambda g: g / n, acc["grads"])
             return acc["loss"] / n, acc["n"], update(grads)
 
         wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if cfg.compile else None
-        self.fast = cfg.grad_accum == 1 and group.size() == 1
+        self.fast = cfg.grad_accum == 1 and group.size() == 1 and not self.streams
         self._fused = wrap(fused) if wrap else fused
-        self._micro = wrap(micro) if wrap else micro
+        micros = [on_stream(micro, s) for s in self.streams] or [micro]
+        self._micros = [wrap(m) for m in micros] if wrap else micros
         self._apply = wrap(apply) if wrap else apply
 
     def step(self, batches: Sequence[Batch]) -> tuple[mx.array, mx.array, mx.array]:
         """One optimizer update over this rank's shards of ``grad_accum`` micro-batches.
 
-        Returns (mean loss, tokens, gradient norm before clipping), all ranks together.
+        Returns (mean loss, tokens, gradient norm before clipping), all ranks together,
+        evaluated, with the model and optimizer state.
         """
-        if self.fast:
-            return self._fused(*batches[0])
-        zeros = tree_map(mx.zeros_like, self.model.trainable_parameters())
-        acc = {"loss": mx.array(0.0), "n": mx.array(0.0), "grads": zeros}
+        with blas.threads(1 if self.streams else None):  # the streams use the cores
+            out = self._fused(*batches[0]) if self.fast else self._accumulate(batches)
+            mx.eval(out, self.state)
+        return out
+
+    def _accumulate(self, batches: Sequence[Batch]) -> tuple[mx.array, mx.array, mx.array]:
+        accs = []
         for b in batches:
-            acc = self._micro(acc, *b)
-        return self._apply(acc)
+            for j, rows in enumerate(split_rows(b, len(self._micros))):
+                if j == len(accs):
+                    zeros = tree_map(mx.zeros_like, self.model.trainable_parameters())
+                    accs.append({"loss": mx.array(0.0), "n": mx.array(0.0), "grads": zeros})
+                accs[j] = self._micros[j](accs[j], *rows)
+        return self._apply(*accs)
 
 
 class Evaluator:
@@ -94,19 +110,24 @@ class Evaluator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, compile: bool = True,
                  group: mx.distributed.Group | None = None):
         self.group = group or world()
+        self.streams = new_streams(stream_count(self.group.size()))
 
         def loss_sum(*batch: mx.array) -> mx.array:
             loss, n = loss_fn(model, *batch)
             n = n.astype(mx.float32)
             return mx.stack([loss * n, n])
 
-        self._loss_sum = mx.compile(loss_sum, inputs=model.state) if compile else loss_sum
+        fns = [on_stream(loss_sum, s) for s in self.streams] or [loss_sum]
+        self._loss_sums = [mx.compile(f, inputs=model.state) for f in fns] if compile else fns
 
     def __call__(self, batches: Iterable[Batch]) -> tuple[float, int]:
         """(mean loss, tokens counted) over ``batches`` (global batches; each rank its rows)."""
         total = mx.zeros((2,))
-        for batch in batches:
-            total = total + self._loss_sum(*shard(batch, self.group))
-            mx.eval(total)
+        with blas.threads(1 if self.streams else None):
+            for batch in batches:
+                parts = split_rows(shard(batch, self.group), len(self._loss_sums))
+                sums = [f(*rows) for f, rows in zip(self._loss_sums, parts, strict=False)]
+                total = total + sum(sums[1:], sums[0])
+                mx.eval(total)
         loss_sum, n = all_sum_tree(total, self.group).tolist()
         return loss_sum / max(n, 1.0), int(n)
