@@ -6,9 +6,9 @@ training step on one stream therefore leaves all cores but one idle for much of 
 many threads OpenBLAS has. Splitting the batch's rows over one stream per core, each stream with
 its own compiled function and one BLAS thread, runs the whole step on every core.
 
-Measured (2 cores of an Intel Xeon, OpenBLAS 0.3.21 SkylakeX kernels, ``tools/bench_train.py``):
-the 6/6/384 config went from 1,319 tokens/s (one stream, 2 BLAS threads) to ~1,950 (two streams,
-1 BLAS thread each), the 4/4/128 one from 8,400 to ~11,800.
+Measured (2 cores of an Intel Xeon, OpenBLAS 0.3.21 SkylakeX kernels, ``tools/bench_train.py``,
+same run): 6/6/384 1,261 -> 1,989 tokens/s, 4/4/128 8,534 -> 11,012 (one stream with 2 BLAS
+threads -> two streams with one each).
 
 Two things make that work. MLX orders a graph breadth-first only up to
 :data:`BFS_WIDTH` arrays wide (``MLX_BFS_MAX_WIDTH``, default 20) and keeps at most ten tasks in
