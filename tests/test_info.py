@@ -69,3 +69,16 @@ def test_weaker_kernels_set_by_hand_are_kept_and_the_fix_is_named(info):
     assert kernels.split()[1].rstrip(",").lower() == "prescott"  # the environment's choice
     assert f"this CPU allows {blas.best_kernel_set()}" in kernels
     assert f"unset {blas.CORETYPE_ENV} (now Prescott)" in kernels
+
+
+def test_training_streams_follow_the_cores_and_the_override(info, mlxgpt_process):
+    from mlxgpt.cpu import parallel
+
+    line = next(x for x in info().splitlines() if x.startswith("training"))
+    cores = parallel.cpu_cores()
+    assert line.split()[1] == str(cores), line
+    assert info(MLXGPT_CPU_STREAMS="1").count("1 CPU stream ") == 1
+    bad = mlxgpt_process("info", env={**os.environ, "MLXGPT_CPU_STREAMS": "two"}, timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "Error: MLXGPT_CPU_STREAMS must be a whole number, not 'two'"]

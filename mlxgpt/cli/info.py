@@ -11,7 +11,7 @@ def info() -> None:
     import mlx.core as mx
 
     from mlxgpt.core.backend import default_dtype, kernels_report
-    from mlxgpt.cpu import blas
+    from mlxgpt.cpu import blas, parallel
 
     device = mx.default_device()
     backend = "metal" if mx.metal.is_available() else ("cuda" if _cuda() else "cpu")
@@ -27,6 +27,11 @@ def info() -> None:
     if blas_kernels:
         click.echo(f"kernels     {blas_kernels}")
     click.echo(f"model ops   {kernels_report()}")
+    streams = parallel.stream_count()
+    if device == mx.cpu:
+        click.echo(f"training    {streams} CPU stream{'s' * (streams > 1)} "
+                   f"({'rows of each batch split over them, ' if streams > 1 else ''}"
+                   f"{parallel.STREAMS_ENV} overrides)")
 
 
 def _cuda() -> bool:
