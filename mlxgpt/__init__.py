@@ -5,6 +5,8 @@
     >>> print(generate(model, tokenizer, "Once upon a time", max_tokens=50))
     >>> for r in stream_generate(model, tokenizer, "Hello"):
     ...     print(r.text, end="", flush=True)
+    >>> clf, tokenizer = load_classifier("path/to/classifier")   # finetune --task classify
+    >>> classify(clf, tokenizer, ["A gorgeous, witty film."])     # [Prediction(label, prob)]
 
 The package's parts: ``core`` (config, model, backend choices), ``cpu`` (BLAS, arithmetic-only
 kernels, weight layouts), ``checkpoints`` (model folders, Hugging Face conversion, quantization),
@@ -19,10 +21,22 @@ from mlxgpt.cpu import blas, parallel
 blas.preload()  # must run before mlx is first imported; see mlxgpt/cpu/blas.py
 parallel.configure()  # before MLX's first evaluation; see mlxgpt/cpu/parallel.py
 
-from mlxgpt.checkpoints.load import load  # noqa: E402
+from mlxgpt.checkpoints.load import load, load_classifier  # noqa: E402
+from mlxgpt.core.classifier import GPTClassifier  # noqa: E402
 from mlxgpt.core.config import GPTConfig  # noqa: E402
 from mlxgpt.core.model import GPT  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
 from mlxgpt.generation.generate import generate, stream_generate  # noqa: E402
 
-__all__ = ["GPT", "GPTConfig", "MlxgptError", "generate", "load", "stream_generate"]
+__all__ = ["GPT", "GPTClassifier", "GPTConfig", "MlxgptError", "classify", "generate", "load",
+           "load_classifier", "stream_generate"]
+
+
+def __getattr__(name: str):
+    # ``classify`` lives with the training code; importing it only when used keeps
+    # ``import mlxgpt`` (and every command) from paying for the trainer.
+    if name == "classify":
+        from mlxgpt.training.classify import classify
+
+        return classify
+    raise AttributeError(f"module 'mlxgpt' has no attribute {name!r}")

@@ -10,17 +10,24 @@ reads the file straight out of the nested archives (nothing is extracted to disk
 
     OUT/train.jsonl  OUT/valid.jsonl  OUT/test.jsonl     {"prompt": "Review: ...\\nSentiment:",
                                                           "completion": " positive"}
+                                  with --format text-label: {"text": "...", "label": "positive"}
     OUT/SOURCE.md                                        provenance, label rule, split sizes
 
 Label: "positive" when the mean human rating is >= +0.5, "negative" when <= -0.5; the 533
 snippets in between (about neutral: even people disagree) are left out. The split is a seeded
 shuffle: 1,000 test, 500 valid, the rest train.
 
+The two formats hold the same snippets in the same splits (one seeded shuffle), so results of
+a classifier head (``--format text-label`` for ``mlxgpt finetune --task classify``) and of
+generated labels compare on the same test examples.
+
 With ``--run --model M`` it then does what the README shows, through the ``mlxgpt`` command:
 ``eval --task classify`` of the base model on the test split, ``finetune`` with LoRA, and
-``eval`` again with the adapter, and prints accuracy before and after.
+``eval`` again with the adapter, and prints accuracy before and after. With ``--format
+text-label`` it runs ``finetune --task classify`` and evaluates the classifier instead.
 
     python tools/sentiment_example.py --out data/sentiment
+    python tools/sentiment_example.py --out data/sentiment-head --format text-label
     python tools/sentiment_example.py --out data/sentiment --run [--model MODEL] --steps 400 \\
         -- --lr 1e-3 --batch-size 16          # anything after -- goes to mlxgpt finetune
 """
@@ -81,13 +88,20 @@ def read_snippets(sdist: Path) -> list[tuple[float, str]]:
     return rows
 
 
-def build(out: Path, cache: Path, seed: int = 0) -> dict[str, int]:
+FORMATS = ("prompt", "text-label")
+
+
+def record(text: str, label: str, fmt: str) -> dict[str, str]:
+    """One JSONL line in ``fmt``: prompt/completion (generated labels) or text/label (a head)."""
+    if fmt == "text-label":
+        return {"text": text, "label": label}
+    return {"prompt": PROMPT.format(text=text), "completion": f" {label}"}
+
+
+def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt") -> dict[str, int]:
     rows = read_snippets(fetch_sdist(cache))
-    labelled = [
-        {"prompt": PROMPT.format(text=text), "completion": " positive" if s > 0 else " negative"}
-        for s, text in rows
-        if abs(s) >= THRESHOLD
-    ]
+    labelled = [record(text, "positive" if s > 0 else "negative", fmt)
+                for s, text in rows if abs(s) >= THRESHOLD]
     random.Random(seed).shuffle(labelled)
     splits = {
         "test": labelled[:N_TEST],
@@ -101,7 +115,8 @@ def build(out: Path, cache: Path, seed: int = 0) -> dict[str, int]:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out / f"{name}.jsonl")
     counts = {n: len(v) for n, v in splits.items()}
-    pos = {n: sum(r["completion"] == " positive" for r in v) for n, v in splits.items()}
+    pos = {n: sum(r.get("label", r.get("completion", "").strip()) == "positive" for r in v)
+           for n, v in splits.items()}
     (out / "SOURCE.md").write_text(
         f"# Movie-review sentiment (built by tools/sentiment_example.py)\n\n"
         f"Source: `{SNIPPETS}` inside `{INNER}` of the PyPI sdist `{PACKAGE}` "
@@ -109,7 +124,7 @@ def build(out: Path, cache: Path, seed: int = 0) -> dict[str, int]:
         f"Rotten Tomatoes reviews, rated by >= 20 people (Hutto & Gilbert, ICWSM-14).\n\n"
         f"Label: positive if mean rating >= {THRESHOLD}, negative if <= -{THRESHOLD}; "
         f"{len(rows) - len(labelled)} near-neutral snippets dropped. "
-        f"Seeded shuffle (seed {seed}).\n\n"
+        f"Seeded shuffle (seed {seed}). Format: {fmt}.\n\n"
         + "".join(f"- {n}: {counts[n]} examples ({pos[n]} positive)\n" for n in counts),
         encoding="utf-8",
     )
@@ -139,6 +154,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("data/sentiment"))
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mlxgpt-dl")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", choices=FORMATS, default="prompt",
+                    help="prompt: prompt/completion lines (generated labels); text-label: "
+                         "text/label lines for a classifier head (finetune --task classify)")
     ap.add_argument("--run", action="store_true", help="also evaluate, fine-tune, evaluate")
     ap.add_argument("--model", help="base model for --run (default: the shipped model)")
     ap.add_argument("--adapter-out", type=Path, help="adapter folder (default OUT/adapter)")
@@ -147,7 +165,7 @@ def main() -> None:
     ap.add_argument("finetune_args", nargs="*", help="extra options for mlxgpt finetune (after --)")
     args = ap.parse_args()
 
-    counts = build(args.out, args.cache, args.seed)
+    counts = build(args.out, args.cache, args.seed, args.format)
     print(f"wrote {args.out}: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
     if not args.run:
         return
@@ -158,6 +176,14 @@ def main() -> None:
     adapter = args.adapter_out or args.out / "adapter"
     test = str(args.out / "test.jsonl")
     limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+    if args.format == "text-label":  # a classifier head: there is no "before" to score
+        t0 = time.time()
+        mlxgpt("finetune", "--task", "classify", "--model", args.model, "--data", str(args.out),
+               "--out", str(adapter), "--steps", str(args.steps), "--force", *args.finetune_args)
+        minutes = (time.time() - t0) / 60
+        mlxgpt("eval", "--task", "classify", "--model", str(adapter), "--data", test, *limit)
+        print(f"\nclassifier {adapter} from {args.model} (fine-tuning took {minutes:.1f} min)")
+        return
     before = mlxgpt("eval", "--model", args.model, "--data", test, "--task", "classify", *limit)
     t0 = time.time()
     mlxgpt("finetune", "--model", args.model, "--data", str(args.out), "--out", str(adapter),

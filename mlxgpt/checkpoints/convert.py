@@ -1,5 +1,6 @@
 """``mlxgpt convert``: a Hugging Face GPT-2 checkpoint (folder or hub id) -> an mlxgpt model
-folder, optionally cast to another dtype or quantized."""
+folder, optionally cast to another dtype or quantized. A ``GPT2ForSequenceClassification``
+checkpoint becomes a classifier folder (its GPT cast or quantized; the head stays float)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from ..errors import MlxgptError
 from . import folder as mlx_folder
-from .hf import load_hf
+from .hf import is_hf_classifier, load_hf, load_hf_classifier
 from .hub import resolve_source
 from .quantize import check_quant_options, float_dtype, quantize
 
@@ -25,6 +26,7 @@ class Summary:
     quantization: dict[str, int] | None = None
     quantized_layers: int = 0
     tokenizer: str | None = None
+    labels: int = 0  # a classifier's label count
 
     def line(self) -> str:
         q = ""
@@ -33,7 +35,8 @@ class Summary:
                  f"{self.quantized_layers} layers)")
         tok = self.tokenizer or "none (token ids only)"
         n = f"{self.n_params / 1e6:.1f}M" if self.n_params >= 100_000 else f"{self.n_params:,}"
-        return (f"wrote {self.out_dir}: {n} parameters, {self.dtype}{q}, "
+        head = f", classifier with {self.labels} labels" if self.labels else ""
+        return (f"wrote {self.out_dir}: {n} parameters, {self.dtype}{q}{head}, "
                 f"tokenizer {tok}, {self.size_bytes / 1e6:.1f} MB, {self.seconds:.1f} s")
 
 
@@ -58,15 +61,24 @@ def convert(
     folder = resolve_source(source, revision)
     if mlx_folder.is_model_folder(folder):
         raise MlxgptError(f"{source}: already an mlxgpt model folder (load it as it is)")
-    model, tok = load_hf(folder, target)
+    clf = None
+    if is_hf_classifier(folder):
+        clf, tok = load_hf_classifier(folder, target)
+        model = clf.transformer
+    else:
+        model, tok = load_hf(folder, target)
     n_params = model.n_params  # before quantization packs the weights
     quant, n_quant = None, 0
     if quantize_bits is not None:
         quant, n_quant = quantize(model, quantize_bits, group_size)
     source_name = str(source) if revision is None else f"{source}@{revision}"
-    mlx_folder.save_model(model, out, tok, force=force, quantization=quant,
-                          extra={"source": source_name})
+    if clf is None:
+        mlx_folder.save_model(model, out, tok, force=force, quantization=quant,
+                              extra={"source": source_name})
+    else:
+        mlx_folder.save_classifier(clf, out, tok, force=force, quantization=quant,
+                                   extra={"source": source_name})
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     dtype_name = str(float_dtype(model)).removeprefix("mlx.core.")
     return Summary(out, n_params, dtype_name, size, time.perf_counter() - t0, quant, n_quant,
-                   getattr(tok, "name", None))
+                   getattr(tok, "name", None), 0 if clf is None else len(clf.labels))

@@ -5,6 +5,11 @@ mlx-lm uses for GPT-2, so mlx-lm can load an mlxgpt folder as it is. ``config.js
 Hugging Face GPT-2 keys, ``quantization: {group_size, bits}`` when quantized, and an ``mlxgpt``
 section (format version, tokenizer description). Every write is atomic (:mod:`.files`).
 This module reads and writes mlxgpt's own format only; Hugging Face folders are :mod:`.hf`'s.
+
+A classifier folder (:class:`~mlxgpt.core.classifier.GPTClassifier`) is a model folder (its
+GPT, which loads as a plain language model too) plus the head: ``classifier.safetensors``
+(``score.weight``, ``(labels, n_embd)``) and ``classifier.json`` (the labels, in id order).
+Training checkpoints carry the same two head files next to an adapter or alone.
 """
 
 from __future__ import annotations
@@ -18,16 +23,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..core.classifier import GPTClassifier
 from ..core.config import GPTConfig
 from ..core.model import GPT
 from ..errors import MlxgptError
 from .files import atomic_dir, read_json
-from .quantize import quantize_as_stored
+from .quantize import float_dtype, quantize_as_stored
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 KEY_PREFIX = "model."
+HEAD_WEIGHTS = "classifier.safetensors"
+HEAD_CONFIG = "classifier.json"
+HEAD_FORMAT = "mlxgpt-classifier"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -193,3 +202,73 @@ def shipped_model() -> Path:
             "or train one with `mlxgpt pretrain`"
         )
     return found[0]
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+def is_classifier_folder(path: str | os.PathLike) -> bool:
+    """True for a model folder that also holds a classifier head."""
+    return is_model_folder(path) and (Path(path) / HEAD_CONFIG).is_file()
+
+
+def write_head(clf: GPTClassifier, folder: Path) -> None:
+    """Write the head's two files (weights, labels) into an existing (temporary) folder."""
+    mx.save_safetensors(str(Path(folder) / HEAD_WEIGHTS), {"score.weight": clf.score.weight},
+                        metadata={"format": "mlx"})
+    meta = {"format": HEAD_FORMAT, "version": 1, "labels": list(clf.labels)}
+    (Path(folder) / HEAD_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def read_labels(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The labels of the head in ``folder``, in id order."""
+    path = Path(folder) / HEAD_CONFIG
+    labels = read_json(path).get("labels")
+    if (not isinstance(labels, list) or len(labels) < 2
+            or not all(isinstance(x, str) for x in labels)):
+        raise MlxgptError(f"{path}: needs \"labels\", a list of two or more strings")
+    return tuple(labels)
+
+
+def restore_head(clf: GPTClassifier, folder: str | os.PathLike) -> None:
+    """Load the head weights in ``folder`` into ``clf`` (same labels and shape, checked)."""
+    path = Path(folder) / HEAD_WEIGHTS
+    labels = read_labels(folder)
+    if labels != clf.labels:
+        raise MlxgptError(f"{folder}: the head's labels ({', '.join(labels)}) are not "
+                          f"({', '.join(clf.labels)})")
+    weights = load_safetensors(path)
+    w, want = weights.get("score.weight"), clf.score.weight
+    if w is None or len(weights) != 1:
+        raise MlxgptError(f"{path}: expected one tensor, score.weight")
+    if tuple(w.shape) != tuple(want.shape):
+        raise MlxgptError(f"{path}: score.weight has shape {tuple(w.shape)}, "
+                          f"expected {tuple(want.shape)}")
+    clf.score.weight = w.astype(want.dtype)
+
+
+def write_classifier_files(clf: GPTClassifier, folder: Path, tokenizer: Any = None,
+                           **kwargs: Any) -> None:
+    """A classifier folder's files (:func:`write_model_files` options apply to the GPT)."""
+    write_model_files(clf.transformer, folder, tokenizer, **kwargs)
+    write_head(clf, folder)
+
+
+def save_classifier(clf: GPTClassifier, out_dir: str | os.PathLike, tokenizer: Any = None, *,
+                    force: bool = False, **kwargs: Any) -> Path:
+    """Write ``clf`` as a classifier folder, atomically."""
+    with atomic_dir(out_dir, force=force) as tmp:
+        write_classifier_files(clf, tmp, tokenizer, **kwargs)
+    return Path(out_dir)
+
+
+def load_classifier_folder(path: str | os.PathLike,
+                           dtype: mx.Dtype | None = None) -> GPTClassifier:
+    """Load a classifier folder (see the module docstring), in eval mode."""
+    gpt = load_model(path, dtype)
+    clf = GPTClassifier(gpt, read_labels(path))
+    clf.score.weight = clf.score.weight.astype(dtype or float_dtype(gpt))
+    restore_head(clf, path)
+    clf.eval()
+    mx.eval(clf.parameters())
+    return clf

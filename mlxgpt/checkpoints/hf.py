@@ -5,6 +5,12 @@ In: ``config.json`` with ``model.safetensors``, sharded safetensors
 unpickled with code execution). Hugging Face keeps Conv1D weights as ``(in, out)``; MLX's Linear
 wants ``(out, in)``, so those four per block are transposed. Out (:func:`export`): a Hugging
 Face folder that ``transformers`` loads.
+
+Classifiers: a ``GPT2ForSequenceClassification`` folder (``transformer.*`` + ``score.weight``,
+labels in ``id2label``) is read by :func:`load_hf_classifier`, and an mlxgpt classifier folder
+is exported as one, with ``pad_token_id`` set to end-of-text (which mlxgpt never makes from
+text) so that ``transformers`` finds each row's last real token. Loaded as a plain language
+model, such a folder gives its GPT (the head is left out).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..core.classifier import GPTClassifier
 from ..core.config import GPTConfig
 from ..core.model import GPT
 from ..errors import MlxgptError, warn
@@ -38,6 +45,8 @@ GPT2_VOCAB = 50257
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers older checkpoints carry next to the weights.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
+SCORE = "score.weight"  # GPT2ForSequenceClassification's head
+CLASSIFIER_ARCH = "GPT2ForSequenceClassification"
 
 
 def read_hf_weights(folder: Path) -> dict[str, mx.array]:
@@ -84,7 +93,7 @@ def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[GPTConf
     weights: dict[str, mx.array] = {}
     for key, value in hf.items():
         key = key.removeprefix("transformer.")
-        if key.endswith(_BUFFERS):
+        if key.endswith(_BUFFERS) or key == SCORE:  # the head: see load_hf_classifier
             continue
         if key.endswith(_CONV1D) and value.ndim == 2:
             value = value.T  # (in, out) -> (out, in)
@@ -129,6 +138,12 @@ def hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
 
 def load_hf(folder: Path, dtype: mx.Dtype | None = None) -> tuple[GPT, Tokenizer]:
     """A Hugging Face GPT-2 folder -> (model, tokenizer), in memory."""
+    model, tokenizer, _, _ = _load_hf(folder, dtype)
+    return model, tokenizer
+
+
+def _load_hf(folder: Path, dtype: mx.Dtype | None) -> tuple[GPT, Tokenizer, dict, dict]:
+    """(model, tokenizer, raw config, raw tensors) of a Hugging Face GPT-2 folder."""
     if not (folder / "config.json").is_file():
         raise MlxgptError(f"{folder}: no config.json (not a model folder)")
     raw_cfg = read_json(folder / "config.json")
@@ -136,7 +151,42 @@ def load_hf(folder: Path, dtype: mx.Dtype | None = None) -> tuple[GPT, Tokenizer
     cfg, weights = hf_to_mlx(raw_cfg, hf)
     weights = cast_floats(weights, dtype)
     model = mlx_folder.build_model(cfg, weights, source=str(folder))
-    return model, hf_tokenizer(folder, cfg.vocab_size)
+    return model, hf_tokenizer(folder, cfg.vocab_size), raw_cfg, hf
+
+
+def is_hf_classifier(folder: Path) -> bool:
+    """True for a Hugging Face folder whose config names GPT2ForSequenceClassification."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and CLASSIFIER_ARCH in (raw.get("architectures") or [])
+
+
+def load_hf_classifier(folder: Path,
+                       dtype: mx.Dtype | None = None) -> tuple[GPTClassifier, Tokenizer]:
+    """A Hugging Face GPT2ForSequenceClassification folder -> (classifier, tokenizer).
+
+    Labels come from ``id2label`` (``LABEL_<i>`` where it has none, as ``transformers``).
+    """
+    model, tokenizer, raw_cfg, hf = _load_hf(folder, dtype)
+    score = hf.get(SCORE)
+    if score is None or score.ndim != 2 or score.shape[1] != model.config.n_embd:
+        raise MlxgptError(f"{folder}: not a GPT-2 sequence classifier (no {SCORE} of shape "
+                          f"(labels, {model.config.n_embd}))")
+    id2label = raw_cfg.get("id2label") or {}
+    if not isinstance(id2label, dict):
+        raise MlxgptError(f"{folder / 'config.json'}: id2label must be an object")
+    n = score.shape[0]
+    if int(raw_cfg.get("num_labels", n)) != n:
+        raise MlxgptError(f"{folder / 'config.json'}: num_labels={raw_cfg['num_labels']}, but "
+                          f"{SCORE} has {n} rows")
+    labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(n)]
+    clf = GPTClassifier(model, labels)
+    clf.score.weight = score.astype(model.wte.weight.dtype)
+    clf.eval()
+    mx.eval(clf.parameters())
+    return clf, tokenizer
 
 
 # --------------------------------------------------------------------------- export
@@ -152,9 +202,24 @@ def mlx_to_hf(model: GPT) -> dict[str, mx.array]:
     return out
 
 
+def classifier_to_hf(clf: GPTClassifier, tokenizer: Tokenizer) -> tuple[dict, dict[str, Any]]:
+    """A classifier's weights and config as Hugging Face's GPT2ForSequenceClassification."""
+    weights = mlx_to_hf(clf.transformer)
+    weights.pop("lm_head.weight", None)  # an untied LM head has no place in the classifier
+    weights[SCORE] = clf.score.weight
+    cfg = clf.config.to_dict()
+    eot = tokenizer.eot_id if tokenizer.eot_id is not None else cfg["eos_token_id"]
+    cfg.update(architectures=[CLASSIFIER_ARCH], num_labels=len(clf.labels),
+               id2label={str(i): label for i, label in enumerate(clf.labels)},
+               label2id={label: i for i, label in enumerate(clf.labels)}, pad_token_id=eot,
+               tie_word_embeddings=True)  # no LM head is stored: nothing to untie
+    return weights, cfg
+
+
 def export(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
            force: bool = False) -> Path:
-    """Write an mlxgpt model folder as a Hugging Face GPT-2 folder (quantized -> dequantized).
+    """Write an mlxgpt model folder as a Hugging Face GPT-2 folder (quantized -> dequantized);
+    a classifier folder becomes a GPT2ForSequenceClassification folder.
 
     The tokenizer's files (``vocab.json`` + ``merges.txt`` for BPE) come along; a model that
     works on token ids only is exported without them.
@@ -165,10 +230,13 @@ def export(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise MlxgptError(f"{out} already exists (use --force to replace it)")
     if not mlx_folder.is_model_folder(folder):
         raise MlxgptError(f"{folder}: not an mlxgpt model folder")
-    model = mlx_folder.load_model(folder)
     tok = load_tokenizer(folder, mlx_folder.read_folder_meta(folder).get("tokenizer"))
-    weights = mlx_to_hf(model)
-    cfg = model.config.to_dict()
+    classifier = mlx_folder.is_classifier_folder(folder)
+    if classifier:
+        weights, cfg = classifier_to_hf(mlx_folder.load_classifier_folder(folder), tok)
+    else:
+        model = mlx_folder.load_model(folder)
+        weights, cfg = mlx_to_hf(model), model.config.to_dict()
     cfg["torch_dtype"] = str(weights["transformer.wte.weight"].dtype).removeprefix("mlx.core.")
     with atomic_dir(out, force=force) as tmp:
         mx.save_safetensors(str(tmp / SAFETENSORS), weights, metadata={"format": "pt"})
@@ -177,4 +245,17 @@ def export(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             warn("the model has no tokenizer; exported without tokenizer files")
         else:
             tok.save(tmp)  # vocab.json + merges.txt + tokenizer_config.json, what HF reads
+            if classifier:
+                _pad_with_eos(tmp / "tokenizer_config.json")
     return out
+
+
+def _pad_with_eos(path: Path) -> None:
+    """Give a classifier's tokenizer its padding token (end-of-text, as ``pad_token_id``), so
+    that transformers' tokenizer and pipelines can pad batches."""
+    if not path.is_file():
+        return
+    tok_cfg = read_json(path)
+    if tok_cfg.get("eos_token") and not tok_cfg.get("pad_token"):
+        tok_cfg["pad_token"] = tok_cfg["eos_token"]
+        path.write_text(json.dumps(tok_cfg, indent=2), encoding="utf-8")

@@ -5,6 +5,9 @@ A reference is an mlxgpt model folder, a Hugging Face GPT-2 folder or a hub id (
 by :mod:`.hf` (nothing is written). The dtype follows the device unless asked: the CPU has no fast
 half-precision matmul, so half-precision weights are upcast to float32 there; a GPU keeps what is
 stored.
+
+``load_classifier`` does the same for classifiers: an mlxgpt classifier folder or a Hugging Face
+``GPT2ForSequenceClassification`` folder -> (GPTClassifier, tokenizer).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import os
 import mlx.core as mx
 
 from ..core.backend import on_cpu
+from ..core.classifier import GPTClassifier
 from ..core.model import GPT
+from ..errors import MlxgptError
 from ..tokenizers import Tokenizer, load_tokenizer
 from . import folder as mlx_folder
-from .hf import load_hf
+from .hf import is_hf_classifier, load_hf, load_hf_classifier
 from .hub import resolve_source
 
 _HALF = (mx.float16, mx.bfloat16)
@@ -50,3 +55,32 @@ def load(
 
         model = load_adapter(model, adapter)
     return model, tokenizer
+
+
+def is_classifier(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> bool:
+    """True when the reference is an mlxgpt classifier folder or a Hugging Face
+    GPT2ForSequenceClassification checkpoint."""
+    folder = resolve_source(path_or_hub_id, revision)
+    return mlx_folder.is_classifier_folder(folder) or is_hf_classifier(folder)
+
+
+def load_classifier(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    revision: str | None = None,
+) -> tuple[GPTClassifier, Tokenizer]:
+    """Load a classifier and its tokenizer (``dtype`` as for :func:`load`), in eval mode."""
+    explicit = mlx_folder.parse_dtype(dtype)
+    folder = resolve_source(path_or_hub_id, revision)
+    if mlx_folder.is_classifier_folder(folder):
+        clf = mlx_folder.load_classifier_folder(folder, explicit)
+        tokenizer = load_tokenizer(folder, mlx_folder.read_folder_meta(folder).get("tokenizer"))
+    elif is_hf_classifier(folder):
+        clf, tokenizer = load_hf_classifier(folder, explicit)
+    else:
+        raise MlxgptError(f"{path_or_hub_id}: not a classifier (no {mlx_folder.HEAD_CONFIG}; "
+                          "make one with `mlxgpt finetune --task classify`)")
+    if explicit is None and on_cpu():
+        clf.set_dtype(mx.float32, lambda t: t in _HALF)
+    return clf, tokenizer

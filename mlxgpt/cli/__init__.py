@@ -27,6 +27,7 @@ COMMANDS = {
     "finetune": "finetune:finetune",
     "fuse": "finetune:fuse",
     "eval": "finetune:evaluate",
+    "classify": "classify:classify",
 }
 
 

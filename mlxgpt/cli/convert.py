@@ -20,6 +20,7 @@ def convert(source, out_dir, revision, dtype, bits, group_size, force):
 
     SOURCE is a local Hugging Face folder (model.safetensors, sharded safetensors or
     pytorch_model.bin) or a hub id such as "gpt2" (HF_HUB_OFFLINE=1 uses the local cache only).
+    A GPT2ForSequenceClassification checkpoint becomes a classifier folder.
     """
     from mlxgpt.checkpoints.convert import convert as run
 
@@ -36,8 +37,8 @@ def convert(source, out_dir, revision, dtype, bits, group_size, force):
 def export(model, out_dir, force):
     """Write an mlxgpt model folder back out as a Hugging Face GPT-2 folder.
 
-    transformers' GPT2LMHeadModel.from_pretrained(OUT_DIR) loads it; quantized models are
-    dequantized.
+    transformers' GPT2LMHeadModel.from_pretrained(OUT_DIR) loads it (a classifier folder:
+    GPT2ForSequenceClassification); quantized models are dequantized.
     """
     from mlxgpt.checkpoints.hf import export as run
 

@@ -4,7 +4,8 @@ import sys
 
 import click
 
-from mlxgpt.cli.options import dtype_option
+from mlxgpt.cli.options import dtype_option, positive
+from mlxgpt.errors import MlxgptError
 
 
 @click.command()
@@ -12,7 +13,15 @@ from mlxgpt.cli.options import dtype_option
 @click.option("--data", required=True, type=click.Path(exists=True),
               help="Folder with train.jsonl [valid.jsonl test.jsonl], or one .jsonl file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Adapter folder to write (checkpoints, log and plot go there too).")
+              help="Adapter folder to write (a model folder with --full, a classifier folder "
+                   "with --task classify; checkpoints, log and plot go there too).")
+@click.option("--task", type=click.Choice(["lm", "classify"]), default="lm", show_default=True,
+              help='lm: learn to write the data; classify: a classifier head trained on '
+                   '{"text", "label"} lines.')
+@click.option("--lm-weight", type=float,
+              help="classify: weight of the auxiliary language-model loss [default: 0.5].")
+@click.option("--head-only", is_flag=True,
+              help="classify: train the head alone (the GPT stays frozen).")
 @click.option("--val-fraction", type=float,
               help="Hold out this share of a single file for validation [default: 0.1 for a "
                    "file, none for a folder without valid.jsonl].")
@@ -34,7 +43,8 @@ from mlxgpt.cli.options import dtype_option
 @click.option("--steps", type=int, help="Optimizer steps [default: one pass over the data].")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--grad-accum", default=1, show_default=True)
-@click.option("--lr", type=float, help="Peak learning rate [default: 2e-4 LoRA, 2e-5 full].")
+@click.option("--lr", type=float,
+              help="Peak learning rate [default: 2e-4 LoRA, 2e-5 full, 1e-3 head only].")
 @click.option("--min-lr", type=float, help="Learning rate at the end [default: lr / 10].")
 @click.option("--warmup", type=int, help="Warmup steps [default: 5% of steps, at most 100].")
 @click.option("--weight-decay", default=0.0, show_default=True)
@@ -48,28 +58,43 @@ from mlxgpt.cli.options import dtype_option
 @dtype_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Start over in an --out that holds a run.")
-def finetune(model, data, out, val_fraction, mask_prompt, rank, alpha, dropout, targets, layers,
-             full, quantize, grad_checkpoint, steps, batch_size, grad_accum, lr, min_lr, warmup,
-             weight_decay, grad_clip, max_seq_len, eval_every, eval_batches, save_every,
-             log_every, seed, dtype, resume, force):
+def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_prompt, rank,
+             alpha, dropout, targets, layers, full, quantize, grad_checkpoint, steps, batch_size,
+             grad_accum, lr, min_lr, warmup, weight_decay, grad_clip, max_seq_len, eval_every,
+             eval_batches, save_every, log_every, seed, dtype, resume, force):
     """Fine-tune a model on JSONL data with LoRA (or --full).
 
-    Lines are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]}.
+    Lines are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]};
+    with --task classify, {"text", "label"}.
     """
     from mlxgpt.training.config import TrainConfig
     from mlxgpt.training.finetune import FinetuneOptions, steps_per_epoch
-    from mlxgpt.training.finetune import finetune as run
+    from mlxgpt.training.finetune import finetune as finetune_lm
     from mlxgpt.training.lora import LoRAConfig, parse_targets
 
-    lora = None if full else LoRAConfig(rank=rank, alpha=alpha, dropout=dropout,
-                                        targets=parse_targets(targets), layers=layers)
-    lr = lr if lr is not None else (2e-5 if full else 2e-4)
-    opts = FinetuneOptions(model=model, data=data, out=out, lora=lora, mask_prompt=mask_prompt,
-                           val_fraction=val_fraction, batch_size=batch_size,
-                           max_seq_len=max_seq_len, dtype=dtype,
-                           quantize=int(quantize) if quantize else None,
-                           grad_checkpoint=grad_checkpoint,
-                           seed=seed, resume=resume, force=force)
+    classify = task == "classify"
+    if not classify and (head_only or lm_weight is not None):
+        raise MlxgptError(f"--{'head-only' if head_only else 'lm-weight'} needs --task classify")
+    if classify and mask_prompt:
+        raise MlxgptError("--mask-prompt does not apply to --task classify")
+    if full and head_only:
+        raise MlxgptError("choose one of --full and --head-only")
+    lora = None if (full or head_only) else LoRAConfig(
+        rank=rank, alpha=alpha, dropout=dropout, targets=parse_targets(targets), layers=layers)
+    if lr is None:  # a head alone on frozen features takes a larger step
+        lr = 1e-3 if head_only else (2e-5 if full else 2e-4)
+    common = dict(model=model, data=data, out=out, lora=lora, val_fraction=val_fraction,
+                  batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype,
+                  quantize=int(quantize) if quantize else None, grad_checkpoint=grad_checkpoint,
+                  seed=seed, resume=resume, force=force)
+    if classify:
+        from mlxgpt.training.classify import ClassifyOptions, finetune_classifier
+
+        opts = ClassifyOptions(**common, head_only=head_only,
+                               lm_weight=0.5 if lm_weight is None else lm_weight)
+        run = finetune_classifier
+    else:
+        opts, run = FinetuneOptions(**common, mask_prompt=mask_prompt), finetune_lm
 
     def make_config(n_batches: int) -> TrainConfig:
         n = steps or steps_per_epoch(n_batches, grad_accum)
@@ -113,15 +138,26 @@ def fuse(model, adapter, out, requantize, dtype, force):
               help="A .jsonl file (any form) or a text file.")
 @click.option("--task", type=click.Choice(["loss", "classify"]), default="loss",
               show_default=True,
-              help="loss: loss and perplexity; classify: accuracy of the generated completion.")
+              help="loss: loss and perplexity; classify: accuracy of a classifier on "
+                   '{"text", "label"} lines, or of the generated completion.')
 @click.option("--mask-prompt", is_flag=True, help="Loss on completions / assistant turns only.")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, callback=positive)
 @click.option("--limit", type=int, help="Use only the first N examples.")
 @dtype_option()
 def evaluate(model, adapter, data, task, mask_prompt, batch_size, limit, dtype):
     """Loss and perplexity, or classification accuracy, of a model (with an adapter) on data."""
-    from mlxgpt.checkpoints.load import load
+    from mlxgpt.checkpoints.load import is_classifier, load, load_classifier
     from mlxgpt.training.evaluate import classify, evaluate_loss, read_eval_records
+
+    if task == "classify" and is_classifier(model):
+        from mlxgpt.training.classify import evaluate_classifier, read_labelled
+
+        if adapter:
+            raise MlxgptError("--adapter: a classifier folder has its adapter fused in already")
+        records = read_labelled(data)[: limit or None]
+        clf, tokenizer = load_classifier(model, dtype=dtype)
+        click.echo(evaluate_classifier(clf, tokenizer, records, batch_size=batch_size).report())
+        return
 
     m, tokenizer = load(model, dtype=dtype, adapter=adapter)
     records = read_eval_records(data)[: limit or None]

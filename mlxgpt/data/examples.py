@@ -13,6 +13,10 @@ Every example ends with the tokenizer's end-of-text token, so the model learns w
 stops. A bad line is reported as ``file:line: why``. Batches group examples of similar length
 (less padding) and are drawn in a fixed, seeded order, so batch ``k`` is the same batch whether
 a run went straight through or was resumed.
+
+Classification data (``mlxgpt finetune --task classify``) is ``{"text": ..., "label": ...}``
+lines instead (:func:`check_labelled_record`); :func:`encode_labelled` and
+:class:`LabelledBatches` add each row's length and label id to the batches.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ class Example:
     tokens: list[int]
     mask: list[int]
     where: str = ""  # "file:line", for messages
+    label: int = -1  # the label's id, for classification examples
 
     @property
     def n_targets(self) -> int:
@@ -63,8 +68,14 @@ def read_text(path: str | os.PathLike) -> str:
         raise MlxgptError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """Parse a JSONL file into ``("file:line", record)`` pairs, checking every record's form."""
+RecordCheck = Callable[[Any, str], None]  # (record, "file:line") -> None, or raise
+
+
+def read_jsonl(path: str | os.PathLike,
+               check: RecordCheck | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Parse a JSONL file into ``("file:line", record)`` pairs, checking every record's form
+    (with ``check``; :func:`check_record` by default)."""
+    check = check or check_record
     path = Path(path)
     text = read_text(path)
     records = []
@@ -76,7 +87,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise MlxgptError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        check_record(rec, where)
+        check(rec, where)
         records.append((where, rec))
     if not records:
         raise MlxgptError(f"{path}: empty (no examples)")
@@ -128,6 +139,21 @@ def check_record(rec: Any, where: str) -> None:
                 raise MlxgptError(f'{where}: messages[{i}] "content" must be a string')
         if not any(m["role"] == "assistant" for m in msgs):
             raise MlxgptError(f"{where}: messages has no assistant turn to learn from")
+
+
+def check_labelled_record(rec: Any, where: str) -> None:
+    """Raise ``file:line: why`` unless ``rec`` is ``{"text": non-empty str, "label": str}``."""
+    if not isinstance(rec, dict):
+        raise MlxgptError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("text", "label"):
+        if key not in rec:
+            found = ", ".join(sorted(rec)) or "none"
+            raise MlxgptError(f'{where}: needs "text" and "label" (no "{key}"; found keys: '
+                              f"{found})")
+        if not isinstance(rec[key], str):
+            raise MlxgptError(f'{where}: "{key}" must be a string, got {type(rec[key]).__name__}')
+        if not rec[key].strip():
+            raise MlxgptError(f'{where}: "{key}" is empty')
 
 
 # --------------------------------------------------------------------------- tokenizing
@@ -215,13 +241,56 @@ def encode_records(
     return out, stats
 
 
+def text_tokens(tokenizer: Any, text: str, max_len: int) -> tuple[list[int], bool]:
+    """A text's tokens for a classifier, and whether it was cut: the first ``max_len`` of them
+    (a text longer than the context is classified by its beginning), in training and
+    prediction alike."""
+    ids = tokenizer.encode(text)
+    return ids[:max_len], len(ids) > max_len
+
+
+def encode_labelled(
+    records: Sequence[tuple[str, dict[str, Any]]],
+    tokenizer: Any,
+    labels: Sequence[str],
+    *,
+    max_len: int,
+) -> tuple[list[Example], int]:
+    """Classification examples: the text's tokens (see :func:`text_tokens`) and end-of-text,
+    every next token a language-model target (the auxiliary loss), and the label's id.
+    Returns the examples and how many texts were cut to ``max_len``."""
+    ids = {label: i for i, label in enumerate(labels)}
+    out, truncated = [], 0
+    for where, rec in records:
+        if rec["label"] not in ids:
+            raise MlxgptError(f"{where}: label {rec['label']!r} is not one of the classifier's "
+                              f"labels ({', '.join(map(repr, labels))})")
+        example, cut = text_example(tokenizer, rec["text"], max_len, ids[rec["label"]], where)
+        out.append(example)
+        truncated += cut
+    return out, truncated
+
+
+def text_example(tokenizer: Any, text: str, max_len: int, label: int = -1,
+                 where: str = "") -> tuple[Example, bool]:
+    """One classification example (see :func:`encode_labelled`), and whether it was cut."""
+    tokens, cut = text_tokens(tokenizer, text, max_len)
+    end = tokenizer.eot_id
+    # One token past the text, so that the inputs (tokens[:-1]) are the whole text: end-of-text
+    # as the last LM target, or (a tokenizer without one) a pad that is not counted.
+    mask = [1] * len(tokens) + [int(end is not None)]
+    return Example(tokens + [end if end is not None else 0], mask, where, label), cut
+
+
 # --------------------------------------------------------------------------- data folders
 
 
 def find_splits(
-    data: str | os.PathLike, val_fraction: float = 0.0, seed: int = 0
+    data: str | os.PathLike, val_fraction: float = 0.0, seed: int = 0,
+    check: RecordCheck | None = None,
 ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """Records per split from a folder (``train.jsonl`` [+ ``valid``/``test``]) or one file.
+    """Records per split from a folder (``train.jsonl`` [+ ``valid``/``test``]) or one file,
+    each record checked by ``check`` (see :func:`read_jsonl`).
 
     A single file is split into train and valid by ``val_fraction`` (a seeded shuffle).
     """
@@ -229,14 +298,14 @@ def find_splits(
     if path.is_dir():
         if not (path / "train.jsonl").is_file():
             raise MlxgptError(f"{path}: no train.jsonl in this folder")
-        splits = {s: read_jsonl(path / f"{s}.jsonl") for s in SPLITS
+        splits = {s: read_jsonl(path / f"{s}.jsonl", check) for s in SPLITS
                   if (path / f"{s}.jsonl").is_file()}
         if val_fraction and "valid" not in splits:
             splits["train"], splits["valid"] = split_records(splits["train"], val_fraction, seed)
         return splits
     if not path.exists():
         raise MlxgptError(f"{path}: not found")
-    records = read_jsonl(path)
+    records = read_jsonl(path, check)
     if not val_fraction:
         return {"train": records}
     train, valid = split_records(records, val_fraction, seed)
@@ -307,3 +376,24 @@ class Batches:
             mask[r, :len(e.mask)] = e.mask
         # (B, T) inputs, (B, T) next-token targets, (B, T) which targets count
         return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask[:, 1:])
+
+
+class LabelledBatches(Batches):
+    """:class:`Batches` of classification examples, adding each row's length and label.
+
+    A batch is ``(inputs, targets, mask, lengths (B,) int32, labels (B,) int32)``: ``inputs``
+    are the texts' tokens (right-padded), ``lengths`` how many of each row are real, and
+    ``targets``/``mask`` the language-model targets. With ``lm=False`` (validation, prediction)
+    it is ``(inputs, lengths, labels)``.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, *, lm: bool = True,
+                 **kwargs: Any):
+        super().__init__(examples, batch_size, **kwargs)
+        self.lm = lm
+
+    def collate(self, rows: Sequence[Example]) -> tuple[mx.array, ...]:
+        inputs, targets, mask = super().collate(rows)
+        lengths = mx.array([len(e.tokens) - 1 for e in rows], mx.int32)  # the text's tokens
+        labels = mx.array([e.label for e in rows], mx.int32)
+        return (inputs, targets, mask, lengths, labels) if self.lm else (inputs, lengths, labels)

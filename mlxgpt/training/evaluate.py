@@ -5,7 +5,8 @@ exponential. For ``{"prompt", "completion"}`` data, :func:`classify` asks the mo
 prompt's completion (greedy decoding, stopping at end-of-text or after the longest label's
 length plus one token) and compares it with the label, both stripped of surrounding whitespace:
 exact match, nothing fuzzier. It also reports which label the model finds most likely, a score
-that is meaningful even for a base model that never answers with a bare label.
+that is meaningful even for a base model that never answers with a bare label. (A classifier
+with its own head, ``mlxgpt finetune --task classify``, is evaluated by :mod:`.classify`.)
 """
 
 from __future__ import annotations
@@ -97,12 +98,17 @@ class Classification:
         ]
         table = self.confusion()
         cols = self.labels + ([OTHER] if any(t[OTHER] for t in table.values()) else [])
-        width = max(len(c) for c in [*cols, "label"]) + 2
-        lines.append("".ljust(width) + "".join(c.rjust(width) for c in cols))
-        for label in self.labels:
-            lines.append(label.ljust(width)
-                         + "".join(str(table[label][c]).rjust(width) for c in cols))
-        return "\n".join(lines)
+        return "\n".join(lines + confusion_lines(self.labels, cols, table))
+
+
+def confusion_lines(rows: Sequence[str], cols: Sequence[str],
+                    table: dict[str, Counter]) -> list[str]:
+    """A confusion table as aligned text lines: a header of ``cols``, then one line per row."""
+    width = max(len(c) for c in [*rows, *cols, "label"]) + 2
+    lines = ["".ljust(width) + "".join(c.rjust(width) for c in cols)]
+    for r in rows:
+        lines.append(r.ljust(width) + "".join(str(table[r][c]).rjust(width) for c in cols))
+    return lines
 
 
 def _share_equal(a: Sequence[str], b: Sequence[str]) -> float:
@@ -118,7 +124,8 @@ def classify(
 ) -> Classification:
     """Generate each prompt's completion and compare it with the label (see module doc)."""
     if any(record_kind(r) != "completion" for _, r in records):
-        raise MlxgptError('--task classify needs {"prompt", "completion"} lines')
+        raise MlxgptError('--task classify needs {"prompt", "completion"} lines (or, for '
+                          '{"text", "label"} lines, a classifier: finetune --task classify)')
     labels = sorted({r["completion"].strip() for _, r in records})
     # Each label as the model would produce it: with the leading space the data uses.
     forms = sorted({r["completion"] for _, r in records})

@@ -13,7 +13,8 @@ The output folder OUT::
     OUT/log.jsonl, OUT/loss.png                         the training log and its plot
 
 With ``full`` the result and checkpoints are model folders instead (OUT is then a model folder
-that ``--model OUT`` takes).
+that ``--model OUT`` takes). Classifiers (``--task classify``) are :mod:`.classify`'s, built on
+the same pieces (:func:`prepare_model`, :func:`prepare_out`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ from .state import STATE_FILE
 
 # What a finetune run writes into OUT; --force removes only these.
 _RUN_ENTRIES = ("last", "best", LOG_FILE, PLOT_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG,
-                mlx_folder.CONFIG_FILE, mlx_folder.WEIGHTS_FILE)
+                mlx_folder.CONFIG_FILE, mlx_folder.WEIGHTS_FILE, mlx_folder.HEAD_CONFIG,
+                mlx_folder.HEAD_WEIGHTS)
 
 
 @dataclass
@@ -117,33 +119,8 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
     rank0 = is_rank0()
     echo = rank0_echo(echo)
     prepare_out(out, resume=opts.resume, force=opts.force, write=rank0)
-    model, tokenizer = load(opts.model, dtype=opts.dtype)
-    if opts.quantize:
-        quantize(model, opts.quantize, opts.group_size)
-    quant = model_quantization(model)
-    if opts.lora is None and quant:
-        raise MlxgptError("full fine-tuning needs a float model; use LoRA on a quantized one")
-
-    lora = opts.lora
-    if lora is not None:
-        if opts.resume:  # the adapter's shape comes from the checkpoint being continued
-            lora = read_adapter_config(out / "last")
-        lora.base = base_identity(model.config, opts.model, quant)
-        apply_lora(model, lora, seed=opts.seed)
-    else:
-        model.unfreeze()
-    if opts.grad_checkpoint:
-        # The recomputed forward pass would draw other dropout masks than the first one.
-        if lora is not None and lora.dropout > 0:
-            raise MlxgptError("--grad-checkpoint needs --dropout 0 (recomputed activations "
-                              "would use other dropout masks)")
-        if any(b.drop is not None for b in model.h):
-            echo(f"note: --grad-checkpoint turns off the model's residual dropout "
-                 f"({model.config.dropout}) for this run")
-        grad_checkpoint(model)
-    trainable, total = count_parameters(model)
-    echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
-         + (f", base quantized to {quant['bits']} bits" if quant else ""))
+    model, tokenizer, lora, quant = prepare_model(opts, echo)
+    report_trainable(model, quant, echo)
 
     train_data, val_data, sample = load_data(opts, model, tokenizer, echo, opts.seed)
     cfg = opts.train(len(train_data))
@@ -153,9 +130,7 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
         def save(m: nn.Module, folder: Path) -> None:
             save_adapter(m, folder, lora)
 
-        def restore(m: nn.Module, folder: Path) -> None:
-            m.load_weights(list(mlx_folder.read_weights(folder / ADAPTER_WEIGHTS).items()),
-                           strict=False)
+        restore = restore_adapter
     else:
         def save(m: nn.Module, folder: Path) -> None:
             mlx_folder.write_model_files(m, folder, tokenizer)
@@ -174,6 +149,53 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
     best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
     echo(f"{what} written to {out}{best}")
     return result
+
+
+def prepare_model(opts: FinetuneOptions, echo: Callable[[str], None], *, frozen: bool = False
+                  ) -> tuple[GPT, Any, LoRAConfig | None, dict[str, int] | None]:
+    """Load the base and make what trains trainable: LoRA layers (``opts.lora``), every weight
+    (``opts.lora`` None), or nothing (``frozen``: a caller adds what trains). Returns (model,
+    tokenizer, the LoRA config or None, the base's quantization or None)."""
+    model, tokenizer = load(opts.model, dtype=opts.dtype)
+    if opts.quantize:
+        quantize(model, opts.quantize, opts.group_size)
+    quant = model_quantization(model)
+    lora = None if frozen else opts.lora
+    if lora is None and quant and not frozen:
+        raise MlxgptError("full fine-tuning needs a float model; use LoRA on a quantized one")
+
+    if lora is not None:
+        if opts.resume:  # the adapter's shape comes from the checkpoint being continued
+            lora = read_adapter_config(Path(opts.out) / "last")
+        lora.base = base_identity(model.config, opts.model, quant)
+        apply_lora(model, lora, seed=opts.seed)
+    elif frozen:
+        model.freeze()
+    else:
+        model.unfreeze()
+    if opts.grad_checkpoint:
+        # The recomputed forward pass would draw other dropout masks than the first one.
+        if lora is not None and lora.dropout > 0:
+            raise MlxgptError("--grad-checkpoint needs --dropout 0 (recomputed activations "
+                              "would use other dropout masks)")
+        if any(b.drop is not None for b in model.h):
+            echo(f"note: --grad-checkpoint turns off the model's residual dropout "
+                 f"({model.config.dropout}) for this run")
+        grad_checkpoint(model)
+    return model, tokenizer, lora, quant
+
+
+def report_trainable(model: nn.Module, quant: dict[str, int] | None,
+                     echo: Callable[[str], None]) -> None:
+    trainable, total = count_parameters(model)
+    echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+         + (f", base quantized to {quant['bits']} bits" if quant else ""))
+
+
+def restore_adapter(model: nn.Module, folder: Path) -> None:
+    """Load a checkpoint's adapter weights into a model that has its LoRA layers (resume)."""
+    weights = mlx_folder.read_weights(Path(folder) / ADAPTER_WEIGHTS)
+    model.load_weights(list(weights.items()), strict=False)
 
 
 def prepare_out(out: Path, *, resume: bool, force: bool, write: bool = True) -> None:

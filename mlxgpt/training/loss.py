@@ -24,7 +24,13 @@ def lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array,
             mask: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy of next-token ``targets`` (B, T) over the counted positions (``mask``
     (B, T) 1/0; all of them without one), and how many were counted."""
-    h = model.hidden(inputs)  # (B, T, C)
+    return hidden_lm_loss(model, model.hidden(inputs), targets, mask)
+
+
+def hidden_lm_loss(model: nn.Module, h: mx.array, targets: mx.array,
+                   mask: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """:func:`lm_loss` from final hidden states ``h`` (B, T, C) the caller already has (a
+    classifier reads them too: one forward pass serves both losses)."""
     head = model.head
     if type(head) in (nn.Linear, nn.Embedding):  # float head: never hold all (B, T, V) logits
         ce_fn = linear_cross_entropy(model.kernels.exp)
