@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": "generate:generate",
     "chat": "chat:chat",
     "pretrain": "pretrain:pretrain",
+    "tokenizer": "tokenizer:tokenizer",
     "finetune": "finetune:finetune",
     "fuse": "finetune:fuse",
     "eval": "finetune:evaluate",

@@ -20,8 +20,8 @@ def _opt(*names: str, type=None, help: str = ""):
 @_opt("--config", "config_file", help="Settings file (JSON, or YAML with PyYAML); flags override.")
 @_opt("--preset", type=click.Choice(sorted(PRESETS)),
       help="nano (4/4/128, block 64), small (6/6/384, block 256), gpt2 (124M).")
-@_opt("--tokenizer", type=click.Choice(["byte", "gpt2"]),
-      help="byte: 257 ids, one per byte (default); gpt2: GPT-2's BPE.")
+@_opt("--tokenizer", help="byte: 257 ids, one per byte (default); gpt2: GPT-2's BPE; bpe:N: a "
+      "byte-level BPE of N ids trained on --data first (pip install 'mlxgpt[tokenizer]').")
 @_opt("--n-layer", type=int, help="Transformer blocks.")
 @_opt("--n-head", type=int, help="Attention heads.")
 @_opt("--n-embd", type=int, help="Width.")

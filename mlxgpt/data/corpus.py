@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,11 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MlxgptError
+from ..tokenizers.base import GPT2_PATTERN, text_pieces
 
-CHUNK_BYTES = 8 << 20  # tokenize (and show progress) in pieces of about this size
-TOKEN_FORMAT = 1  # bump when the token file layout or the tokenization rules change
+CHUNK_BYTES = 8 << 20  # show progress after about this much text
+PIECE_BYTES = 1 << 20  # encode in pieces of about this size, several at once (on threads)
+TOKEN_FORMAT = 2  # bump when the token file layout or the tokenization rules change
 
 
 def default_cache_dir() -> Path:
@@ -115,21 +117,18 @@ def _progress(total: int, enabled: bool) -> Callable[[int], None]:
     return update
 
 
-def _text_pieces(data: bytes) -> list[bytes]:
-    """Cut text into ~CHUNK_BYTES pieces at a newline followed by a non-space character.
+def _pieces(data: bytes, tokenizer: Any) -> list[bytes]:
+    # Cuts keep the ids under GPT-2's split (and for bytes); another split gets whole files.
+    if getattr(tokenizer, "pattern", GPT2_PATTERN) == GPT2_PATTERN:
+        return text_pieces(data, PIECE_BYTES)
+    return [data]
 
-    GPT-2's pre-tokenizer never joins across such a point, so tokenizing the pieces one by one
-    gives the same ids as tokenizing the whole text.
-    """
-    pieces, start = [], 0
-    while len(data) - start > CHUNK_BYTES:
-        cut = start + CHUNK_BYTES
-        while cut < len(data) - 1 and not (data[cut - 1] == 0x0A and data[cut] not in b" \t\r\n"):
-            cut += 1
-        pieces.append(data[start:cut])
-        start = cut
-    pieces.append(data[start:])
-    return pieces
+
+def _encode_pieces(tokenizer: Any, pieces: list[bytes], dtype: type) -> list[np.ndarray]:
+    if tokenizer.name == "byte":  # UTF-8 bytes are the ids: no need to decode
+        return [np.frombuffer(p, dtype=np.uint8).astype(dtype) for p in pieces]
+    texts = [p.decode("utf-8") for p in pieces]
+    return [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
 
 
 def tokenize_corpus(
@@ -177,14 +176,14 @@ def tokenize_corpus(
             for f in files:
                 data = _read_bytes(f)
                 _check_utf8(data, f)
-                for piece in _text_pieces(data):
-                    if tokenizer.name == "byte":  # UTF-8 bytes are the ids: no need to decode
-                        ids = np.frombuffer(piece, dtype=np.uint8).astype(dtype)
-                    else:
-                        ids = np.asarray(tokenizer.encode(piece.decode("utf-8")), dtype=dtype)
-                    out.write(ids.tobytes())
-                    n_tokens += ids.size
-                    done += len(piece)
+                pieces = _pieces(data, tokenizer)
+                step = CHUNK_BYTES // PIECE_BYTES
+                for k in range(0, len(pieces), step):
+                    group = pieces[k : k + step]
+                    for ids in _encode_pieces(tokenizer, group, dtype):
+                        out.write(ids.tobytes())
+                        n_tokens += ids.size
+                    done += sum(map(len, group))
                     update(done)
                 if eot is not None and len(files) > 1:
                     out.write(np.asarray([eot], dtype=dtype).tobytes())
@@ -208,6 +207,83 @@ def _atomic_json(path: Path, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- tokenizer training
+
+
+@dataclass
+class CorpusText:
+    """The files of a corpus, checked (readable, UTF-8, not all empty); ``texts()`` reads them
+    again file by file, so the text is never all in memory at once."""
+
+    files: list[Path]
+    n_bytes: int
+
+    def texts(self) -> Iterator[str]:
+        """The text in pieces cut where GPT-2's split is unchanged (see ``text_pieces``)."""
+        for f in self.files:
+            for piece in text_pieces(_read_bytes(f), PIECE_BYTES):
+                yield piece.decode("utf-8")
+
+
+def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> CorpusText:
+    """One or more corpora (files, or folders of ``.txt`` files), checked now so a bad file
+    fails at once, not after minutes of work."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise MlxgptError("no text given (name one or more files or folders)")
+    files = [f for p in paths for f in corpus_files(p)]
+    n_bytes = 0
+    for f in files:
+        data = _read_bytes(f)
+        _check_utf8(data, f)
+        n_bytes += len(data)
+    if n_bytes == 0:
+        raise MlxgptError(f"{paths[0] if len(paths) == 1 else 'the data'}: the corpus is empty")
+    return CorpusText(files, n_bytes)
+
+
+@dataclass
+class TokenizerTraining:
+    """A tokenizer trained on a corpus, and what that took."""
+
+    tokenizer: Any  # a BPETokenizer
+    requested: int  # the vocabulary size asked for; ``tokenizer.vocab_size`` can be smaller
+    n_bytes: int
+    n_files: int
+    seconds: float
+
+    @property
+    def mb_per_min(self) -> float:
+        return self.n_bytes / 1e6 / (self.seconds / 60) if self.seconds > 0 else 0.0
+
+    @property
+    def short_by(self) -> int:
+        """How many ids fewer than asked: the text had no more pairs to merge."""
+        return self.requested - self.tokenizer.vocab_size
+
+
+def train_tokenizer(corpus: CorpusText, vocab_size: int, *,
+                    progress: bool = False) -> TokenizerTraining:
+    """A byte-level BPE of ``vocab_size`` ids trained on a corpus (see ``tokenizers.train``)."""
+    from ..tokenizers.train import train_bpe
+
+    start = time.perf_counter()
+    tok = train_bpe(corpus.texts(), vocab_size, progress=progress)
+    return TokenizerTraining(tok, vocab_size, corpus.n_bytes, len(corpus.files),
+                             time.perf_counter() - start)
+
+
+def count_tokens(tokenizer: Any, corpus: CorpusText) -> int:
+    """The number of tokens ``tokenizer`` makes of the corpus (encoded on every core)."""
+    n, batch = 0, []
+    for text in corpus.texts():
+        batch.append(text)
+        if len(batch) == CHUNK_BYTES // PIECE_BYTES:
+            n += sum(map(len, tokenizer.encode_batch(batch)))
+            batch = []
+    return n + sum(map(len, tokenizer.encode_batch(batch)))
 
 
 # --------------------------------------------------------------------------- batches

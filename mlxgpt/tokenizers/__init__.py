@@ -11,7 +11,8 @@ small ``tokenizer_config.json``) so ``transformers.AutoTokenizer`` and mlx-lm lo
 folder; GPT-2 also gets its tiktoken ranks file (``tokenizer.tiktoken``).
 
 Modules: :mod:`.base` (the interface, stream decoding, ids only), :mod:`.bpe` (tiktoken BPE,
-GPT-2), :mod:`.byte`, :mod:`.hf_files` (Hugging Face files), :mod:`.load` (a folder's tokenizer).
+GPT-2), :mod:`.byte`, :mod:`.hf_files` (Hugging Face files), :mod:`.load` (a folder's tokenizer),
+:mod:`.train` (train a byte-level BPE on your text; needs Hugging Face ``tokenizers``).
 """
 
 from .base import EOT, GPT2_PATTERN, IdTokenizer, StreamDecoder, Tokenizer

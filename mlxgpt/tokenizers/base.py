@@ -16,6 +16,35 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 EOT = "<|endoftext|>"
 
 
+# Bytes that begin a character which is not whitespace (nor a UTF-8 continuation byte): ASCII
+# '!'..'~' and the lead bytes of U+00C0-U+0FFF and U+4000-U+10FFFF, ranges without any of
+# Unicode's White_Space characters (U+0085, U+00A0, U+1680, U+2000-U+205F and U+3000 are not).
+_NOT_SPACE_START = frozenset([*range(0x21, 0x7F), *range(0xC3, 0xE1), *range(0xE4, 0xF5)])
+
+
+def text_pieces(data: bytes, size: int = 1 << 20) -> list[bytes]:
+    """Cut UTF-8 text into pieces of about ``size`` bytes, each cut just before a newline that is
+    followed by a character that is not whitespace.
+
+    There GPT-2's pre-tokenizer (``GPT2_PATTERN``) splits the whole text as it splits the pieces:
+    the newline is a pre-token of its own (nothing joins it to the character after) and the
+    whitespace before it ends a pre-token in both cases. So encoding (or training on) the pieces
+    one by one gives what the whole text gives, and every piece is whole UTF-8. Text without
+    such a newline stays in one piece. Other split patterns may join across the cut.
+    """
+    pieces, start, end = [], 0, len(data)
+    while end - start > size:
+        cut = data.find(b"\n", start + size, end - 1)
+        while cut >= 0 and data[cut + 1] not in _NOT_SPACE_START:
+            cut = data.find(b"\n", cut + 1, end - 1)
+        if cut < 0:
+            break
+        pieces.append(data[start:cut])
+        start = cut
+    pieces.append(data[start:])
+    return pieces
+
+
 class StreamDecoder:
     """Incremental decoding: ``add(id)`` returns the text completed by that token, ``flush()``
     the rest. The pieces joined equal ``tokenizer.decode(ids)``, invalid bytes included.
@@ -48,6 +77,10 @@ class Tokenizer:
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Text -> ids. With ``allow_special=False`` "<|endoftext|>" is ordinary text."""
         raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, as ordinary text (what tokenizing a corpus needs)."""
+        return [self.encode(t) for t in texts]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one id decodes to."""

@@ -7,6 +7,7 @@ import base64
 import binascii
 import functools
 import importlib.resources
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,13 @@ class BPETokenizer(Tokenizer):
         if self._rank_to_id is None:
             return ranks
         return self._rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # tiktoken releases the GIL: the texts are encoded on every core at once.
+        batch = self._enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        if self._rank_to_id is None:
+            return batch
+        return [self._rank_to_id[np.asarray(r, dtype=np.int64)].tolist() for r in batch]
 
     def token_bytes(self, token_id: int) -> bytes:
         b = self._id_bytes[token_id] if 0 <= token_id < self.vocab_size else None

@@ -7,6 +7,8 @@ installed) < explicit options. The run folder RUN_DIR::
                        (``mlxgpt generate --model RUN_DIR/model``, chat, finetune, export)
     RUN_DIR/last/      model folder + optimizer state + step: what --resume continues from
     RUN_DIR/run.json   the settings of the run (a resume reuses them)
+    RUN_DIR/tokenizer/ with ``tokenizer="bpe:N"``: the BPE trained on the corpus before the model
+                       (a resume reads it back; every model folder also carries a copy)
     RUN_DIR/log.jsonl  every logged step and evaluation; RUN_DIR/loss.png, the loss curve
 """
 
@@ -25,12 +27,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..checkpoints import folder as mlx_folder
-from ..checkpoints.files import atomic_write_text, check_writable, read_json
+from ..checkpoints.files import atomic_dir, atomic_write_text, check_writable, read_json
 from ..core.config import GPTConfig
 from ..core.model import GPT
-from ..data.corpus import TokenBatches, split_tokens, tokenize_corpus
+from ..data.corpus import TokenBatches, read_corpus, split_tokens, tokenize_corpus, train_tokenizer
 from ..errors import MlxgptError
-from ..tokenizers import Tokenizer, byte_tokenizer, gpt2_tokenizer
+from ..tokenizers import Tokenizer, byte_tokenizer, gpt2_tokenizer, tokenizer_from_hf_folder
+from ..tokenizers.train import check_vocab_size
 from .config import TrainConfig, TrainResult
 from .distributed import is_rank0, rank0_echo
 from .loop import train
@@ -39,6 +42,7 @@ from .loss import lm_loss
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
 LAST_DIR = "last"
+TOKENIZER_DIR = "tokenizer"
 
 # Model sizes (and the training settings that suit them). "nano" is nanoGPT's CPU "baby"
 # shakespeare_char run, "small" its shakespeare_char config, "gpt2" GPT-2 small (124M).
@@ -159,7 +163,11 @@ def resolve_settings(
             raise MlxgptError("max-tokens must be positive")
         s.steps = max(1, math.ceil(s.max_tokens / s.tokens_per_step))
     if s.tokenizer not in ("byte", "gpt2"):
-        raise MlxgptError(f"unknown tokenizer {s.tokenizer!r} (choose byte or gpt2)")
+        n = bpe_size(s.tokenizer)
+        try:
+            check_vocab_size(n)
+        except MlxgptError as e:
+            raise MlxgptError(f"--tokenizer {s.tokenizer}: {e}") from None
     for name in ("batch_size", "block_size"):
         if getattr(s, name) < 1:
             raise MlxgptError(f"{name.replace('_', '-')} must be at least 1")
@@ -167,8 +175,44 @@ def resolve_settings(
     return s
 
 
-def make_tokenizer(name: str) -> Tokenizer:
-    return byte_tokenizer() if name == "byte" else gpt2_tokenizer()
+def bpe_size(name: str) -> int:
+    """N of a tokenizer named "bpe:N"."""
+    kind, _, n = str(name).partition(":")
+    if kind != "bpe" or not n.strip().isdigit():
+        raise MlxgptError(f"unknown tokenizer {name!r} (choose byte, gpt2 or bpe:N, e.g. bpe:8192)")
+    return int(n)
+
+
+def make_tokenizer(s: PretrainSettings, *, resume: bool, echo: Callable[[str], None],
+                   progress: bool = True) -> Tokenizer:
+    """byte, gpt2, or ``bpe:N``: trained on the corpus for a new run (``save_tokenizer`` keeps
+    it in RUN_DIR/tokenizer), read back from there when the run resumes."""
+    if s.tokenizer == "byte":
+        return byte_tokenizer()
+    if s.tokenizer == "gpt2":
+        return gpt2_tokenizer()
+    folder = Path(s.out) / TOKENIZER_DIR
+    if resume:
+        tok = tokenizer_from_hf_folder(folder) if folder.is_dir() else None
+        if tok is None:
+            raise MlxgptError(f"cannot resume: the run's tokenizer ({folder}) is missing")
+        return tok
+    corpus = read_corpus(s.data)
+    echo(f"tokenizer: training {s.tokenizer} on {corpus.n_bytes / 1e6:,.2f} MB")
+    # Every rank trains (the trainer is deterministic); only rank 0 saves it, with run.json.
+    run = train_tokenizer(corpus, bpe_size(s.tokenizer), progress=progress and is_rank0())
+    note = (f", {run.short_by:,} fewer than asked (the text has no more pairs to merge)"
+            if run.short_by else "")
+    echo(f"tokenizer: {run.tokenizer.vocab_size:,} ids in {run.seconds:.1f} s "
+         f"({run.mb_per_min:,.0f} MB/min){note}")
+    return run.tokenizer
+
+
+def save_tokenizer(s: PretrainSettings, tokenizer: Tokenizer) -> None:
+    """RUN_DIR/tokenizer for a trained (bpe:N) tokenizer; byte and gpt2 need none."""
+    if s.tokenizer not in ("byte", "gpt2"):
+        with atomic_dir(Path(s.out) / TOKENIZER_DIR) as tmp:
+            tokenizer.save(tmp)
 
 
 def init_weights(model: GPT, seed: int) -> None:
@@ -254,7 +298,7 @@ def pretrain(
     out = Path(s.out)
     if rank0:
         check_writable(out)
-    tokenizer = make_tokenizer(s.tokenizer)
+    tokenizer = make_tokenizer(s, resume=resume, echo=say, progress=progress)
     tokens = tokenize_corpus(s.data, tokenizer, s.cache_dir, progress=progress)
     train_tok, val_tok = split_tokens(tokens.tokens, s.val_fraction, s.block_size, str(s.data))
     say(f"data: {tokens.n_tokens:,} tokens ({s.tokenizer}) -> {len(train_tok):,} train, "
@@ -267,8 +311,9 @@ def pretrain(
     n = model.n_params
     say(f"model: {s.n_layer} layers, {s.n_head} heads, {s.n_embd} wide, block {s.block_size}: "
         f"{n / 1e6:.2f}M parameters; {s.tokens_per_step:,} tokens per step, {s.steps} steps")
-    if not resume and rank0:
+    if not resume and rank0:  # the data is good: the run's files can be written now
         out.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(s, tokenizer)
         atomic_write_text(out / RUN_FILE, json.dumps(asdict(s), indent=2) + "\n")
     extra = {"trained_by": "mlxgpt pretrain", "data": str(s.data)}
 
