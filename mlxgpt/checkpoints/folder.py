@@ -184,24 +184,32 @@ def read_folder_meta(path: str | os.PathLike) -> dict[str, Any]:
     return read_json(Path(path) / CONFIG_FILE).get("mlxgpt", {})
 
 
-def shipped_model() -> Path:
-    """The model folder that ships in ``mlxgpt.models`` (the first one, by name)."""
+DEFAULT_SHIPPED = "shakespeare"  # what chat and generate use without --model
+
+
+def shipped_models() -> dict[str, Path]:
+    """The model folders that ship in ``mlxgpt.models``, by name (``--model NAME`` finds them)."""
     from importlib import resources
 
     try:
         root = resources.files("mlxgpt.models")
-        found = sorted(
-            Path(str(p)) for p in root.iterdir() if p.is_dir() and is_model_folder(Path(str(p)))
-        )
+        found = (Path(str(p)) for p in root.iterdir() if p.is_dir())
+        return {p.name: p for p in sorted(found) if is_model_folder(p)}
     except (ModuleNotFoundError, OSError):
-        found = []
+        return {}
+
+
+def shipped_model() -> Path:
+    """The shipped model used when no ``--model`` is given: :data:`DEFAULT_SHIPPED` (or the
+    first one by name if an install lacks it)."""
+    found = shipped_models()
     if not found:
         raise MlxgptError(
             "no --model given and no model ships with this install: pass --model PATH "
             "(an mlxgpt or Hugging Face GPT-2 folder, or a hub id such as gpt2), "
             "or train one with `mlxgpt pretrain`"
         )
-    return found[0]
+    return found.get(DEFAULT_SHIPPED) or next(iter(found.values()))
 
 
 # --------------------------------------------------------------------------- classifiers

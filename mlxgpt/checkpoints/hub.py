@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import MlxgptError
+from .folder import shipped_models
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -19,7 +20,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder for ``source``: the folder itself, or a hub id's snapshot in the HF cache."""
+    """A local folder for ``source``: the folder itself, a shipped model's name, or a hub id's
+    snapshot in the HF cache."""
     path = Path(source).expanduser()
     if path.is_dir():
         if revision:
@@ -27,6 +29,9 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Pa
         return path
     if path.exists():
         raise MlxgptError(f"{source}: expected a model folder, got a file")
+    shipped = shipped_models().get(str(source))
+    if shipped is not None:  # a model that ships with mlxgpt, by name ("english")
+        return shipped
     if not _HUB_ID.match(str(source)):
         raise MlxgptError(f"{source}: no such folder")
     return hub_snapshot(str(source), revision)
