@@ -232,6 +232,9 @@ def test_eval_loss_on_text_and_jsonl(tiny, tmp_path, cli, cli_ok, refused):
     # 117 bytes + <|endoftext|> in two 64-token windows; each window's first token has no
     # context and is not scored.
     assert int(values["tokens"]) == 3 * 39 + 1 - 2
+    # bits per byte: the loss in bits times tokens per byte (118 byte tokens for 117 bytes)
+    bpb = float(values["loss"]) / math.log(2) * 118 / 117
+    assert float(values["bits per byte"]) == pytest.approx(bpb, abs=1e-3)
     masked = cli_ok("eval", "--model", model_dir, "--data", data / "valid.jsonl", "--mask-prompt")
     full = cli_ok("eval", "--model", model_dir, "--data", data / "valid.jsonl")
     count = dict(line.split(": ") for line in masked.output.splitlines())["tokens"]

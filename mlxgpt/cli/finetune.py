@@ -165,6 +165,8 @@ def evaluate(model, adapter, data, task, mask_prompt, batch_size, limit, dtype):
         r = evaluate_loss(m, tokenizer, records, mask_prompt=mask_prompt, batch_size=batch_size)
         click.echo(f"loss: {r['loss']:.4f}\nperplexity: {r['perplexity']:.3f}\n"
                    f"tokens: {r['tokens']}")
+        if "bits_per_byte" in r:
+            click.echo(f"bits per byte: {r['bits_per_byte']:.4f}")
         return
 
     tty = sys.stderr.isatty()

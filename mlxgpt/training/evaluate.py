@@ -54,13 +54,20 @@ def evaluate_loss(
     batch_size: int = 8,
     max_len: int | None = None,
 ) -> dict[str, float]:
-    """Token-weighted mean loss, perplexity and token count over all records."""
+    """Token-weighted mean loss, perplexity and token count over all records; for plain text
+    also bits per byte (the loss per UTF-8 byte of text, in bits: comparable across tokenizers,
+    taking the text's average bytes per token for the predicted tokens)."""
     max_len = max_len or model.config.n_positions
     examples, _ = encode_records(records, tokenizer, mask_prompt=mask_prompt, max_len=max_len)
     batches = Batches(examples, batch_size, pad_id=tokenizer.eot_id or 0,
                       max_width=model.config.n_positions)
     loss, count = Evaluator(model, lm_loss)(batches.epoch())
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
+    if all(record_kind(rec) == "text" for _, rec in records):
+        n_bytes = sum(len(rec["text"].encode("utf-8")) for _, rec in records)
+        n_tokens = sum(len(e.tokens) for e in examples)
+        out["bits_per_byte"] = loss / math.log(2) * n_tokens / max(n_bytes, 1)
+    return out
 
 
 @dataclass
