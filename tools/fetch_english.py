@@ -950,6 +950,18 @@ class Part:
     docs: list[str]
 
 
+def dictd_part(key: str, package: str, cache: Path, licences: dict[str, bytes], licence: str,
+               cleaning: str, title: str, entry: Callable[[str, str], list[Block]]) -> Part:
+    """A Debian dictd dictionary package (``usr/share/dictd/KEY.{index,dict.dz}``) as a Part."""
+    files = deb_members(fetch(package, cache), lambda n: n.startswith("usr/share/dictd/") or
+                        n.endswith("/copyright"))
+    licences[f"{package}-copyright.txt"] = files[f"usr/share/doc/{package}/copyright"]
+    entries = dictd_entries(files[f"usr/share/dictd/{key}.index"].decode("utf-8"),
+                            gzip.decompress(files[f"usr/share/dictd/{key}.dict.dz"]))
+    return Part(key, package, f"usr/share/dictd/{key}.{{index,dict.dz}}", licence, cleaning,
+                dictionary_documents(entries, title, entry))
+
+
 def build_prose(cache: Path, licences: dict[str, bytes]) -> tuple[list[Part], list[str]]:
     """Every prose part (downloaded, checked, cleaned), and the Wikipedia pages used."""
     whl = fetch("gensim", cache)
@@ -989,33 +1001,19 @@ def build_prose(cache: Path, licences: dict[str, bytes]) -> tuple[list[Part], li
         "cross references, Strong's tags and milestones removed; paragraph, line-group and "
         "poetry-line marks kept; one document per book", bible_documents(files)))
 
-    deb = fetch("dict-devil", cache)
-    files = deb_members(deb, lambda n: n.startswith("usr/share/dictd/") or
-                        n.endswith("/copyright"))
-    licences["dict-devil-copyright.txt"] = files["usr/share/doc/dict-devil/copyright"]
-    entries = dictd_entries(files["usr/share/dictd/devil.index"].decode("utf-8"),
-                            gzip.decompress(files["usr/share/dictd/devil.dict.dz"]))
-    parts.append(Part(
-        "devil", "dict-devil", "usr/share/dictd/devil.{index,dict.dz}",
+    parts.append(dictd_part(
+        "devil", "dict-devil", cache, licences,
         "public domain (Ambrose Bierce, The Devil's Dictionary, 1911)",
         "dictd entries in file order; hard-wrapped prose joined into paragraphs, verse kept "
         "line by line; one document per initial letter",
-        dictionary_documents(entries, "The Devil's Dictionary",
-                             lambda _w, text: devil_entry(text))))
-
-    deb = fetch("dict-jargon", cache)
-    files = deb_members(deb, lambda n: n.startswith("usr/share/dictd/") or
-                        n.endswith("/copyright"))
-    licences["dict-jargon-copyright.txt"] = files["usr/share/doc/dict-jargon/copyright"]
-    entries = dictd_entries(files["usr/share/dictd/jargon.index"].decode("utf-8"),
-                            gzip.decompress(files["usr/share/dictd/jargon.dict.dz"]))
-    parts.append(Part(
-        "jargon", "dict-jargon", "usr/share/dictd/jargon.{index,dict.dz}",
+        "The Devil's Dictionary", lambda _w, text: devil_entry(text)))
+    parts.append(dictd_part(
+        "jargon", "dict-jargon", cache, licences,
         "public domain (The Jargon File 4.4.7, Eric S. Raymond et al.)",
         "dictd entries in file order; headword as a heading, pronunciation line dropped, "
         "prose joined into paragraphs, {cross references} unbraced, indented examples (code, "
         "verse) dropped; one document per initial letter",
-        dictionary_documents(entries, "The Jargon File", lambda _w, text: jargon_entry(text))))
+        "The Jargon File", lambda _w, text: jargon_entry(text)))
 
     deb = fetch("debian-handbook", cache)
     files = deb_members(deb, lambda n: (n.startswith(HANDBOOK_DIR) and n.endswith(".html")
