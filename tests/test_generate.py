@@ -318,6 +318,16 @@ def test_without_a_model_the_shipped_one_is_used(cli, mlxgpt_process):
     assert p.returncode == 0 and len(p.stdout.strip()) > 0, p.stderr
 
 
+def test_chat_without_a_model_talks_to_the_shipped_dialogue_model(mlxgpt_process):
+    from mlxgpt.checkpoints.folder import CHAT_SHIPPED
+
+    assert shipped_model(CHAT_SHIPPED).name == "english-chat"
+    p = mlxgpt_process("chat", "--temp", "0", "-n", "40", stdin="Hello! Who are you?\n/stats\n")
+    assert p.returncode == 0, p.stderr
+    # it replied in turn: the reply ended at the turn boundary, not at the token limit
+    assert "finish: eos" in p.stdout or "finish: stop" in p.stdout, p.stdout
+
+
 def test_without_a_model_or_a_shipped_one_the_fix_is_named(tmp_path, monkeypatch):
     from importlib import resources
 

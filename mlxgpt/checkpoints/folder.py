@@ -184,7 +184,8 @@ def read_folder_meta(path: str | os.PathLike) -> dict[str, Any]:
     return read_json(Path(path) / CONFIG_FILE).get("mlxgpt", {})
 
 
-DEFAULT_SHIPPED = "shakespeare"  # what chat and generate use without --model
+DEFAULT_SHIPPED = "shakespeare"  # what generate uses without --model
+CHAT_SHIPPED = "english-chat"  # what chat uses: it replies in turn (models/README.md)
 
 
 def shipped_models() -> dict[str, Path]:
@@ -199,9 +200,9 @@ def shipped_models() -> dict[str, Path]:
         return {}
 
 
-def shipped_model() -> Path:
-    """The shipped model used when no ``--model`` is given: :data:`DEFAULT_SHIPPED` (or the
-    first one by name if an install lacks it)."""
+def shipped_model(name: str = DEFAULT_SHIPPED) -> Path:
+    """The shipped model used when no ``--model`` is given: ``name`` (or the first one by name
+    if an install lacks it)."""
     found = shipped_models()
     if not found:
         raise MlxgptError(
@@ -209,7 +210,7 @@ def shipped_model() -> Path:
             "(an mlxgpt or Hugging Face GPT-2 folder, or a hub id such as gpt2), "
             "or train one with `mlxgpt pretrain`"
         )
-    return found.get(DEFAULT_SHIPPED) or next(iter(found.values()))
+    return found.get(name) or next(iter(found.values()))
 
 
 # --------------------------------------------------------------------------- classifiers

@@ -16,10 +16,11 @@ def chat(model, adapter, dtype, system, **opts) -> None:
 
     With stdin not a terminal each input line is one turn and only the replies are printed.
     """
+    from mlxgpt.checkpoints.folder import CHAT_SHIPPED
     from mlxgpt.cli.repl import run_repl
     from mlxgpt.generation.chat import ChatSession, ChatSettings
 
     max_tokens = opts.pop("max_tokens")
     settings = ChatSettings(max_tokens=max_tokens, sampling=sampling_settings(opts))
-    m, tok = load_model(model, adapter, dtype)
+    m, tok = load_model(model, adapter, dtype, default=CHAT_SHIPPED)
     run_repl(ChatSession(m, tok, settings, system=system))

@@ -65,8 +65,8 @@ def sampling_options(f: Callable) -> Callable:
 def model_options(f: Callable) -> Callable:
     options = [
         click.option("--model", "-m", default=None,
-                     help="Model folder, Hugging Face folder or hub id (default: the shipped "
-                          "model)."),
+                     help="Model folder, Hugging Face folder, hub id or a shipped model's "
+                          "name (default: english-chat for chat, shakespeare otherwise)."),
         click.option("--adapter", default=None, help="LoRA adapter folder to apply."),
         dtype_option(),
     ]
@@ -90,12 +90,13 @@ def sampling_settings(opts: dict):
     return SamplingSettings(logit_bias=bias, **{k: opts.pop(k) for k in names})
 
 
-def load_model(model: str | None, adapter: str | None, dtype: str):
-    """(model, tokenizer) for inference from --model, or the model that ships with mlxgpt."""
-    from mlxgpt.checkpoints.folder import shipped_model
+def load_model(model: str | None, adapter: str | None, dtype: str, default: str | None = None):
+    """(model, tokenizer) for inference from --model, or the shipped model named ``default``
+    (generate's default without one)."""
+    from mlxgpt.checkpoints.folder import DEFAULT_SHIPPED, shipped_model
     from mlxgpt.checkpoints.load import load
     from mlxgpt.core.backend import prepare_for_inference
 
-    path = model if model is not None else str(shipped_model())
+    path = model if model is not None else str(shipped_model(default or DEFAULT_SHIPPED))
     m, tok = load(path, dtype=dtype, adapter=adapter)
     return prepare_for_inference(m), tok
