@@ -27,8 +27,8 @@ def info() -> None:
     if blas_kernels:
         click.echo(f"kernels     {blas_kernels}")
     click.echo(f"model ops   {kernels_report()}")
-    streams = parallel.stream_count()
     if device == mx.cpu:
+        streams = parallel.stream_count()
         click.echo(f"training    {streams} CPU stream{'s' * (streams > 1)} "
                    f"({'rows of each batch split over them, ' if streams > 1 else ''}"
                    f"{parallel.STREAMS_ENV} overrides)")

@@ -82,6 +82,18 @@ def on_stream(fn: Callable[..., Any], stream: Any) -> Callable[..., Any]:
     return run
 
 
+def on_streams(fn: Callable[..., Any], streams: Sequence[Any]) -> list[Callable[..., Any]]:
+    """One copy of ``fn`` per stream (:func:`on_stream`), or ``[fn]`` without streams."""
+    return [on_stream(fn, s) for s in streams] or [fn]
+
+
+def blas_threads(streams: Sequence[Any]) -> Any:
+    """A context running OpenBLAS on one thread while ``streams`` use the cores."""
+    from . import blas
+
+    return blas.threads(1 if streams else None)
+
+
 def split_rows(batch: Sequence[Any], parts: int) -> list[tuple[Any, ...]]:
     """The arrays of ``batch`` cut along their rows into at most ``parts`` near-equal pieces."""
     rows = batch[0].shape[0]

@@ -21,8 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from ..core.backend import keep_freed_buffers
-from ..cpu import blas
-from ..cpu.parallel import new_streams, on_stream, split_rows, stream_count
+from ..cpu.parallel import blas_threads, new_streams, on_streams, split_rows, stream_count
 from .config import TrainConfig
 from .distributed import Batch, all_sum_tree, shard, world
 
@@ -78,7 +77,7 @@ class Stepper:
         wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if cfg.compile else None
         self.fast = cfg.grad_accum == 1 and group.size() == 1 and not self.streams
         self._fused = wrap(fused) if wrap else fused
-        micros = [on_stream(micro, s) for s in self.streams] or [micro]
+        micros = on_streams(micro, self.streams)
         self._micros = [wrap(m) for m in micros] if wrap else micros
         self._apply = wrap(apply) if wrap else apply
 
@@ -88,7 +87,7 @@ class Stepper:
         Returns (mean loss, tokens, gradient norm before clipping), all ranks together,
         evaluated, with the model and optimizer state.
         """
-        with blas.threads(1 if self.streams else None):  # the streams use the cores
+        with blas_threads(self.streams):
             out = self._fused(*batches[0]) if self.fast else self._accumulate(batches)
             mx.eval(out, self.state)
         return out
@@ -117,13 +116,13 @@ class Evaluator:
             n = n.astype(mx.float32)
             return mx.stack([loss * n, n])
 
-        fns = [on_stream(loss_sum, s) for s in self.streams] or [loss_sum]
+        fns = on_streams(loss_sum, self.streams)
         self._loss_sums = [mx.compile(f, inputs=model.state) for f in fns] if compile else fns
 
     def __call__(self, batches: Iterable[Batch]) -> tuple[float, int]:
         """(mean loss, tokens counted) over ``batches`` (global batches; each rank its rows)."""
         total = mx.zeros((2,))
-        with blas.threads(1 if self.streams else None):
+        with blas_threads(self.streams):
             for batch in batches:
                 parts = split_rows(shard(batch, self.group), len(self._loss_sums))
                 sums = [f(*rows) for f, rows in zip(self._loss_sums, parts, strict=False)]
