@@ -91,6 +91,29 @@ class Context:
             c.keys, c.values, c.offset = k, v, self.offset + n
         return out[0]
 
+    def kv(self) -> list[tuple[mx.array, mx.array]]:
+        """Each layer's keys and values of the cached tokens, (1, H, offset, D) each."""
+        n = self.offset
+        return [(c.keys[..., :n, :], c.values[..., :n, :]) for c in self.cache]
+
+    def load(self, tokens: Sequence[int], kv: Sequence[tuple[mx.array, mx.array]]) -> None:
+        """Hold exactly ``tokens`` with their keys and values (as :meth:`kv` gives them): a
+        prefix read earlier, by this process or a saved prompt cache, is not read again."""
+        tokens = [int(t) for t in tokens]
+        if len(kv) != len(self.cache):
+            raise MlxgptError(f"the cache has {len(kv)} layers; the model has {len(self.cache)}")
+        if len(tokens) > self.n_positions:
+            raise MlxgptError(f"{len(tokens)} cached tokens do not fit the model's context "
+                              f"({self.n_positions} positions)")
+        dtype = self.cache[0].keys.dtype
+        want = self.cache[0].keys.shape[:2] + (len(tokens),) + self.cache[0].keys.shape[3:]
+        for c, (k, v) in zip(self.cache, kv, strict=True):
+            if tuple(k.shape) != want or tuple(v.shape) != want:
+                raise MlxgptError(f"cached keys/values of shape {tuple(k.shape)} do not fit "
+                                  f"this model (expected {want})")
+            c.keys, c.values, c.offset = k.astype(dtype), v.astype(dtype), len(tokens)
+        self._tokens = list(tokens)
+
     # -- reading tokens
 
     def prefill(self, ids: Sequence[int]) -> mx.array:

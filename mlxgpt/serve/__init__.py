@@ -1,0 +1,1 @@
+"""``mlxgpt serve``: an OpenAI-compatible HTTP server over continuous batched generation."""
