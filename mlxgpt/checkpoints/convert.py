@@ -1,6 +1,7 @@
-"""``mlxgpt convert``: a Hugging Face GPT-2 checkpoint (folder or hub id) -> an mlxgpt model
-folder, optionally cast to another dtype or quantized. A ``GPT2ForSequenceClassification``
-checkpoint becomes a classifier folder (its GPT cast or quantized; the head stays float)."""
+"""``mlxgpt convert``: a Hugging Face GPT-2 checkpoint (folder or hub id) or a GPT-2 GGUF file
+-> an mlxgpt model folder, optionally cast to another dtype or quantized. A
+``GPT2ForSequenceClassification`` checkpoint becomes a classifier folder (its GPT cast or
+quantized; the head stays float)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
+
+from ..core.classifier import GPTClassifier
+from ..core.model import GPT
 from ..errors import MlxgptError
+from ..tokenizers import Tokenizer
 from . import folder as mlx_folder
+from .gguf import is_gguf, read_gguf
 from .hf import is_hf_classifier, load_hf, load_hf_classifier
 from .hub import resolve_source
 from .quantize import check_quant_options, float_dtype, quantize
@@ -40,6 +47,22 @@ class Summary:
                 f"tokenizer {tok}, {self.size_bytes / 1e6:.1f} MB, {self.seconds:.1f} s")
 
 
+def _read_source(source: str | os.PathLike, revision: str | None,
+                 dtype: mx.Dtype | None) -> tuple[GPT, Tokenizer, GPTClassifier | None]:
+    """(model, tokenizer, classifier or None) from a GGUF file or a Hugging Face source."""
+    if is_gguf(source):
+        if revision is not None:
+            raise MlxgptError(f"{source}: --revision applies to hub ids, not GGUF files")
+        return *read_gguf(source, dtype), None
+    folder = resolve_source(source, revision)
+    if mlx_folder.is_model_folder(folder):
+        raise MlxgptError(f"{source}: already an mlxgpt model folder (load it as it is)")
+    if is_hf_classifier(folder):
+        clf, tok = load_hf_classifier(folder, dtype)
+        return clf.transformer, tok, clf
+    return *load_hf(folder, dtype), None
+
+
 def convert(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -50,7 +73,8 @@ def convert(
     group_size: int = 64,
     force: bool = False,
 ) -> Summary:
-    """Convert a Hugging Face GPT-2 checkpoint (folder or hub id) into an mlxgpt model folder."""
+    """Convert a Hugging Face GPT-2 checkpoint (folder or hub id) or a GGUF file into an mlxgpt
+    model folder."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not force:  # fail before any download or reading
@@ -58,15 +82,7 @@ def convert(
     target = mlx_folder.parse_dtype(dtype)
     if quantize_bits is not None:
         check_quant_options(quantize_bits, group_size)  # before any download or reading
-    folder = resolve_source(source, revision)
-    if mlx_folder.is_model_folder(folder):
-        raise MlxgptError(f"{source}: already an mlxgpt model folder (load it as it is)")
-    clf = None
-    if is_hf_classifier(folder):
-        clf, tok = load_hf_classifier(folder, target)
-        model = clf.transformer
-    else:
-        model, tok = load_hf(folder, target)
+    model, tok, clf = _read_source(source, revision, target)
     n_params = model.n_params  # before quantization packs the weights
     quant, n_quant = None, 0
     if quantize_bits is not None:

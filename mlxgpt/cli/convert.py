@@ -16,10 +16,11 @@ from mlxgpt.cli.options import dtype_option
               show_default=True, help="Quantization group size.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def convert(source, out_dir, revision, dtype, bits, group_size, force):
-    """Convert a Hugging Face GPT-2 checkpoint into an mlxgpt model folder.
+    """Convert a Hugging Face GPT-2 checkpoint or a GGUF file into an mlxgpt model folder.
 
     SOURCE is a local Hugging Face folder (model.safetensors, sharded safetensors or
-    pytorch_model.bin) or a hub id such as "gpt2" (HF_HUB_OFFLINE=1 uses the local cache only).
+    pytorch_model.bin), a hub id such as "gpt2" (HF_HUB_OFFLINE=1 uses the local cache only)
+    or a GPT-2 GGUF file (F32, F16 or Q8_0 tensors, e.g. from llama.cpp).
     A GPT2ForSequenceClassification checkpoint becomes a classifier folder.
     """
     from mlxgpt.checkpoints.convert import convert as run
@@ -32,14 +33,31 @@ def convert(source, out_dir, revision, dtype, bits, group_size, force):
 
 @click.command()
 @click.argument("model")
-@click.argument("out_dir")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-def export(model, out_dir, force):
-    """Write an mlxgpt model folder back out as a Hugging Face GPT-2 folder.
+@click.argument("out")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf",
+              show_default=True,
+              help="hf: a Hugging Face GPT-2 folder; gguf: one GGUF file llama.cpp runs.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]),
+              help="GGUF weight type (default: f32 for float32 models, else f16).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def export(model, out, fmt, dtype, force):
+    """Write an mlxgpt model out as a Hugging Face GPT-2 folder or a GGUF file.
 
-    transformers' GPT2LMHeadModel.from_pretrained(OUT_DIR) loads it (a classifier folder:
-    GPT2ForSequenceClassification); quantized models are dequantized.
+    --format hf (default): OUT is a folder transformers' GPT2LMHeadModel.from_pretrained loads
+    (a classifier folder: GPT2ForSequenceClassification). --format gguf: OUT is a file
+    llama.cpp runs (architecture gpt2); MODEL may also be a Hugging Face folder or a shipped
+    model's name. Quantized models are dequantized.
     """
-    from mlxgpt.checkpoints.hf import export as run
+    if fmt == "gguf":
+        from mlxgpt.checkpoints.gguf import export_gguf
 
-    click.echo(f"wrote {run(model, out_dir, force=force)}")
+        click.echo(export_gguf(model, out, dtype, force=force).line())
+        return
+    from mlxgpt.checkpoints.hf import export as run
+    from mlxgpt.errors import MlxgptError
+
+    if dtype is not None:
+        raise MlxgptError("--dtype applies to --format gguf (a Hugging Face folder keeps the "
+                          "model's dtype)")
+
+    click.echo(f"wrote {run(model, out, force=force)}")
