@@ -29,6 +29,7 @@ COMMANDS = {
     "fuse": "finetune:fuse",
     "eval": "finetune:evaluate",
     "classify": "classify:classify",
+    "serve": "serve:serve",
 }
 
 

@@ -107,11 +107,14 @@ class GPT(nn.Module):
     def hidden(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         """Final hidden states (B, T, C) for token ids (B, T)."""
         T = tokens.shape[1]
-        offset = cache[0].offset if cache else 0  # an int, or a scalar array inside mx.compile
+        # an int, a scalar array inside mx.compile, or (B,) per-row offsets (a batch of sequences)
+        offset = cache[0].offset if cache else 0
         if isinstance(offset, int) and offset + T > self.config.n_positions:
             raise ValueError(
                 f"positions {offset}..{offset + T - 1} exceed n_positions={self.config.n_positions}"
             )
+        if isinstance(offset, mx.array) and offset.ndim == 1:
+            offset = offset[:, None]  # (B, 1): each row's positions (B, T)
         x = self.wte(tokens) + self.wpe(offset + mx.arange(T))  # (B, T, C)
         if self.drop is not None:
             x = self.drop(x)

@@ -1,0 +1,54 @@
+"""``mlxgpt serve``: an OpenAI-compatible HTTP server (completions, chat, streaming, JSON)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import click
+
+from mlxgpt.cli.options import load_model, model_options, positive
+from mlxgpt.errors import MlxgptError
+
+
+@click.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; mind --api-key).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
+@click.option("--max-batch", type=int, default=16, show_default=True, callback=positive,
+              help="Most sequences decoded together (each choice of each request is one).")
+@click.option("--max-queue", type=int, default=64, show_default=True, callback=positive,
+              help="Most sequences waiting for a row; beyond it requests get 429.")
+@click.option("--api-key", default=None, envvar="MLXGPT_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (or set MLXGPT_API_KEY).")
+@click.option("--context", type=click.Choice(["stop", "slide"]), default="stop",
+              show_default=True,
+              help="A prompt longer than the model's context: refuse it (400) or keep its most "
+                   "recent tokens; a reply that reaches the limit ends (stop) or slides.")
+@click.option("--prefix-cache", type=int, default=8, show_default=True,
+              help="Recent sequences whose KV cache a new request sharing their start reuses.")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGINT/SIGTERM, seconds running requests get to finish.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
+                                                "debug"]), default="info", show_default=True)
+def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, context,
+          prefix_cache, shutdown_timeout, log_level) -> None:
+    """Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models."""
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MlxgptError(f"mlxgpt serve needs {' and '.join(missing)}: "
+                          "pip install 'mlxgpt[serve]'")
+    if not 0 <= port <= 65535:
+        raise MlxgptError(f"--port must be in 0..65535, got {port}")
+    from mlxgpt.checkpoints.folder import CHAT_SHIPPED
+    from mlxgpt.serve.app import ServerConfig, serve
+    from mlxgpt.serve.engine import Engine
+
+    m, tok = load_model(model, adapter, dtype, default=CHAT_SHIPPED)
+    name = Path(model).name if model else CHAT_SHIPPED
+    engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache)
+    click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, "
+               f"context {m.config.n_positions} tokens, policy {context})", err=True)
+    serve(engine, tok, ServerConfig(model_id=name, api_key=api_key, context=context),
+          host=host, port=port, shutdown_timeout=shutdown_timeout, log_level=log_level)

@@ -1,0 +1,448 @@
+"""Continuous batching: several sequences decoded together, one forward pass per step.
+
+Each sequence (a :class:`SequenceRequest`) has its own prompt, position, KV cache rows, sampling
+settings, stop strings, token budget and optional output constraint. Sequences join and leave
+between steps: :meth:`BatchGenerator.add` reads a prompt (alone, through a
+:class:`~mlxgpt.generation.context.Context`, reusing the longest prefix of a recent sequence) and
+gives it a row; :meth:`BatchGenerator.step` draws every row's next token, reports it, and runs all
+continuing rows through one compiled forward: ``(B, 1)`` tokens, each at its own position.
+
+On the CPU this turns B single-row matmuls (``(1, K) @ (K, N)``, bound by reading the weights)
+into one ``(B, K) @ (K, N)``: the weights are read once per step for the whole batch.
+
+The rows' caches are one buffer per layer, ``(B, H, capacity, D)``; row b holds ``offsets[b]``
+positions and its query sees only those (a boolean mask), so rows of any lengths share a step.
+The capacity grows in steps of :data:`~mlxgpt.generation.cache.STEP` positions and shrinks when
+the longest row leaves.
+
+A sequence decoded here gives the same tokens as :func:`~mlxgpt.generation.generate.generate`
+gives it alone (greedy: exactly; the context-limit policies included).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import mlx.core as mx
+import numpy as np
+
+from ..core.model import GPT
+from ..errors import MlxgptError
+from ..tokenizers import Tokenizer
+from .cache import STEP
+from .context import Context, common_prefix
+from .generate import CONTEXT_POLICIES, StopMatcher, fit_prompt
+from .sample import NEG_INF, SamplingSettings, TokenSampler
+
+
+class Constraint(Protocol):
+    """What limits a sequence's tokens (e.g. :class:`mlxgpt.generation.constrain.JsonState`)."""
+
+    complete: bool  # the text is a finished document: the sequence ends here
+
+    def allowed(self) -> np.ndarray:
+        """bool (V,): the tokens that may come next."""
+
+    def advance(self, token: int) -> None: ...
+
+
+@dataclass
+class SequenceRequest:
+    """One sequence to generate."""
+
+    prompt: list[int]
+    max_tokens: int = 256
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop: Sequence[str] = ()
+    stop_at_eos: bool = True
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
+    constraint: Constraint | None = None
+    context: str = "slide"  # at the context limit: "slide" the window or "stop"
+    window_keep: int | None = None  # tokens kept when the window slides (half the context)
+
+
+@dataclass
+class TokenEvent:
+    """One row's step: its new token and text, or (``finish_reason`` set) its end."""
+
+    uid: int
+    token: int | None
+    text: str = ""  # may be "" while a character or a possible stop string is held back
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability)
+    finish_reason: str | None = None  # "stop" (stop string, constraint done), "eos", "length"
+    prompt_tokens: int = 0  # set on the finishing event
+    cached_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class BatchCache:
+    """One layer's keys and values for a batch, traced inside the compiled step.
+
+    ``offset`` (B,) int32: how many positions each row holds; the new token goes there.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Write k, v (B, H, 1, D) at each row's offset; every key and value (B, H, S, D) and
+        the mask (B, 1, 1, S) of the keys each row's query sees."""
+        where = mx.broadcast_to(self.offset[:, None, None, None], k.shape)
+        self.keys = mx.put_along_axis(self.keys, where, k, axis=2)
+        self.values = mx.put_along_axis(self.values, where, v, axis=2)
+        seen = mx.arange(self.keys.shape[2])[None, :] <= self.offset[:, None]  # (B, S)
+        return self.keys, self.values, seen[:, None, None, :]
+
+
+def compiled_batch_step(model: GPT) -> Callable[..., tuple[mx.array, ...]]:
+    """(tokens (B, 1), offsets (B,), *buffers) -> (logits (B, V), *buffers). Traced once per
+    (B, capacity)."""
+
+    def step(tokens: mx.array, offsets: mx.array, *buffers: mx.array):
+        pairs = zip(buffers[0::2], buffers[1::2], strict=True)
+        caches = [BatchCache(k, v, offsets) for k, v in pairs]
+        logits = model(tokens, caches)[:, 0, :]  # (B, V)
+        return (logits, *[a for c in caches for a in (c.keys, c.values)])
+
+    return mx.compile(step, inputs=model.state)
+
+
+@dataclass
+class _Row:
+    uid: int
+    request: SequenceRequest
+    sampler: TokenSampler
+    tokens: list[int]  # every id in the row's cache (prompt, then generated), + the pending one
+    prompt_tokens: int
+    cached_tokens: int
+    keep: int  # window kept when sliding
+    decoder: Any
+    matcher: StopMatcher
+    logits: mx.array | None = None  # (V,) where the next token is drawn from
+    generated: int = 0
+
+
+class PrefixStore:
+    """The token ids and keys/values of a few recent sequences, newest first: a new prompt
+    that starts like one of them reads only the rest."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: list[tuple[list[int], list[tuple[mx.array, mx.array]]]] = []
+
+    def add(self, tokens: list[int], kv: list[tuple[mx.array, mx.array]]) -> None:
+        if self.size <= 0 or not tokens:
+            return
+        # Own copies: views would keep a whole batch buffer alive.
+        kv = [(mx.array(k), mx.array(v)) for k, v in kv]
+        mx.eval(kv)
+        self.entries = [e for e in self.entries if e[0] != tokens]
+        self.entries.insert(0, (list(tokens), kv))
+        del self.entries[self.size :]
+
+    def longest(self, ids: Sequence[int]) -> tuple[int, list[tuple[mx.array, mx.array]] | None]:
+        """(n, keys/values of ids[:n]) for the stored sequence sharing the longest prefix."""
+        best, best_kv = 0, None
+        for tokens, kv in self.entries:
+            n = common_prefix(tokens, ids)
+            if n > best:
+                best, best_kv = n, kv
+        if best_kv is None:
+            return 0, None
+        return best, [(k[..., :best, :], v[..., :best, :]) for k, v in best_kv]
+
+
+class BatchGenerator:
+    """Sequences decoded together; add and remove them between steps.
+
+    >>> gen = BatchGenerator(model, tokenizer)
+    >>> uid = gen.add(SequenceRequest(tokenizer.encode("Hello"), max_tokens=20))
+    >>> while gen.active:
+    ...     for event in gen.step(): ...
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
+                 prefix_cache: int = 8):
+        if max_batch < 1:
+            raise MlxgptError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.n_positions = model.config.n_positions
+        self.vocab_size = model.config.vocab_size
+        self.prefixes = PrefixStore(prefix_cache)
+        self.rows: list[_Row] = []
+        self.buffers: list[mx.array] = []  # per layer: keys, values (B, H, capacity, D)
+        self._reader = Context(model)  # reads prompts (one compiled forward for all)
+        self._step = compiled_batch_step(model)
+        self._uids = itertools.count()
+
+    # -- state
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2] if self.buffers else 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.max_batch
+
+    # -- joining and leaving
+
+    def add(self, request: SequenceRequest) -> int:
+        """Read the request's prompt and give it a row; its first token comes with the next
+        :meth:`step`. Returns its id."""
+        if self.full:
+            raise MlxgptError(f"the batch is full ({self.max_batch} sequences)")
+        if request.context not in CONTEXT_POLICIES:
+            raise MlxgptError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise MlxgptError(f"max_tokens must be a positive number of tokens, "
+                              f"got {request.max_tokens!r}")
+        keep = request.window_keep or max(1, self.n_positions // 2)
+        if not 0 < keep <= self.n_positions:
+            raise MlxgptError(f"window_keep must be in 1..{self.n_positions}")
+        ids = list(request.prompt)
+        if not ids:
+            if self.tokenizer.eot_id is None:
+                raise MlxgptError("the prompt is empty (and the tokenizer has no <|endoftext|>)")
+            ids = [self.tokenizer.eot_id]
+        ids = fit_prompt(ids, self.n_positions, request.context, keep)
+        row = _Row(
+            uid=next(self._uids), request=request,
+            sampler=TokenSampler(request.sampling, self.vocab_size), tokens=[],
+            prompt_tokens=len(ids), cached_tokens=0, keep=keep,
+            decoder=self.tokenizer.stream_decoder(), matcher=StopMatcher(request.stop),
+        )
+        row.cached_tokens = self._read(row, ids)
+        return row.uid
+
+    def remove(self, uid: int) -> bool:
+        """Drop a sequence (e.g. its client left); whether it was here."""
+        for i, row in enumerate(self.rows):
+            if row.uid == uid:
+                self._drop([i])
+                return True
+        return False
+
+    def _read(self, row: _Row, ids: list[int]) -> int:
+        """Read ``ids`` into a fresh cache (reusing a stored prefix) and append the row; how
+        many ids came from the store."""
+        reader = self._reader
+        n, kv = self.prefixes.longest(ids)
+        if kv is not None:
+            reader.load(ids[:n], kv)
+        else:
+            reader.reset()
+        logits = reader.sync(ids)  # (1, V) of the last id
+        row.tokens, row.logits = list(ids), logits[0]
+        self._append(reader.kv())
+        self.rows.append(row)
+        return n
+
+    def _append(self, kv: list[tuple[mx.array, mx.array]]) -> None:
+        """Add one row's keys/values (1, H, n, D) to the batch buffers."""
+        n = kv[0][0].shape[2]
+        cap = max(self.capacity, _round_up(n + 1, self.n_positions))
+        self._resize(cap)
+        dtype = self.model.ln_f.weight.dtype  # the activations' dtype
+        parts = []
+        for a in (a for pair in kv for a in pair):
+            pad = mx.zeros((1, a.shape[1], cap - n, a.shape[3]), dtype)
+            parts.append(mx.concatenate([a.astype(dtype), pad], axis=2))  # (1, H, cap, D)
+        if self.buffers:
+            parts = [mx.concatenate([old, new], axis=0)
+                     for old, new in zip(self.buffers, parts, strict=True)]
+        self.buffers = parts
+        mx.eval(self.buffers)
+
+    def _resize(self, cap: int) -> None:
+        """Make every buffer hold ``cap`` positions (cut or zero-padded at the end)."""
+        if not self.buffers or cap == self.capacity:
+            return
+        if cap < self.capacity:
+            self.buffers = [b[:, :, :cap, :] for b in self.buffers]
+            return
+        b, h, old, d = self.buffers[0].shape
+        pad = mx.zeros((b, h, cap - old, d), self.buffers[0].dtype)
+        self.buffers = [mx.concatenate([a, pad], axis=2) for a in self.buffers]
+
+    def _drop(self, indices: list[int]) -> None:
+        """Remove rows (and shrink the buffers to the longest row left)."""
+        if not indices:
+            return
+        gone = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.buffers = []
+            return
+        idx = mx.array(keep, mx.int32)
+        self.buffers = [b[idx] for b in self.buffers]
+        self._resize(_round_up(max(len(r.tokens) for r in self.rows) + 1, self.n_positions))
+        mx.eval(self.buffers)
+
+    def _row_kv(self, i: int, n: int) -> list[tuple[mx.array, mx.array]]:
+        bufs = [b[i : i + 1, :, :n, :] for b in self.buffers]
+        return list(zip(bufs[0::2], bufs[1::2], strict=True))
+
+    # -- stepping
+
+    def step(self) -> list[TokenEvent]:
+        """Draw every row's next token, report it (and each finished row), and start the
+        forward pass of the rows that go on."""
+        if not self.rows:
+            return []
+        picks = [self._pick(row) for row in self.rows]
+        mx.eval([a for p in picks for a in p if a is not None])
+        events, finished, slide, go_on = [], [], [], []
+        for i, (row, (tok, lp, top_ids, top_lps)) in enumerate(zip(self.rows, picks,
+                                                                    strict=True)):
+            event = self._emit(row, int(tok.item()), lp, top_ids, top_lps)
+            events.append(event)
+            if event.finish_reason is None and len(row.tokens) > self.n_positions:
+                # the token just drawn has no position left: slide the window or stop
+                if row.request.context == "stop":
+                    self._finish(row, event, "length")
+                else:
+                    slide.append(i)
+            if event.finish_reason is not None:
+                finished.append(i)
+            elif i not in slide:
+                go_on.append(i)
+        for i in finished:
+            row = self.rows[i]
+            self.prefixes.add(row.tokens[:-1], self._row_kv(i, len(row.tokens) - 1))
+        moved = [self.rows[i] for i in slide]
+        self._drop(finished + slide)
+        self._forward()
+        for row in moved:  # read the kept window again from position 0 (as generate does)
+            self._read(row, row.tokens[-row.keep:])
+        return events
+
+    def _pick(self, row: _Row) -> tuple[mx.array, ...]:
+        """The row's next token (1,) and, if asked, its log-probability and the top ones."""
+        logits = row.logits[None]  # (1, V)
+        row.logits = None
+        req = row.request
+        if req.constraint is not None:
+            allowed = mx.array(req.constraint.allowed()[: self.vocab_size])
+            logits = mx.where(allowed, logits, NEG_INF)
+        window = req.sampling.penalty_window if req.sampling.penalised else 0
+        recent = mx.array(row.tokens[-window:], mx.int32)[None] if window else None
+        tok = row.sampler(logits, recent)  # (1,)
+        if req.logprobs is None:
+            return tok, None, None, None
+        logp = log_probs(logits[0])
+        lp = logp[tok[0]]
+        if not req.logprobs:
+            return tok, lp, None, None
+        k = min(req.logprobs, logp.shape[0])
+        top = mx.argpartition(-logp, k - 1)[:k]
+        return tok, lp, top, logp[top]
+
+    def _emit(self, row: _Row, tok: int, lp: mx.array | None, top_ids: mx.array | None,
+              top_lps: mx.array | None) -> TokenEvent:
+        row.generated += 1
+        row.tokens.append(tok)
+        event = TokenEvent(row.uid, tok)
+        if lp is not None:
+            event.logprob = float(lp.item())
+        if top_ids is not None:
+            pairs = zip(top_ids.tolist(), top_lps.tolist(), strict=True)
+            event.top_logprobs = sorted(pairs, key=lambda p: -p[1])
+        req = row.request
+        eos = self.tokenizer.eot_id if req.stop_at_eos else None
+        if tok == eos:
+            event.token = None  # <|endoftext|> is not part of the text
+            return self._finish(row, event, "eos")
+        if req.constraint is not None:
+            req.constraint.advance(tok)
+        event.text, hit = row.matcher.feed(row.decoder.add(tok))
+        if hit:
+            return self._finish(row, event, "stop")
+        if req.constraint is not None and req.constraint.complete:
+            return self._finish(row, event, "stop")
+        if row.generated >= req.max_tokens:
+            return self._finish(row, event, "length")
+        return event
+
+    def _finish(self, row: _Row, event: TokenEvent, reason: str) -> TokenEvent:
+        if reason != "stop":  # what the decoder and the stop matcher still hold
+            tail, _ = row.matcher.feed(row.decoder.flush())
+            event.text += tail + row.matcher.flush()
+        event.finish_reason = reason
+        event.prompt_tokens, event.cached_tokens = row.prompt_tokens, row.cached_tokens
+        event.generation_tokens = row.generated
+        return event
+
+    def _forward(self) -> None:
+        """Run every row's newest token through the model (lazily); sets each row's logits."""
+        rows = self.rows
+        if not rows:
+            return
+        need = max(len(r.tokens) for r in rows)  # positions after writing each newest token
+        if need > self.capacity:
+            self._resize(_round_up(need, self.n_positions))
+        tokens = mx.array([r.tokens[-1] for r in rows], mx.int32)[:, None]  # (B, 1)
+        offsets = mx.array([len(r.tokens) - 1 for r in rows], mx.int32)  # (B,)
+        out = self._step(tokens, offsets, *self.buffers)
+        self.buffers = list(out[1:])
+        for i, row in enumerate(rows):
+            row.logits = out[0][i]
+        mx.async_eval(out[0], *self.buffers)
+
+
+def log_probs(logits: mx.array) -> mx.array:
+    """Log-probabilities (V,) from one row's logits."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits)
+
+
+def _round_up(n: int, limit: int) -> int:
+    """``n`` rounded up to a multiple of STEP, at most ``limit``."""
+    return min(-(-n // STEP) * STEP, limit)
+
+
+def batch_generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_batch: int = 16,
+    **kwargs,
+) -> list[str]:
+    """Generate for every prompt together; the texts, in order. Keyword arguments are
+    :class:`SequenceRequest`'s (``max_tokens``, ``sampling``, ``stop``...), the same for all."""
+    texts = dict.fromkeys(range(len(prompts)), "")
+    for i, event in stream_batch(model, tokenizer, prompts, max_batch=max_batch, **kwargs):
+        texts[i] += event.text
+    return [texts[i] for i in range(len(prompts))]
+
+
+def stream_batch(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_batch: int = 16,
+    **kwargs,
+) -> Iterator[tuple[int, TokenEvent]]:
+    """(prompt index, event) as the batch runs; prompts beyond ``max_batch`` join as others
+    finish."""
+    gen = BatchGenerator(model, tokenizer, max_batch=max_batch)
+    waiting = list(enumerate(prompts))[::-1]
+    index: dict[int, int] = {}
+    while waiting or gen.active:
+        while waiting and not gen.full:
+            i, prompt = waiting.pop()
+            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            index[gen.add(SequenceRequest(ids, **kwargs))] = i
+        for event in gen.step():
+            yield index[event.uid], event

@@ -1,0 +1,166 @@
+"""The one thread that runs the model: requests wait in a bounded queue, join the batch as rows
+free up, and their tokens go back to the event loop that asked.
+
+The HTTP side never touches the model: it submits sequences (:meth:`Engine.submit`), reads their
+events from an asyncio queue, and cancels them (:meth:`Engine.cancel`) when a client leaves; the
+engine drops a cancelled row before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.model import GPT
+from ..errors import MlxgptError
+from ..generation.batch import BatchGenerator, SequenceRequest
+from ..tokenizers import Tokenizer
+
+
+class QueueFull(Exception):
+    """More sequences wait than the queue holds (the server answers 429)."""
+
+
+@dataclass(eq=False)  # compared by identity
+class Handle:
+    """One submitted sequence: its events arrive on ``queue`` as (index, item), item a
+    :class:`~mlxgpt.generation.batch.TokenEvent` or an exception."""
+
+    index: int
+    request: SequenceRequest
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    uid: int | None = None
+    done: bool = False
+    cancelled: bool = field(default=False)
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass
+
+
+class Engine:
+    """Owns the model and a :class:`BatchGenerator`; runs it on its own thread."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
+                 max_queue: int = 64, prefix_cache: int = 8):
+        self.generator = BatchGenerator(model, tokenizer, max_batch, prefix_cache)
+        self.max_queue = max_queue
+        self.waiting: deque[Handle] = deque()
+        self.running: dict[int, Handle] = {}  # uid -> handle
+        self.to_cancel: list[Handle] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self._run, name="mlxgpt-engine", daemon=True)
+
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel everything and end the thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "max_batch": self.generator.max_batch, "max_queue": self.max_queue}
+
+    def submit(self, requests: list[SequenceRequest],
+               loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, list[Handle]]:
+        """Queue sequences (all or none); one asyncio queue receives all their events."""
+        queue: asyncio.Queue = asyncio.Queue()
+        handles = [Handle(i, r, queue, loop) for i, r in enumerate(requests)]
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(handles) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting "
+                                f"(the queue holds {self.max_queue})")
+            self.waiting.extend(handles)
+            self.cond.notify()
+        return queue, handles
+
+    def cancel(self, handles: list[Handle]) -> None:
+        """Forget these sequences (their client left); their rows free up before the next
+        step."""
+        with self.cond:
+            for h in handles:
+                if not h.done and not h.cancelled:
+                    h.cancelled = True
+                    self.to_cancel.append(h)
+            self.cond.notify()
+
+    # -- the engine thread
+
+    def _run(self) -> None:
+        gen = self.generator
+        while True:
+            with self.cond:
+                while not (self.stopping or self.waiting or self.to_cancel or gen.active):
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                cancelled, self.to_cancel = self.to_cancel, []
+                for h in cancelled:
+                    if h in self.waiting:
+                        self.waiting.remove(h)
+            try:
+                self._cycle(cancelled)
+            except Exception as e:  # a bug must not take the server down: fail what runs
+                traceback.print_exc(file=sys.stderr)
+                self._fail_all(MlxgptError(f"generation failed: {e}"))
+        self._fail_all(MlxgptError("the server is shutting down"), waiting=True)
+
+    def _cycle(self, cancelled: list[Handle]) -> None:
+        """Drop cancelled rows, admit waiting sequences while rows are free, take one step."""
+        gen = self.generator
+        for h in cancelled:
+            if h.uid is not None and self.running.pop(h.uid, None) is not None:
+                gen.remove(h.uid)
+            h.done = True
+        with self.cond:
+            admit = [self.waiting.popleft()
+                     for _ in range(min(len(self.waiting), gen.max_batch - gen.active))]
+        for h in admit:
+            try:
+                h.uid = gen.add(h.request)
+            except MlxgptError as e:
+                h.done = True
+                h.put(e)
+                continue
+            self.running[h.uid] = h
+        for event in gen.step():
+            h = self.running.get(event.uid)
+            if h is None:
+                continue
+            if event.finish_reason is not None:
+                del self.running[event.uid]
+                h.done = True
+            h.put(event)
+        self.steps += 1
+
+    def _fail_all(self, error: Exception, waiting: bool = False) -> None:
+        for h in list(self.running.values()):
+            self.generator.remove(h.uid)
+            h.done = True
+            h.put(error)
+        self.running.clear()
+        if waiting:
+            with self.cond:
+                left, self.waiting = list(self.waiting), deque()
+            for h in left:
+                h.done = True
+                h.put(error)
