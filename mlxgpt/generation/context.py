@@ -20,16 +20,19 @@ PREFILL_STEP = 512  # prompt tokens read per chunk
 PAD_TO = 64  # prompt chunks are padded to a multiple of this: few shapes to trace
 
 
-def compiled_forward(model: GPT) -> Callable[..., tuple[mx.array, ...]]:
+def compiled_forward(model: GPT, every: bool = False) -> Callable[..., tuple[mx.array, ...]]:
     """(tokens (1, T), offset (), last (), *buffers) -> (logits (1, V) at position ``last``,
     *buffers): the model reading T tokens after ``offset`` cached ones. Traced once per
-    (T, buffer size); decoding uses T = 1."""
+    (T, buffer size); decoding uses T = 1. With ``every`` the logits are those of every
+    position, (1, T, V) (verifying a draft's tokens)."""
 
     def step(tok: mx.array, offset: mx.array, last: mx.array, *buffers: mx.array):
         pairs = zip(buffers[0::2], buffers[1::2], strict=True)
         caches = [KVCache(k, v, offset) for k, v in pairs]
         h = model.hidden(tok, caches)  # (1, T, C)
         out = [a for c in caches for a in (c.keys, c.values)]
+        if every:
+            return (model.logits(h), *out)  # logits (1, T, V)
         return (model.logits(mx.take(h, last, axis=1)), *out)  # logits (1, V)
 
     # The weights are inputs, not constants, so a model changed later (LoRA, training) is seen.
@@ -46,6 +49,7 @@ class Context:
         self.cache = make_cache(model)
         self._tokens: list[int | mx.array] = []
         self._step = compiled_forward(model)
+        self._step_every: Callable[..., tuple[mx.array, ...]] | None = None  # made when needed
 
     # -- state
 
@@ -72,9 +76,10 @@ class Context:
         for c in self.cache:
             c.offset = self.offset
 
-    def _forward(self, tokens: mx.array, n: int) -> mx.array:
+    def _forward(self, tokens: mx.array, n: int, step: Callable | None = None) -> mx.array:
         """Run tokens (1, T) after the cached ones, of which the first n are real and the rest
-        padding; logits (1, V) of the last real one (not evaluated yet).
+        padding; logits (1, V) of the last real one (not evaluated yet), or what ``step`` (a
+        :func:`compiled_forward`) returns.
 
         Padding writes keys/values past the real tokens, where no real query looks (causal
         mask) and later tokens overwrite them.
@@ -85,8 +90,8 @@ class Context:
                 c.reserve(total, self.n_positions)
             mx.eval([a for c in self.cache for a in (c.keys, c.values)])
         buffers = [a for c in self.cache for a in (c.keys, c.values)]
-        out = self._step(tokens, mx.array(self.offset, mx.int32), mx.array(n - 1, mx.int32),
-                         *buffers)
+        out = (step or self._step)(tokens, mx.array(self.offset, mx.int32),
+                                   mx.array(n - 1, mx.int32), *buffers)
         for c, k, v in zip(self.cache, out[1::2], out[2::2], strict=True):
             c.keys, c.values, c.offset = k, v, self.offset + n
         return out[0]
@@ -146,6 +151,18 @@ class Context:
             raise MlxgptError(f"the context is full ({self.n_positions} positions)")
         logits = self._forward(token.reshape(1, 1), 1)
         self._tokens.append(token.reshape(()))
+        return logits
+
+    def extend(self, tokens: mx.array) -> mx.array:
+        """Read tokens (1, T) (a few, possibly not evaluated yet) in one forward, unpadded;
+        return the logits of every one, (1, T, V): a draft's tokens verified at once."""
+        t = tokens.shape[1]
+        if self.offset + t > self.n_positions:
+            raise MlxgptError(f"the context is full ({self.n_positions} positions)")
+        if self._step_every is None:
+            self._step_every = compiled_forward(self.model, every=True)
+        logits = self._forward(tokens, t, self._step_every)
+        self._tokens.extend(tokens[0, i] for i in range(t))
         return logits
 
     def sync(self, ids: Sequence[int]) -> mx.array:

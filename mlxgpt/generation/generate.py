@@ -14,10 +14,15 @@ Context limit: GPT-2 learned ``n_positions`` absolute positions. With ``context=
 default) a sequence that would pass it is cut to its most recent ``window_keep`` tokens (half the
 context unless given), which are read again from position 0, and generation goes on; with
 ``context="stop"`` generation ends with finish reason ``"length"``.
+
+Two ways to spend less time, both through :func:`stream_generate`: a draft model
+(:mod:`.speculative`, same output) and a prompt cache file (:mod:`.prompt_cache`, a long prefix
+read once and saved).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +33,15 @@ from ..core.model import GPT
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import PREFILL_STEP, Context, common_prefix
+from .prompt_cache import PromptCache, check_prompt_cache, load_prompt_cache
 from .sample import SamplingSettings, TokenSampler
+from .speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    DraftStats,
+    check_draft,
+    load_draft,
+    speculative_tokens,
+)
 
 CONTEXT_POLICIES = ("slide", "stop")
 MIN_TIMED = 1e-3  # seconds: a rate over a shorter time is noise (or a division by ~0)
@@ -51,6 +64,19 @@ def fit_prompt(ids: Sequence[int], n_positions: int, context: str, window_keep: 
     return ids[-window_keep:]
 
 
+def check_limits(n_positions: int, max_tokens: int, context: str,
+                 window_keep: int | None) -> int:
+    """Refuse a bad policy, token budget or window; the tokens kept when the window slides."""
+    if context not in CONTEXT_POLICIES:
+        raise MlxgptError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise MlxgptError(f"max_tokens must be a positive number of tokens, got {max_tokens!r}")
+    keep = window_keep or max(1, n_positions // 2)
+    if not 0 < keep <= n_positions:
+        raise MlxgptError(f"window_keep must be in 1..{n_positions}")
+    return keep
+
+
 def generate_tokens(
     ctx: Context,
     prompt: Sequence[int],
@@ -66,14 +92,8 @@ def generate_tokens(
     The cache of ``ctx`` is synced to ``prompt`` first (a shared prefix is not read again).
     Ends early only when the context is full and ``context == "stop"``.
     """
-    if context not in CONTEXT_POLICIES:
-        raise MlxgptError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}")
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise MlxgptError(f"max_tokens must be a positive number of tokens, got {max_tokens!r}")
     n_pos = ctx.n_positions
-    keep = window_keep or max(1, n_pos // 2)
-    if not 0 < keep <= n_pos:
-        raise MlxgptError(f"window_keep must be in 1..{n_pos}")
+    keep = check_limits(n_pos, max_tokens, context, window_keep)
     prompt = fit_prompt(prompt, n_pos, context, keep)
     window = sampler.settings.penalty_window if sampler.settings.penalised else 0
     recent = mx.array(list(prompt)[-window:], mx.int32)[None] if window else None  # (1, W)
@@ -135,8 +155,15 @@ class GenerationResponse:
     prompt_tps: float | None = None  # prompt tokens read per second (up to the first token)
     generation_tps: float | None = None  # tokens per second after the first
     # (a rate is None when there is too little to time: nothing read, one token, < 1 ms)
-    ttft: float = 0.0  # seconds to the first token
+    ttft: float = 0.0  # seconds to the first token (a prompt cache file read included)
     peak_memory_gb: float = 0.0
+    drafted_tokens: int = 0  # with a draft model: tokens it proposed
+    accepted_tokens: int = 0  # ... and of those, the ones the model accepted
+
+    @property
+    def acceptance(self) -> float | None:
+        """Share of the draft's tokens accepted (None without a draft)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
 
 class StopMatcher:
@@ -182,19 +209,37 @@ def stream_generate(
     logprobs: bool = False,
     ctx: Context | None = None,
     prefill_step: int = PREFILL_STEP,
+    draft_model: GPT | str | None = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    draft_ctx: Context | None = None,
+    prompt_cache: PromptCache | str | os.PathLike | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text piece by piece. ``prompt`` is text or token ids.
 
     Yields one response per token, then a final one with the finish reason and statistics.
     Pass a :class:`Context` to keep the KV cache between calls (as the chat does).
+
+    ``draft_model`` (a GPT sharing the tokenizer, or a model reference to load): speculative
+    decoding, ``draft_tokens`` proposed per round; the same text greedily, the same
+    distribution when sampling (``draft_ctx`` keeps the draft's cache between calls).
+    ``prompt_cache`` (a file from ``mlxgpt cache-prompt`` or a :class:`PromptCache`): its
+    prefix is taken as read, and ``prompt`` follows it (encoded on its own; may be empty).
     """
     sampling = sampling or SamplingSettings()
+    start = time.perf_counter()  # reading a prompt cache counts towards the first token
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    ctx = ctx or Context(model, prefill_step)
+    if prompt_cache is not None:
+        ids = use_prompt_cache(ctx, prompt_cache, tokenizer) + ids
     if not ids:
         if tokenizer.eot_id is None:
             raise MlxgptError("the prompt is empty (and the tokenizer has no <|endoftext|>)")
         ids = [tokenizer.eot_id]  # GPT-2 was trained with documents after <|endoftext|>
-    ctx = ctx or Context(model, prefill_step)
+    if draft_ctx is None and draft_model is not None:
+        draft = (load_draft(draft_model, model, tokenizer) if isinstance(draft_model, str)
+                 else draft_model)
+        check_draft(model, draft)
+        draft_ctx = Context(draft, prefill_step)
     sampler = TokenSampler(sampling, model.config.vocab_size)
     decoder = tokenizer.stream_decoder()
     matcher = StopMatcher(stop)
@@ -202,14 +247,20 @@ def stream_generate(
 
     mx.reset_peak_memory()
     cached = common_prefix(ctx.tokens, ids)
-    start = time.perf_counter()
     first = last = start
     n = 0
     reason = "length"
-    for tok, lp in generate_tokens(
-        ctx, ids, sampler, max_tokens=max_tokens, context=context,
-        window_keep=window_keep, logprobs=logprobs,
-    ):
+    stats = DraftStats()
+    if draft_ctx is None:
+        tokens = generate_tokens(ctx, ids, sampler, max_tokens=max_tokens, context=context,
+                                 window_keep=window_keep, logprobs=logprobs)
+    else:
+        keep = check_limits(ctx.n_positions, max_tokens, context, window_keep)
+        tokens = speculative_tokens(
+            ctx, draft_ctx, fit_prompt(ids, ctx.n_positions, context, keep), sampler,
+            draft_tokens=draft_tokens, max_tokens=max_tokens, keep=keep,
+            slide=context == "slide", logprobs=logprobs, stats=stats)
+    for tok, lp in tokens:
         last = time.perf_counter()
         if n == 0:
             first = last
@@ -237,7 +288,22 @@ def stream_generate(
         generation_tps=rate(n - 1, last - first),
         ttft=first - start,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
+        drafted_tokens=stats.proposed,
+        accepted_tokens=stats.accepted,
     )
+
+
+def use_prompt_cache(ctx: Context, cache: PromptCache | str | os.PathLike,
+                     tokenizer: Tokenizer) -> list[int]:
+    """Put a prompt cache's prefix into ``ctx`` (unless it holds it already), checked to be
+    ``ctx``'s model's; its ids."""
+    if not isinstance(cache, PromptCache):
+        cache = load_prompt_cache(cache, ctx.model, tokenizer)
+    elif common_prefix(ctx.tokens, cache.tokens) < len(cache):
+        check_prompt_cache(cache, ctx.model, tokenizer)
+    if common_prefix(ctx.tokens, cache.tokens) < len(cache):
+        ctx.load(cache.tokens, cache.kv)
+    return list(cache.tokens)
 
 
 def rate(count: int, seconds: float) -> float | None:

@@ -1,0 +1,285 @@
+"""Speculative decoding: a small draft model proposes tokens, the model checks them in one forward.
+
+Each round the draft proposes k tokens one by one; the model reads its last token and the k
+drafts in one forward (:meth:`Context.extend`) and so has its own distribution at each of the
+k + 1 positions. Drafts are accepted left to right:
+
+- greedy: while a draft equals the model's argmax (the output is the model's greedy text);
+- sampling: draft d (drawn from the draft's q) with probability min(1, p(d) / q(d)); the first
+  rejected one is replaced by a draw from max(0, p - q) normalised (Leviathan et al. 2023, Chen
+  et al. 2023), so each token is distributed exactly as the model alone would draw it.
+
+Every round emits the accepted drafts plus one token of the model's own (the replacement, or
+after k accepted drafts the token that follows), and both caches forget what was rejected
+(:meth:`Context.trim`). p and q are the distributions after the sampling settings (penalties,
+bias, temperature, top-k/p, min-p), the same settings for both models.
+
+It pays where reading k + 1 tokens costs the model little more than reading one: a decoding step
+moves every weight through memory once whatever the number of rows (``tools/bench_speculative.py``
+measures it). The context-limit policies behave as without a draft: the model's window slides (or
+generation stops) at the same token; the draft keeps its own window inside its own context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..core.model import GPT
+from ..errors import MlxgptError
+from ..tokenizers import Tokenizer
+from .context import Context, common_prefix
+from .identity import tokenizer_digest
+from .sample import TokenSampler
+
+DEFAULT_DRAFT_TOKENS = 4  # tokens the draft proposes per round (measured best on the shipped pair)
+EXTEND_MAX = 8  # the draft catches up on this many tokens or fewer in one unpadded forward
+
+
+@dataclass
+class DraftStats:
+    """How the draft did: tokens proposed and accepted, rounds of verification."""
+
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+
+# --------------------------------------------------------------------------- the draft model
+
+
+def check_draft(model: GPT, draft: GPT, tokenizer: Tokenizer | None = None,
+                draft_tokenizer: Tokenizer | None = None) -> None:
+    """Refuse a draft that does not share the model's vocabulary (and tokenizer, when given)."""
+    v, dv = model.config.vocab_size, draft.config.vocab_size
+    if v != dv:
+        raise MlxgptError(f"the draft model has {dv:,} token ids, the model {v:,}: a draft must "
+                          "share the model's tokenizer")
+    if tokenizer is not None and draft_tokenizer is not None and (
+            tokenizer_digest(tokenizer) != tokenizer_digest(draft_tokenizer)):
+        raise MlxgptError("the draft model's tokenizer is not the model's: a draft must share "
+                          "the model's tokenizer")
+
+
+def load_draft(ref: str, model: GPT, tokenizer: Tokenizer, dtype: str | None = None) -> GPT:
+    """Load the draft model ``ref`` (as :func:`mlxgpt.load` does) for ``model``, refusing one with
+    another tokenizer; prepared for fast decoding (it is used for nothing else)."""
+    from ..checkpoints.load import load
+    from ..core.backend import prepare_for_inference
+
+    draft, draft_tok = load(ref, dtype=dtype)
+    check_draft(model, draft, tokenizer, draft_tok)
+    return prepare_for_inference(draft)
+
+
+def check_draft_tokens(k: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise MlxgptError(f"draft_tokens must be at least 1, got {k!r}")
+    return k
+
+
+# --------------------------------------------------------------------------- one round
+
+
+def _subkey(sampler: TokenSampler) -> mx.array | None:
+    """The next random key of a seeded sampler (None: MLX's global generator)."""
+    if sampler.key is None:
+        return None
+    sampler.key, sub = mx.random.split(sampler.key)
+    return sub
+
+
+def _logprob(logits: mx.array, tok: mx.array) -> mx.array:
+    """log p(tok) under raw logits (V,), tok (): what ``logprobs`` reports."""
+    return logits[tok] - mx.logsumexp(logits)
+
+
+class Speculator:
+    """The state of one speculative generation: the sequence so far and both contexts.
+
+    ``seq`` is every token of the prompt (as the model holds it) and output so far; the model has
+    read all of it but the last one, the draft a stretch of it starting at ``draft_start``.
+    """
+
+    def __init__(self, ctx: Context, draft: Context, sampler: TokenSampler, *, keep: int,
+                 slide: bool, logprobs: bool, stats: DraftStats):
+        self.ctx, self.draft, self.sampler = ctx, draft, sampler
+        self.keep, self.slide, self.logprobs, self.stats = keep, slide, logprobs, stats
+        s = sampler.settings
+        self.window = s.penalty_window if s.penalised else 0
+        self.greedy = s.greedy
+        self.seq: list[int] = []
+        self.draft_start = 0
+
+    def recent(self, drafts: Sequence[mx.array] = ()) -> mx.array | None:
+        """The penalty window (1, W) before the position after ``seq`` + ``drafts``."""
+        if not self.window:
+            return None
+        tail = mx.array(self.seq[-self.window :], mx.int32)
+        return mx.concatenate([tail, *drafts])[-self.window :][None]
+
+    def pick(self, logits: mx.array) -> tuple[int, float | None]:
+        """A token of the model's own from logits (1, V) after ``seq``."""
+        tok = self.sampler(logits, self.recent())  # (1,)
+        lp = _logprob(logits[0], tok[0]) if self.logprobs else None
+        mx.eval(tok, *([] if lp is None else [lp]))
+        return tok.item(), (lp.item() if lp is not None else None)
+
+    def start(self, prompt: Sequence[int]) -> tuple[int, float | None]:
+        """Read the prompt; the first token."""
+        self.seq = list(prompt)
+        self.draft_start = 0
+        tok = self.pick(self.ctx.sync(self.seq))
+        self.seq.append(tok[0])
+        return tok
+
+    # -- the draft
+
+    def draft_logits(self, k: int) -> mx.array:
+        """Bring the draft up to ``seq`` (its window slid if k more tokens would not fit);
+        logits (1, V) of the position after it."""
+        d = self.draft
+        if len(self.seq) - self.draft_start + k - 1 > d.n_positions:
+            size = min(self.keep, d.n_positions // 2, d.n_positions - k + 1)
+            self.draft_start = len(self.seq) - max(1, size)
+        target = self.seq[self.draft_start :]
+        have = d.tokens
+        common = min(common_prefix(have, target), len(target) - 1)
+        d.trim(len(have) - common)
+        new = target[common:]
+        if len(new) > EXTEND_MAX:
+            return d.prefill(new)
+        return d.extend(mx.array(new, mx.int32)[None])[:, -1]
+
+    def propose(self, k: int) -> tuple[list[mx.array], list[mx.array]]:
+        """k draft tokens (each (1,)) and the draft's processed logits (1, V) for each."""
+        logits = self.draft_logits(k)
+        tokens, dists = [], []
+        for j in range(k):
+            q = self.sampler.process(logits, self.recent(tokens))  # (1, V)
+            if self.greedy:
+                tok = mx.argmax(q, axis=-1).astype(mx.int32)
+            else:
+                tok = mx.random.categorical(q, axis=-1, key=_subkey(self.sampler)).astype(mx.int32)
+            tokens.append(tok)
+            dists.append(q)
+            mx.async_eval(tok)  # the draft runs while the next step is built
+            if j + 1 < k:
+                logits = self.draft.step(tok)
+        return tokens, dists
+
+    # -- a round
+
+    def round(self, k: int) -> list[tuple[int, float | None]]:
+        """Propose k tokens, verify them with the model in one forward, keep what is accepted;
+        the emitted tokens (accepted drafts + one of the model's own)."""
+        drafts, q_logits = self.propose(k)
+        y = mx.array([self.seq[-1]], mx.int32)
+        logits = self.ctx.extend(mx.concatenate([y, *drafts])[None])[0]  # (k + 1, V)
+        p_logits = mx.concatenate([self.sampler.process(logits[j : j + 1],
+                                                        self.recent(drafts[:j]))
+                                   for j in range(k + 1)])  # (k + 1, V)
+        d = mx.concatenate(drafts)  # (k,)
+        if self.greedy:
+            own = mx.argmax(p_logits, axis=-1).astype(mx.int32)  # (k + 1,)
+            accept = d == own[:k]
+        else:
+            own, accept = self.accept_sampled(p_logits, mx.concatenate(q_logits), d)
+        out = [d, own, accept]
+        if self.logprobs:
+            raw = logits.astype(mx.float32)
+            lse = mx.logsumexp(raw, axis=-1)  # (k + 1,)
+            rows = mx.arange(k + 1)
+            out += [raw[rows[:k], d] - lse[:k], raw[rows, own] - lse]
+        mx.eval(out)
+        acc = accept.tolist()
+        n = acc.index(False) if False in acc else k
+        self.stats.proposed += k
+        self.stats.accepted += n
+        self.stats.rounds += 1
+        toks = d.tolist()[:n] + [own[n].item()]
+        lps: list[float | None] = [None] * (n + 1)
+        if self.logprobs:
+            lps = out[3].tolist()[:n] + [out[4][n].item()]
+        self.ctx.trim(k - n)  # the model read y and k drafts; it keeps y and the accepted ones
+        self.seq.extend(toks)
+        return list(zip(toks, lps, strict=True))
+
+    def accept_sampled(self, p_logits: mx.array, q_logits: mx.array,
+                       d: mx.array) -> tuple[mx.array, mx.array]:
+        """The acceptance rule: per position, whether draft d (k,) is kept (u < p(d) / q(d)) and
+        the model's own token in case it is not (a draw from max(0, p - q) normalised; at the
+        last position, after k accepted drafts, a draw from p). p_logits (k + 1, V),
+        q_logits (k, V)."""
+        k = d.shape[0]
+        p = mx.softmax(p_logits, axis=-1)  # (k + 1, V)
+        q = mx.softmax(q_logits, axis=-1)  # (k, V)
+        rows = mx.arange(k)
+        u = mx.random.uniform(shape=(k,), key=_subkey(self.sampler))
+        accept = u * q[rows, d] < p[rows, d]  # q(d) > 0: d was drawn from q
+        residual = mx.maximum(p[:k] - q, 0.0)
+        # p == q leaves nothing: then rejection never happens and the row is never used.
+        empty = mx.sum(residual, axis=-1, keepdims=True) <= 0
+        residual = mx.concatenate([mx.where(empty, p[:k], residual), p[k:]])  # (k + 1, V)
+        own = mx.random.categorical(mx.log(residual), axis=-1, key=_subkey(self.sampler))
+        return own.astype(mx.int32), accept
+
+    def step(self) -> tuple[int, float | None] | None:
+        """One token of the model's own without drafts (too little room for a round); None when
+        the context is full and the policy is to stop."""
+        y = mx.array([self.seq[-1]], mx.int32)
+        if self.ctx.offset < self.ctx.n_positions:
+            tok = self.pick(self.ctx.step(y))
+        elif self.slide:  # exactly as without a draft: keep - 1 recent tokens and y
+            ids = self.ctx.tokens[-(self.keep - 1) :] if self.keep > 1 else []
+            self.ctx.reset()
+            tok = self.pick(self.ctx.prefill([*ids, self.seq[-1]]))
+            self.draft_start = len(self.seq) - self.keep  # the draft sees the same window
+        else:
+            return None
+        self.seq.append(tok[0])
+        return tok
+
+
+def speculative_tokens(
+    ctx: Context,
+    draft: Context,
+    prompt: Sequence[int],
+    sampler: TokenSampler,
+    *,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    max_tokens: int = 256,
+    keep: int,
+    slide: bool = True,
+    logprobs: bool = False,
+    stats: DraftStats | None = None,
+) -> Iterator[tuple[int, float | None]]:
+    """Yield (token id, log-probability or None) as :func:`generate_tokens` does, drafted by
+    ``draft`` ``draft_tokens`` at a time. ``prompt`` must fit the model's context; ``keep``
+    tokens stay when the window slides (``slide``), else generation stops at the limit."""
+    check_draft(ctx.model, draft.model)
+    k_max = check_draft_tokens(draft_tokens)
+    spec = Speculator(ctx, draft, sampler, keep=keep, slide=slide, logprobs=logprobs,
+                      stats=stats if stats is not None else DraftStats())
+    yield spec.start(prompt)
+    n = 1
+    while n < max_tokens:
+        room = ctx.n_positions - ctx.offset - 1  # after the last token, for drafts
+        k = min(k_max, max_tokens - n - 1, room, draft.n_positions - 1)
+        if k < 1:
+            tok = spec.step()
+            if tok is None:
+                return
+            toks = [tok]
+        else:
+            toks = spec.round(k)
+        yield from toks
+        n += len(toks)
+        if spec.stats.rounds % 64 == 63:
+            mx.clear_cache()
