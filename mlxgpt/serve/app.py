@@ -295,6 +295,13 @@ def serve(engine: Engine, tokenizer: Tokenizer, config: ServerConfig, host: str 
     finish for up to ``shutdown_timeout`` seconds, cancels the rest and returns."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            # uvicorn re-raises a caught signal after its graceful shutdown, which kills the
+            # process by that signal; a requested stop that went well exits with status 0.
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
     app = create_app(engine, tokenizer, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=shutdown_timeout)
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=shutdown_timeout)).run()
