@@ -309,7 +309,9 @@ def test_masks_agree_with_advance():
     """Every token: allowed() says yes exactly when advance() accepts it."""
     tok = byte_tokenizer()
     rng = random.Random(3)
-    for schema in (SCHEMAS["nested"], SCHEMAS["enums"], SCHEMAS["numbers"], None):
+    long_array = {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 12}
+    for schema in (SCHEMAS["nested"], SCHEMAS["enums"], SCHEMAS["numbers"], SCHEMAS["arrays"],
+                   long_array, None):
         constraint = JsonConstraint(tok, schema)
         state = constraint.start(max_tokens=constraint.min_tokens + 40)
         while not state.complete:

@@ -204,6 +204,10 @@ class _Vocab:
                 f"(among {vocab_size} ids)"
             )
         self._build_trie()
+        # A token completes at most this many values of one array or object (one per comma,
+        # plus the value in progress): counts further than this from a limit behave alike.
+        self.max_values = 1 + max(b.count(b",") for b in self.bytes if b is not None)
+        self.first = np.array([b[0] if b else 0 for b in self.bytes], np.uint8)
         # Every suffix that follows a '"' in some token: what may come after a string closes.
         rests = {b[i + 1 :] for b in self.bytes if b is not None for i, c in enumerate(b)
                  if c == _QUOTE}
@@ -211,6 +215,7 @@ class _Vocab:
         self.rest_index = {r: k for k, r in enumerate(self.rests)}
         self._lex: list[_StringLex | None] = [None] * _N_SUBS
         self._lock = threading.Lock()
+        self.lex(S_NORMAL)  # the others are met rarely: built on first use
 
     def _build_trie(self) -> None:
         kids: list[dict[int, int]] = [{}]
@@ -255,7 +260,9 @@ class _StringLex:
         fin = np.zeros(n, np.int32)  # bytes that finish that character
         rest = np.zeros(n, np.int32)  # closed: index of the bytes after the quote
         plain_start = sub == S_NORMAL
-        for i, data in enumerate(vocab.bytes):
+        live = np.array([r != _DEAD for r in _STR_NEXT[sub]])[vocab.first]
+        for i in np.flatnonzero(live).tolist():  # the others die at their first byte
+            data = vocab.bytes[i]
             if data is None:
                 continue
             if plain_start and not data.translate(None, _PLAIN):
@@ -1012,6 +1019,7 @@ class _Engine:
         not allowed). Sparse (ids, lengths) from the trie walk, or dense in a string."""
         if stack[-1][0] == K_STR:
             return self._string_needs(stack)
+        stack = self.canonical(stack)
         hit = self._needs.get(stack)
         if hit is not None:
             self._needs.move_to_end(stack)
@@ -1023,6 +1031,21 @@ class _Engine:
         if len(self._needs) > _NEED_CACHE:
             self._needs.popitem(last=False)
         return hit
+
+    def canonical(self, stack: tuple) -> tuple:
+        """A stack whose masks equal this one's, the same for all array / free-object counts
+        that one token cannot take to a limit (masks are cached by it)."""
+        k = self.vocab.max_values
+        out = []
+        for f in stack:
+            if f[0] == K_ARR:
+                node = self.nodes[f[1]]
+                if node.lo < f[3] and f[3] + k <= node.hi:
+                    f = (K_ARR, f[1], f[2], node.lo, f[4], f[5])
+            elif f[0] == K_FOBJ and 0 < f[3] and f[3] + k <= self.nodes[f[1]].maxp:
+                f = (K_FOBJ, f[1], f[2], 0, f[4], f[5])
+            out.append(f)
+        return tuple(out)
 
     def _walk(self, sid: int) -> tuple[np.ndarray, np.ndarray]:
         """Walk the vocabulary trie from state sid, pruning at the first dead byte."""
@@ -1052,7 +1075,7 @@ class _Engine:
         _, n, count, sub = stack[-1]
         node = self.nodes[n]
         lex = self.vocab.lex(sub)
-        cont = self.done(stack[:-1])  # after the closing quote
+        cont = self.canonical(self.done(stack[:-1]))  # after the closing quote
         mc = min(self.mincomp(cont), _MAX_LEN)
         need = lex.in_fin + np.int32(1 + mc)  # tokens that stay inside: finish, quote, the rest
         if node.lo > count:  # characters still missing count too (a partial one counts)
