@@ -288,6 +288,8 @@ def accepted_documents(schema) -> set[str]:
 def test_integer_bounds_are_exact():
     docs = accepted_documents({"type": "integer", "minimum": -5, "exclusiveMaximum": 13})
     assert docs == {str(i) for i in range(-5, 13)} | {"-0"}
+    docs = accepted_documents({"type": "integer", "exclusiveMinimum": 6.5, "maximum": 12})
+    assert docs == {str(i) for i in range(7, 13)}
 
 
 def test_number_bounds_are_exact():
@@ -305,27 +307,43 @@ def test_enum_prefixes_and_literals():
     assert accepted_documents({"type": "boolean"}) == {"true", "false"}
 
 
+def assert_mask_matches_advance(state: JsonState):
+    """Every byte token: allowed() says yes exactly when advance() accepts it."""
+    mask = state.allowed()
+    for t in range(256):
+        trial = JsonState(state._engine, state._left)
+        trial._states, trial._data = state._states, bytearray(state._data)
+        try:
+            trial.advance(t)
+            ok = True
+        except MlxgptError:
+            ok = False
+        assert ok == mask[t], (state.text, t)
+    return mask
+
+
 def test_masks_agree_with_advance():
-    """Every token: allowed() says yes exactly when advance() accepts it."""
-    tok = byte_tokenizer()
     rng = random.Random(3)
     long_array = {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 12}
     for schema in (SCHEMAS["nested"], SCHEMAS["enums"], SCHEMAS["numbers"], SCHEMAS["arrays"],
                    long_array, None):
-        constraint = JsonConstraint(tok, schema)
-        state = constraint.start(max_tokens=constraint.min_tokens + 40)
-        while not state.complete:
-            mask = state.allowed()
-            for t in range(256):
-                trial = JsonState(state._engine, state._left)
-                trial._states, trial._data = state._states, bytearray(state._data)
-                try:
-                    trial.advance(t)
-                    ok = True
-                except MlxgptError:
-                    ok = False
-                assert ok == mask[t], (state.text, t)
+        constraint = JsonConstraint(byte_tokenizer(), schema)
+        state = constraint.start(max_tokens=constraint.min_tokens + rng.choice([8, 40]))
+        while True:  # until the budget is spent
+            mask = assert_mask_matches_advance(state)
+            if not mask[:256].any():
+                break
             state.advance(int(rng.choice(np.flatnonzero(mask[:256]))))
+
+
+@pytest.mark.parametrize("prefix", ["[1,2,3,4,5", "[1,2,3,4,5,6,7,8,9,1,2",
+                                    "[1,2,3,4,5,6,7,8,9,1,2,3"])
+@pytest.mark.parametrize("slack", [1, 2, 3, None])
+def test_array_counts_near_their_limits(prefix, slack):
+    """Masks are cached for array counts far from minItems/maxItems; near them they differ."""
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 12}
+    state = feed(schema, prefix, None if slack is None else len(prefix) + slack)
+    assert_mask_matches_advance(state)
 
 
 @pytest.mark.parametrize("tok_name", ["byte", "gpt2"])
