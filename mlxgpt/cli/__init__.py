@@ -22,6 +22,7 @@ COMMANDS = {
     "convert": "convert:convert",
     "export": "convert:export",
     "generate": "generate:generate",
+    "cache-prompt": "cache_prompt:cache_prompt",
     "chat": "chat:chat",
     "pretrain": "pretrain:pretrain",
     "tokenizer": "tokenizer:tokenizer",

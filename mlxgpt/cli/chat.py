@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mlxgpt.cli.generate import draft_options, load_draft_model
 from mlxgpt.cli.options import load_model, model_options, sampling_options, sampling_settings
 
 
@@ -11,7 +12,8 @@ from mlxgpt.cli.options import load_model, model_options, sampling_options, samp
 @model_options
 @click.option("--system", default=None, help="System text written above the conversation.")
 @sampling_options
-def chat(model, adapter, dtype, system, **opts) -> None:
+@draft_options
+def chat(model, adapter, dtype, system, draft_model, draft_tokens, **opts) -> None:
     """Chat with a model: streamed replies, /help for commands.
 
     With stdin not a terminal each input line is one turn and only the replies are printed.
@@ -23,4 +25,6 @@ def chat(model, adapter, dtype, system, **opts) -> None:
     max_tokens = opts.pop("max_tokens")
     settings = ChatSettings(max_tokens=max_tokens, sampling=sampling_settings(opts))
     m, tok = load_model(model, adapter, dtype, default=CHAT_SHIPPED)
-    run_repl(ChatSession(m, tok, settings, system=system))
+    draft = load_draft_model(draft_model, m, tok, dtype)
+    run_repl(ChatSession(m, tok, settings, system=system, draft_model=draft,
+                         draft_tokens=draft_tokens))

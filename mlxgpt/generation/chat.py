@@ -21,6 +21,7 @@ from ..tokenizers import Tokenizer
 from .context import Context
 from .generate import GenerationResponse, stream_generate
 from .sample import SamplingSettings
+from .speculative import DEFAULT_DRAFT_TOKENS, check_draft, check_draft_tokens, load_draft
 from .transcript import ASSISTANT, STOPS, Message, render_message, render_transcript
 
 
@@ -35,15 +36,27 @@ class ChatSettings:
 
 
 class ChatSession:
-    """A conversation with one model; the KV cache follows the transcript."""
+    """A conversation with one model; the KV cache follows the transcript.
+
+    With ``draft_model`` (a GPT sharing the tokenizer, or a reference to load) replies are
+    decoded speculatively, ``draft_tokens`` at a time; the draft keeps its own cache too.
+    """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ChatSettings | None = None,
-                 system: str | None = None):
+                 system: str | None = None, *, draft_model: GPT | str | None = None,
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ChatSettings()
         self.system = system
         self.messages: list[Message] = []  # user and assistant turns, oldest first
         self.ctx = Context(model)
+        self.draft_ctx: Context | None = None
+        self.draft_tokens = check_draft_tokens(draft_tokens)
+        if draft_model is not None:
+            if isinstance(draft_model, str):
+                draft_model = load_draft(draft_model, model, tokenizer)
+            check_draft(model, draft_model)
+            self.draft_ctx = Context(draft_model)
         self.last: GenerationResponse | None = None  # the last reply's summary
         self.dropped = 0  # turns dropped to fit the context, over the session
         self._encoded: dict[tuple[str, str], list[int]] = {}
@@ -101,6 +114,7 @@ class ChatSession:
             for r in stream_generate(
                 self.model, self.tokenizer, ids, ctx=self.ctx, stop=STOPS,
                 max_tokens=self.settings.max_tokens, sampling=self.settings.sampling,
+                draft_ctx=self.draft_ctx, draft_tokens=self.draft_tokens,
             ):
                 text = r.text
                 if not parts:
@@ -116,6 +130,8 @@ class ChatSession:
             # Interrupted inside the model (Ctrl-C): the cache may be half-updated, so the
             # next turn reads the conversation again.
             self.ctx.reset()
+            if self.draft_ctx is not None:
+                self.draft_ctx.reset()
             raise
         finally:
             self.messages.append(Message("assistant", "".join(parts).strip()))

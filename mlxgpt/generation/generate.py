@@ -227,7 +227,10 @@ def stream_generate(
     """
     sampling = sampling or SamplingSettings()
     start = time.perf_counter()  # reading a prompt cache counts towards the first token
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt) if prompt else []
+    else:
+        ids = [int(i) for i in prompt]
     ctx = ctx or Context(model, prefill_step)
     if prompt_cache is not None:
         ids = use_prompt_cache(ctx, prompt_cache, tokenizer) + ids
