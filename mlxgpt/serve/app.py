@@ -140,7 +140,10 @@ class Server:
                     self.constraints.popitem(last=False)
             self.constraints.move_to_end(key)
             for choice in job.choices:
-                choice.constraint = constraint.start(choice.max_tokens)
+                budget = choice.max_tokens
+                if self.config.context == "stop":  # the reply ends where the context does
+                    budget = min(budget, self.n_positions - len(job.prompt_ids))
+                choice.constraint = constraint.start(budget)
         except MlxgptError as e:
             raise bad(f"response_format: {e}", "response_format") from None
 
