@@ -50,7 +50,7 @@ class Summary:
 def _read_source(source: str | os.PathLike, revision: str | None,
                  dtype: mx.Dtype | None) -> tuple[GPT, Tokenizer, GPTClassifier | None]:
     """(model, tokenizer, classifier or None) from a GGUF file or a Hugging Face source."""
-    if is_gguf(source):
+    if is_gguf(source) or (str(source).endswith(".gguf") and not Path(source).is_dir()):
         if revision is not None:
             raise MlxgptError(f"{source}: --revision applies to hub ids, not GGUF files")
         return *read_gguf(source, dtype), None

@@ -202,8 +202,20 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, out_path: str | os.PathLike,
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MlxgptError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-    with _atomic_file(out) as tmp:
-        w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        with _atomic_file(out) as tmp:
+            _write(gguf, tmp, cfg, file_type, vocab, tensors, name)
+    except OSError as e:  # a full disk, a vanished folder: nothing is left behind
+        raise MlxgptError(f"cannot write {out}: {e.strerror or e}") from None
+    return GGUFExport(out, dtype, model.n_params, getattr(tokenizer, "name", "?"),
+                      out.stat().st_size, kept_f16)
+
+
+def _write(gguf: Any, path: Path, cfg: GPTConfig, file_type: Any, vocab: dict[str, Any],
+           tensors: list[tuple[str, np.ndarray, Any]], name: str | None) -> None:
+    """The GGUF file itself: llama.cpp's gpt2 keys, the tokenizer, the tensors."""
+    w = gguf.GGUFWriter(path, ARCH)
+    try:
         w.add_type(gguf.GGUFType.MODEL)
         if name:
             w.add_name(name)
@@ -230,9 +242,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, out_path: str | os.PathLike,
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
+    finally:
         w.close()
-    return GGUFExport(out, dtype, model.n_params, getattr(tokenizer, "name", "?"),
-                      out.stat().st_size, kept_f16)
 
 
 def export_gguf(model_path: str | os.PathLike, out_path: str | os.PathLike,
