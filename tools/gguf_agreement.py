@@ -87,11 +87,12 @@ def mlxgpt_greedy(model: mlxgpt.GPT, tokenizer, ids: list[int], n: int) -> list[
 
 
 def load_llama(path: Path, n_ctx: int):
-    """llama.cpp on the CPU, two threads, quiet."""
+    """llama.cpp on the CPU, quiet, one thread: its threads spin at barriers, which costs
+    seconds per token when another process holds a core (the figures do not depend on it)."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
-                           verbose=False)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1,
+                           n_threads_batch=1, verbose=False)
 
 
 def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
