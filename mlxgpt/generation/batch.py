@@ -2,10 +2,11 @@
 
 Each sequence (a :class:`SequenceRequest`) has its own prompt, position, KV cache rows, sampling
 settings, stop strings, token budget and optional output constraint. Sequences join and leave
-between steps: :meth:`BatchGenerator.add` reads a prompt (alone, through a
-:class:`~mlxgpt.generation.context.Context`, reusing the longest prefix of a recent sequence) and
-gives it a row; :meth:`BatchGenerator.step` draws every row's next token, reports it, and runs all
-continuing rows through one compiled forward: ``(B, 1)`` tokens, each at its own position.
+between steps: :meth:`BatchGenerator.add` gives a request a row; :meth:`BatchGenerator.step`
+reads the prompts of the rows added since the last step together (one padded ``(B', T)``
+forward, each row skipping the longest prefix it shares with a recent sequence), draws every
+row's next token, reports it, and runs all continuing rows through one compiled forward:
+``(B, 1)`` tokens, each at its own position.
 
 On the CPU this turns B single-row matmuls (``(1, K) @ (K, N)``, bound by reading the weights)
 into one ``(B, K) @ (K, N)``: the weights are read once per step for the whole batch.
@@ -33,7 +34,7 @@ from ..core.model import GPT
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .cache import STEP
-from .context import Context, common_prefix
+from .context import PREFILL_STEP, common_prefix
 from .generate import CONTEXT_POLICIES, StopMatcher, fit_prompt
 from .sample import NEG_INF, SamplingSettings, TokenSampler
 
@@ -89,13 +90,15 @@ class BatchCache:
         self.keys, self.values, self.offset = keys, values, offset
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Write k, v (B, H, 1, D) at each row's offset; every key and value (B, H, S, D) and
-        the mask (B, 1, 1, S) of the keys each row's query sees."""
-        where = mx.broadcast_to(self.offset[:, None, None, None], k.shape)
+        """Write k, v (B, H, T, D) at each row's offset; every key and value (B, H, S, D) and
+        the mask (B, 1, T, S) of the keys each row's queries see (causal, per row)."""
+        t = k.shape[2]
+        queries = self.offset[:, None] + mx.arange(t)  # (B, T) positions of the new tokens
+        where = mx.broadcast_to(queries[:, None, :, None], k.shape)
         self.keys = mx.put_along_axis(self.keys, where, k, axis=2)
         self.values = mx.put_along_axis(self.values, where, v, axis=2)
-        seen = mx.arange(self.keys.shape[2])[None, :] <= self.offset[:, None]  # (B, S)
-        return self.keys, self.values, seen[:, None, None, :]
+        seen = mx.arange(self.keys.shape[2]) <= queries[:, :, None]  # (B, T, S)
+        return self.keys, self.values, seen[:, None, :, :]
 
 
 def compiled_batch_step(model: GPT) -> Callable[..., tuple[mx.array, ...]]:
@@ -173,9 +176,9 @@ class BatchGenerator:
         self.n_positions = model.config.n_positions
         self.vocab_size = model.config.vocab_size
         self.prefixes = PrefixStore(prefix_cache)
-        self.rows: list[_Row] = []
+        self.rows: list[_Row] = []  # in the batch, in the order of the buffers' rows
+        self.pending: list[_Row] = []  # added (or slid) rows whose prompt is read next step
         self.buffers: list[mx.array] = []  # per layer: keys, values (B, H, capacity, D)
-        self._reader = Context(model)  # reads prompts (one compiled forward for all)
         self._step = compiled_batch_step(model)
         self._uids = itertools.count()
 
@@ -183,7 +186,7 @@ class BatchGenerator:
 
     @property
     def active(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.pending)
 
     @property
     def capacity(self) -> int:
@@ -191,13 +194,14 @@ class BatchGenerator:
 
     @property
     def full(self) -> bool:
-        return len(self.rows) >= self.max_batch
+        return self.active >= self.max_batch
 
     # -- joining and leaving
 
     def add(self, request: SequenceRequest) -> int:
-        """Read the request's prompt and give it a row; its first token comes with the next
-        :meth:`step`. Returns its id."""
+        """Give the request a row; its prompt is read (with the others added since the last
+        step, in one batched pass) and its first token drawn at the next :meth:`step`.
+        Returns its id."""
         if self.full:
             raise MlxgptError(f"the batch is full ({self.max_batch} sequences)")
         if request.context not in CONTEXT_POLICIES:
@@ -216,51 +220,96 @@ class BatchGenerator:
         ids = fit_prompt(ids, self.n_positions, request.context, keep)
         row = _Row(
             uid=next(self._uids), request=request,
-            sampler=TokenSampler(request.sampling, self.vocab_size), tokens=[],
+            sampler=TokenSampler(request.sampling, self.vocab_size), tokens=ids,
             prompt_tokens=len(ids), cached_tokens=0, keep=keep,
             decoder=self.tokenizer.stream_decoder(), matcher=StopMatcher(request.stop),
         )
-        row.cached_tokens = self._read(row, ids)
+        self.pending.append(row)
         return row.uid
 
     def remove(self, uid: int) -> bool:
         """Drop a sequence (e.g. its client left); whether it was here."""
+        for i, row in enumerate(self.pending):
+            if row.uid == uid:
+                del self.pending[i]
+                return True
         for i, row in enumerate(self.rows):
             if row.uid == uid:
                 self._drop([i])
                 return True
         return False
 
-    def _read(self, row: _Row, ids: list[int]) -> int:
-        """Read ``ids`` into a fresh cache (reusing a stored prefix) and append the row; how
-        many ids came from the store."""
-        reader = self._reader
-        n, kv = self.prefixes.longest(ids)
-        if kv is not None:
-            reader.load(ids[:n], kv)
-        else:
-            reader.reset()
-        logits = reader.sync(ids)  # (1, V) of the last id
-        row.tokens, row.logits = list(ids), logits[0]
-        self._append(reader.kv())
-        self.rows.append(row)
-        return n
+    def _read(self, rows: list[_Row]) -> None:
+        """Read the prompts of new rows (each row's ``tokens``) in batched forward passes and
+        add the rows to the batch, each with the logits its first token is drawn from.
 
-    def _append(self, kv: list[tuple[mx.array, mx.array]]) -> None:
-        """Add one row's keys/values (1, H, n, D) to the batch buffers."""
-        n = kv[0][0].shape[2]
-        cap = max(self.capacity, _round_up(n + 1, self.n_positions))
-        self._resize(cap)
+        A row whose prompt starts like a stored sequence reads only the rest. Rows of a pass
+        are right-padded to the longest rest; padding writes keys/values past a row's real
+        positions, where its queries never look, and later tokens overwrite them.
+        """
+        starts = []
+        for row in rows:
+            n, kv = self.prefixes.longest(row.tokens)
+            n = min(n, len(row.tokens) - 1)  # the last id is read again: its logits are needed
+            row.cached_tokens = n
+            starts.append((n, kv))
+        group: list[int] = []
+        for i in range(len(rows)):  # rows whose padded length fits the model's positions
+            span = max(len(rows[j].tokens) - starts[j][0] for j in [*group, i])
+            if group and max(starts[j][0] for j in [*group, i]) + span > self.n_positions:
+                self._read_group([rows[j] for j in group], [starts[j] for j in group])
+                group = []
+            group.append(i)
+        self._read_group([rows[j] for j in group], [starts[j] for j in group])
+
+    def _read_group(self, rows: list[_Row], starts: list[tuple[int, Any]]) -> None:
         dtype = self.model.ln_f.weight.dtype  # the activations' dtype
-        parts = []
-        for a in (a for pair in kv for a in pair):
-            pad = mx.zeros((1, a.shape[1], cap - n, a.shape[3]), dtype)
-            parts.append(mx.concatenate([a.astype(dtype), pad], axis=2))  # (1, H, cap, D)
+        cfg = self.model.config
+        rests = [row.tokens[n:] for row, (n, _) in zip(rows, starts, strict=True)]
+        span = max(len(r) for r in rests)
+        cap = _round_up(max(n for n, _ in starts) + span, self.n_positions)
+        buffers = []
+        for layer in range(2 * cfg.n_layer):  # keys, values of each layer: (B, H, cap, D)
+            parts = []
+            for n, kv in starts:
+                known = kv[layer // 2][layer % 2][..., :n, :].astype(dtype) if n else None
+                pad = mx.zeros((1, cfg.n_head, cap - n, cfg.head_dim), dtype)
+                parts.append(pad if known is None else mx.concatenate([known, pad], axis=2))
+            buffers.append(mx.concatenate(parts, axis=0))
+        tokens = mx.array([r + [0] * (span - len(r)) for r in rests], mx.int32)  # (B, span)
+        offsets = mx.array([n for n, _ in starts], mx.int32)
+        last: list[mx.array | None] = [None] * len(rows)
+        for c0 in range(0, span, PREFILL_STEP):
+            chunk = tokens[:, c0 : c0 + PREFILL_STEP]
+            caches = [BatchCache(k, v, offsets + c0)
+                      for k, v in zip(buffers[0::2], buffers[1::2], strict=True)]
+            h = self.model.hidden(chunk, caches)  # (B, t, C)
+            buffers = [a for c in caches for a in (c.keys, c.values)]
+            for i, r in enumerate(rests):
+                if c0 <= len(r) - 1 < c0 + chunk.shape[1]:
+                    last[i] = h[i, len(r) - 1 - c0]  # (C,) the row's last real position
+            mx.eval(buffers, [x for x in last if x is not None])
+        logits = self.model.logits(mx.stack(last))  # (B, V)
+        for i, row in enumerate(rows):
+            row.logits = logits[i]
+        self._append(buffers)
+        self.rows.extend(rows)
+
+    def _append(self, new: list[mx.array]) -> None:
+        """Add rows' buffers (B', H, cap', D) to the batch's."""
+        cap = max(self.capacity, new[0].shape[2],
+                  _round_up(max(len(r.tokens) for r in self.rows) + 1, self.n_positions)
+                  if self.rows else 0)
+        self._resize(cap)
+        if new[0].shape[2] < cap:
+            b, h, n, d = new[0].shape
+            pad = mx.zeros((b, h, cap - n, d), new[0].dtype)
+            new = [mx.concatenate([a, pad], axis=2) for a in new]
         if self.buffers:
-            parts = [mx.concatenate([old, new], axis=0)
-                     for old, new in zip(self.buffers, parts, strict=True)]
-        self.buffers = parts
-        mx.eval(self.buffers)
+            new = [mx.concatenate([old, a], axis=0)
+                   for old, a in zip(self.buffers, new, strict=True)]
+        self.buffers = new
+        mx.eval(self.buffers, *(r.logits for r in self.rows if r.logits is not None))
 
     def _resize(self, cap: int) -> None:
         """Make every buffer hold ``cap`` positions (cut or zero-padded at the end)."""
@@ -297,6 +346,9 @@ class BatchGenerator:
     def step(self) -> list[TokenEvent]:
         """Draw every row's next token, report it (and each finished row), and start the
         forward pass of the rows that go on."""
+        if self.pending:
+            self._read(self.pending)
+            self.pending = []
         if not self.rows:
             return []
         picks = [self._pick(row) for row in self.rows]
@@ -323,7 +375,8 @@ class BatchGenerator:
         self._drop(finished + slide)
         self._forward()
         for row in moved:  # read the kept window again from position 0 (as generate does)
-            self._read(row, row.tokens[-row.keep:])
+            row.tokens = row.tokens[-row.keep :]
+            self.pending.append(row)
         return events
 
     def _pick(self, row: _Row) -> tuple[mx.array, ...]:
