@@ -84,7 +84,7 @@ BOUNDED_FRAC_DIGITS = 6  # digits after the point in a number with minimum / max
 
 INF = 1 << 29  # "no completion": larger than any budget; INF + a few lengths fit int32
 _MAX_LEN = 1 << 26  # lengths are clamped here so that sums with INF stay in int32
-_DFA_LIMIT = 200_000  # interned states kept before the tables are dropped and rebuilt
+_DFA_LIMIT = 50_000  # interned states kept before the tables are dropped and rebuilt
 _NEED_CACHE = 4096  # cached masks per schema
 _ENGINES_PER_TOKENIZER = 16  # compiled schemas kept per tokenizer
 
