@@ -10,6 +10,8 @@ that need llama.cpp skip when ``llama_cpp`` is not installed.
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +40,7 @@ from mlxgpt.tokenizers import (  # noqa: E402
     IdTokenizer,
     byte_tokenizer,
     gpt2_tokenizer,
+    tokenizer_from_hf_folder,
 )
 
 _spec = importlib.util.spec_from_file_location(
@@ -327,6 +330,28 @@ def test_llama_cpp_tokenizes_and_decodes_like_mlxgpt(llama_cpp, shipped_gguf, tm
         assert eot == tok.encode(f"a{EOT}b", allow_special=True), name
         assert llm.token_eos() == tok.eot_id
         llm.close()
+
+
+def test_llama_cpp_reads_a_vocabulary_numbered_unlike_gpt2(llama_cpp, tmp_path, tiny_model):
+    """Hugging Face files with <|endoftext|> at id 0 and every other id one higher (mlxgpt maps
+    ranks to ids; the GGUF lists tokens by id)."""
+    src = json.loads((shipped_model("english") / "vocab.json").read_text(encoding="utf-8"))
+    vocab = {s: (0 if s == EOT else i + 1) for s, i in src.items()}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    shutil.copy(shipped_model("english") / "merges.txt", hf / "merges.txt")
+    tok = tokenizer_from_hf_folder(hf)
+    assert tok.name == "bpe" and tok.eot_id == 0 and tok.encode("The") == [318]
+    write_gguf(tiny_model(vocab_size=8192), tok, tmp_path / "v.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "v.gguf"), vocab_only=True, verbose=False)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        assert llm.detokenize(ids) == tok.decode_bytes(ids), text
+    llm.close()
+    back = read_gguf(tmp_path / "v.gguf")[1]
+    assert [back.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
 
 
 # q8_0 bounds: tools/gguf_agreement.py's measurement on these prompts, with some margin
