@@ -209,9 +209,10 @@ def test_forbidden_tokens_raise_and_leave_the_state():
     assert state.text == '{"name":"Al' and not state.complete
 
 
-def feed(schema, text: str, max_tokens: int | None = None) -> JsonState:
+def feed(schema, text: str, max_tokens: int | None = None,
+         whitespace: int = MAX_WHITESPACE) -> JsonState:
     """Read ``text`` byte by byte (MlxgptError at the first byte that is not allowed)."""
-    state = JsonConstraint(byte_tokenizer(), schema).start(max_tokens)
+    state = JsonConstraint(byte_tokenizer(), schema, whitespace=whitespace).start(max_tokens)
     for b in text.encode():
         state.advance(b)
     return state
@@ -224,9 +225,22 @@ def feed(schema, text: str, max_tokens: int | None = None) -> JsonState:
 def test_accepted_texts(text):
     schema = {"properties": {"a": {"type": "number"}, "b": {"type": "array"},
                              "c": {"type": "string"}}, "required": ["a", "c"]}
-    state = feed(schema, text)
+    state = feed(schema, text, whitespace=4)  # room to indent
     assert state.complete and state.text == text
     check(text, schema)
+
+
+def test_whitespace_budget_per_gap():
+    schema = {"properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    assert feed(schema, '{"a": 1}').complete  # the default: one byte per gap
+    with pytest.raises(MlxgptError):
+        feed(schema, '{"a":  1}')
+    with pytest.raises(MlxgptError):
+        feed(schema, '{"a": 1}', whitespace=0)
+    assert feed(schema, '{"a":1}', whitespace=0).complete
+    assert feed(schema, '{\n  "a": 1\n}', whitespace=3).complete
+    with pytest.raises(MlxgptError, match="whitespace"):
+        JsonConstraint(byte_tokenizer(), schema, whitespace=-1)
 
 
 @pytest.mark.parametrize("text", [

@@ -31,8 +31,10 @@ The schema subset (anything else is refused by name, as one ``MlxgptError`` line
   ``false`` schemas; annotations (``title``, ``description``, ``default``, ``examples`` ...).
 - ``schema=None`` (``response_format`` ``json_object``): any JSON object.
 
-The text: no whitespace before or after the document; at most MAX_WHITESPACE bytes of it
-(space, tab, newline, carriage return) in each gap between the tokens of the JSON. In strings
+The text: no whitespace before or after the document; at most ``whitespace`` bytes of it
+(space, tab, newline, carriage return; default MAX_WHITESPACE = 1, so ``{"a": 1, "b": [2]}``
+but no indentation: a weak model otherwise pads every gap) in each gap between the tokens of the
+JSON. In strings
 any UTF-8 character (validated: no overlong forms, no surrogates), control characters only as
 escapes, ``\\uXXXX`` escapes of anything but surrogates.
 
@@ -71,7 +73,7 @@ import numpy as np
 from ..errors import MlxgptError
 from ..tokenizers.base import Tokenizer
 
-MAX_WHITESPACE = 8  # bytes of whitespace in one gap between JSON tokens
+MAX_WHITESPACE = 1  # default bytes of whitespace in one gap between JSON tokens (see below)
 MAX_STRING = 1024  # characters in a string without maxLength
 MAX_KEY = 64  # characters in a key of a free-form object
 MAX_ITEMS = 128  # items in an array without maxItems
@@ -775,7 +777,8 @@ class _Engine:
     """A compiled schema on one vocabulary: the automaton, its interned states (a lazily built
     DFA over byte strings), and the masks cached by state."""
 
-    def __init__(self, vocab: _Vocab, schema: dict | None):
+    def __init__(self, vocab: _Vocab, schema: dict | None, whitespace: int = MAX_WHITESPACE):
+        self.whitespace = whitespace
         comp = _Compiler(schema)
         if schema is None:
             root = comp.free_object(comp.any_value(1))
@@ -884,7 +887,7 @@ class _Engine:
                 return [below + ((K_OBJ, n, P_AFTER_KEY, p, 0, 0),)]
             return [below + ((K_OBJ, n, P_KEY, a, t, 0),)]
         if b in _WS:
-            return [below + ((kind, n, ph, a, c, ws + 1),)] if ws < MAX_WHITESPACE else []
+            return [below + ((kind, n, ph, a, c, ws + 1),)] if ws < self.whitespace else []
         if kind == K_ARR:
             if ph == P_OPEN or ph == P_AFTER_COMMA:
                 if ph == P_OPEN and b == _RBRACKET:
@@ -1160,10 +1163,10 @@ def _vocab(tokenizer: Tokenizer, size: int) -> _Vocab:
         return per[size]
 
 
-def _engine(tokenizer: Tokenizer, schema: dict | None, size: int) -> _Engine:
+def _engine(tokenizer: Tokenizer, schema: dict | None, size: int, whitespace: int) -> _Engine:
     try:
-        key = (size, None if schema is None else json.dumps(schema, sort_keys=True,
-                                                            allow_nan=False))
+        key = (size, whitespace, None if schema is None else json.dumps(schema, sort_keys=True,
+                                                                        allow_nan=False))
     except (TypeError, ValueError) as e:
         raise MlxgptError(f"response_format schema is not JSON: {e}") from None
     vocab = _vocab(tokenizer, size)
@@ -1173,7 +1176,7 @@ def _engine(tokenizer: Tokenizer, schema: dict | None, size: int) -> _Engine:
         if engine is not None:
             lru.move_to_end(key)
             return engine
-    engine = _Engine(vocab, schema)
+    engine = _Engine(vocab, schema, whitespace)
     with _CACHE_LOCK:
         lru[key] = engine
         if len(lru) > _ENGINES_PER_TOKENIZER:
@@ -1190,15 +1193,19 @@ class JsonConstraint:
     again is cheap and its masks are warm."""
 
     def __init__(self, tokenizer: Tokenizer, schema: dict | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, whitespace: int = MAX_WHITESPACE):
         """schema None: any JSON object (json_object mode). vocab_size: the model's (may exceed
-        the tokenizer's; ids past the tokenizer are never allowed). Unsupported schema keywords
-        or a malformed schema: MlxgptError with one clear line."""
+        the tokenizer's; ids past the tokenizer are never allowed). whitespace: bytes of it
+        allowed in each gap between JSON tokens (0: compact JSON; more lets a model indent,
+        and lets a weak one pad). Unsupported schema keywords or a malformed schema:
+        MlxgptError with one clear line."""
+        if not isinstance(whitespace, int) or whitespace < 0:
+            raise MlxgptError(f"whitespace must be a number of bytes >= 0, not {whitespace!r}")
         size = tokenizer.vocab_size if vocab_size is None else int(vocab_size)
         if size <= 0:
             raise MlxgptError(f"vocab_size must be positive, not {size}")
         self.tokenizer, self.schema, self.vocab_size = tokenizer, schema, size
-        self._engine = _engine(tokenizer, schema, size)
+        self._engine = _engine(tokenizer, schema, size, whitespace)
 
     @property
     def min_tokens(self) -> int:
