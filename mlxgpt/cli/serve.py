@@ -28,12 +28,15 @@ from mlxgpt.errors import MlxgptError
                    "recent tokens; a reply that reaches the limit ends (stop) or slides.")
 @click.option("--prefix-cache", type=int, default=8, show_default=True,
               help="Recent sequences whose KV cache a new request sharing their start reuses.")
+@click.option("--json-whitespace", type=click.IntRange(0, 16), default=0, show_default=True,
+              help="Whitespace bytes allowed between the tokens of response_format JSON "
+                   "(0: compact; a small model otherwise pads).")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="On SIGINT/SIGTERM, seconds running requests get to finish.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info", show_default=True)
 def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, context,
-          prefix_cache, shutdown_timeout, log_level) -> None:
+          prefix_cache, json_whitespace, shutdown_timeout, log_level) -> None:
     """Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models."""
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -50,5 +53,7 @@ def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, cont
     engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, "
                f"context {m.config.n_positions} tokens, policy {context})", err=True)
-    serve(engine, tok, ServerConfig(model_id=name, api_key=api_key, context=context),
+    config = ServerConfig(model_id=name, api_key=api_key, context=context,
+                          json_whitespace=json_whitespace)
+    serve(engine, tok, config,
           host=host, port=port, shutdown_timeout=shutdown_timeout, log_level=log_level)

@@ -52,6 +52,7 @@ class ServerConfig:
     model_id: str
     api_key: str | None = None
     context: str = "stop"  # a prompt past the context: "stop" refuses it, "slide" cuts it
+    json_whitespace: int = 0  # whitespace bytes per gap in response_format JSON (0: compact)
 
 
 def error_response(e: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -134,7 +135,8 @@ class Server:
         try:
             constraint = self.constraints.get(key)
             if constraint is None:
-                constraint = JsonConstraint(self.tokenizer, job.schema, self.vocab_size)
+                constraint = JsonConstraint(self.tokenizer, job.schema, self.vocab_size,
+                                            whitespace=self.config.json_whitespace)
                 self.constraints[key] = constraint
                 if len(self.constraints) > CONSTRAINTS_KEPT:
                     self.constraints.popitem(last=False)
