@@ -31,6 +31,7 @@ import mlx.nn as nn  # noqa: E402
 import mlxgpt  # noqa: E402
 from mlxgpt.checkpoints.gguf import write_gguf  # noqa: E402
 from mlxgpt.core.backend import prepare_for_inference  # noqa: E402
+from mlxgpt.generation.context import common_prefix  # noqa: E402
 from mlxgpt.generation.generate import stream_generate  # noqa: E402
 from mlxgpt.generation.sample import SamplingSettings  # noqa: E402
 from mlxgpt.tokenizers import gpt2_tokenizer  # noqa: E402
@@ -105,16 +106,6 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def agreed(a: list[int], b: list[int]) -> int:
-    """Leading tokens equal."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class Agreement:
     model: str
@@ -144,7 +135,7 @@ def measure(name: str, model: mlxgpt.GPT, tokenizer, dtype: str, prompts: list[s
         ids = tokenizer.encode(text)[: ctx - n]
         ours = mlxgpt_greedy(ours_model, tokenizer, ids, n)
         theirs = llama_greedy(llm, ids, n)
-        k = agreed(ours, theirs)
+        k = common_prefix(ours, theirs)  # tokens agreed before the first difference
         equal += k == n
         tokens += k
         total += n
