@@ -295,6 +295,14 @@ def test_convert_refusals(tmp_path, tiny_model, cli, refused, monkeypatch):
                         self.add_string("tokenizer.ggml.pre", "llama3"))
     convert_refused(pre, "pre-tokeniser 'llama3'")
     refused(cli("convert", pre, tmp_path / "out", "--revision", "main"), "--revision")
+    real = mlx_gguf.gguf_vocab
+
+    def one_more(tok, n):
+        v = real(tok, n)
+        return {**v, "tokens": [*v["tokens"], "x"], "types": [*v["types"], 1]}
+
+    convert_refused(write_variant(tmp_path, tiny_model, monkeypatch, gguf_vocab=one_more),
+                    "258 tokens but 257 embedding rows")
 
 
 # --------------------------------------------------------------------------- llama.cpp itself

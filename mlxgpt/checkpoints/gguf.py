@@ -388,6 +388,8 @@ def read_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> tuple[G
     cfg = gguf_config(reader, path)
     weights = gguf_weights(reader, cfg, path)
     tok = gguf_tokenizer(reader, path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise MlxgptError(f"{path}: {tok.vocab_size} tokens but {cfg.vocab_size} embedding rows")
     if dtype is None:
         matrices = [t.tensor_type for t in reader.tensors if len(t.shape) == 2
                     and not t.name.startswith("position_embd")]
