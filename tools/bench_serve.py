@@ -7,8 +7,9 @@ At each concurrency level N, N clients start together, each streaming a completi
 ``--tokens`` tokens (greedy, from a short prompt of its own) with the OpenAI client. Reported per
 server and level: aggregate generated tokens/s (all tokens / time from the first request to the
 last token) and the median time to first token. Servers take turns within each round, so load
-changes hit both; figures are medians over rounds. JSON on stdout (or --json): the CPU, the BLAS
-and its kernel set, the ratios mlxgpt / mlx-lm and 16-client / 1-client.
+changes hit both; figures are medians over rounds. Both servers use the same OpenBLAS (mlx-lm's
+through LD_PRELOAD) with the same kernel set and thread settings. JSON on stdout (or --json):
+the CPU, the BLAS and its kernel set, the ratios mlxgpt / mlx-lm and 16-client / 1-client.
 """
 
 from __future__ import annotations
@@ -64,7 +65,13 @@ def start(kind: str, folder: Path, max_batch: int) -> tuple[subprocess.Popen, st
     else:
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--port",
                str(port), "--decode-concurrency", str(max_batch), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)  # OPENBLAS_CORETYPE etc. as mlxgpt set them in this process
+    if kind != "mlxgpt" and blas.preloaded_path:
+        # mlx-lm does not preload a BLAS: give it the same OpenBLAS, or it runs MLX's
+        # reference BLAS (~5 GFLOP/s) and batching buys it nothing
+        env["LD_PRELOAD"] = blas.preloaded_path
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
