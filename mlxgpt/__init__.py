@@ -5,6 +5,7 @@
     >>> print(generate(model, tokenizer, "Once upon a time", max_tokens=50))
     >>> for r in stream_generate(model, tokenizer, "Hello"):
     ...     print(r.text, end="", flush=True)
+    >>> batch_generate(model, tokenizer, ["Hello", "The sea"], max_tokens=20)  # decoded together
     >>> clf, tokenizer = load_classifier("path/to/classifier")   # finetune --task classify
     >>> classify(clf, tokenizer, ["A gorgeous, witty film."])     # [Prediction(label, prob)]
 
@@ -26,10 +27,11 @@ from mlxgpt.core.classifier import GPTClassifier  # noqa: E402
 from mlxgpt.core.config import GPTConfig  # noqa: E402
 from mlxgpt.core.model import GPT  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
+from mlxgpt.generation.batch import batch_generate  # noqa: E402
 from mlxgpt.generation.generate import generate, stream_generate  # noqa: E402
 
-__all__ = ["GPT", "GPTClassifier", "GPTConfig", "MlxgptError", "classify", "generate", "load",
-           "load_classifier", "stream_generate"]
+__all__ = ["GPT", "GPTClassifier", "GPTConfig", "MlxgptError", "batch_generate", "classify",
+           "generate", "load", "load_classifier", "stream_generate"]
 
 
 def __getattr__(name: str):
