@@ -18,6 +18,7 @@ from .cache import KVCache, make_cache
 
 PREFILL_STEP = 512  # prompt tokens read per chunk
 PAD_TO = 64  # prompt chunks are padded to a multiple of this: few shapes to trace
+SHORT_READ = 16  # generation reads up to this many new prompt tokens unpadded (Context.sync)
 
 
 def compiled_forward(model: GPT, every: bool = False) -> Callable[..., tuple[mx.array, ...]]:
@@ -165,16 +166,21 @@ class Context:
         self._tokens.extend(tokens[0, i] for i in range(t))
         return logits
 
-    def sync(self, ids: Sequence[int]) -> mx.array:
+    def sync(self, ids: Sequence[int], unpadded: int = 0) -> mx.array:
         """Make the cache hold exactly ``ids``, reusing the common prefix; logits (1, V) of the
-        last id (which is read again when everything was cached already)."""
+        last id (which is read again when everything was cached already). A rest of at most
+        ``unpadded`` ids is read in one forward of its own length (:meth:`extend`), not padded
+        to a chunk of PAD_TO: a few tokens after a long cached prefix cost a few tokens."""
         ids = [int(i) for i in ids]
         if not ids:
             raise MlxgptError("nothing to read: the prompt is empty")
         have = self.tokens
         common = min(common_prefix(have, ids), len(ids) - 1)
         self.trim(len(have) - common)
-        return self.prefill(ids[common:])
+        rest = ids[common:]
+        if len(rest) <= unpadded:
+            return self.extend(mx.array(rest, mx.int32)[None])[:, -1]
+        return self.prefill(rest)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -32,7 +32,7 @@ import mlx.core as mx
 from ..core.model import GPT
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
-from .context import PREFILL_STEP, Context, common_prefix
+from .context import PREFILL_STEP, SHORT_READ, Context, common_prefix
 from .prompt_cache import PromptCache, check_prompt_cache, load_prompt_cache
 from .sample import SamplingSettings, TokenSampler
 from .speculative import (
@@ -122,7 +122,7 @@ def generate_tokens(
     def read(y: mx.array, lp: mx.array | None) -> tuple[int, float | None]:
         return y.item(), (lp.item() if lp is not None else None)
 
-    y, lp = pick(ctx.sync(prompt))
+    y, lp = pick(ctx.sync(prompt, unpadded=SHORT_READ))
     for n in range(max_tokens):
         last = n + 1 == max_tokens
         if n == 0:

@@ -30,12 +30,11 @@ import mlx.core as mx
 from ..core.model import GPT
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
-from .context import Context, common_prefix
+from .context import SHORT_READ, Context
 from .identity import tokenizer_digest
 from .sample import TokenSampler
 
 DEFAULT_DRAFT_TOKENS = 4  # tokens the draft proposes per round (measured best on the shipped pair)
-EXTEND_MAX = 8  # the draft catches up on this many tokens or fewer in one unpadded forward
 
 
 @dataclass
@@ -135,7 +134,7 @@ class Speculator:
         """Read the prompt; the first token."""
         self.seq = list(prompt)
         self.draft_start = 0
-        tok = self.pick(self.ctx.sync(self.seq))
+        tok = self.pick(self.ctx.sync(self.seq, unpadded=SHORT_READ))
         self.seq.append(tok[0])
         return tok
 
@@ -148,14 +147,7 @@ class Speculator:
         if len(self.seq) - self.draft_start + k - 1 > d.n_positions:
             size = min(self.keep, d.n_positions // 2, d.n_positions - k + 1)
             self.draft_start = len(self.seq) - max(1, size)
-        target = self.seq[self.draft_start :]
-        have = d.tokens
-        common = min(common_prefix(have, target), len(target) - 1)
-        d.trim(len(have) - common)
-        new = target[common:]
-        if len(new) > EXTEND_MAX:
-            return d.prefill(new)
-        return d.extend(mx.array(new, mx.int32)[None])[:, -1]
+        return d.sync(self.seq[self.draft_start :], unpadded=SHORT_READ)
 
     def propose(self, k: int) -> tuple[list[mx.array], list[mx.array]]:
         """k draft tokens (each (1,)) and the draft's processed logits (1, V) for each."""
