@@ -8,11 +8,13 @@ acceptance rate and speed-up of a draft model.
 1. Verification cost: after a 128-token prefix the model reads T = 1..8 tokens in one forward
    (``Context.extend``); the median time of each and its ratio to one decoding step
    (``Context.step``), for the model and for the draft.
-2. Generation: for each prompt, greedy and sampled (temperature 0.8, the same seed for every
-   run), ``--tokens`` tokens without a draft and with it for each k, taking turns so a change in
-   machine load hits them alike. Speed is tokens after the first / their time (the draft reading
-   the prompt included), summed over the prompts; the speed-up is against no draft in the same
-   repeat; the greedy text must be the same with and without the draft.
+2. Generation: for each prompt, greedy and sampled (temperature 0.8, seed = the repeat's
+   number, the same for every configuration), ``--tokens`` tokens without a draft and with it
+   for each k, taking turns so a change in machine load hits them alike. (A sampled text
+   differs between configurations: the draft changes which random numbers each token uses.)
+   Speed is tokens after the first / their time (the draft reading the prompt included), summed
+   over prompts and repeats; the speed-up is against no draft; the greedy text must be the same
+   with and without the draft.
 
 The JSON (stdout, or --json) names the CPU, the BLAS kernels, threads and the load average.
 """
@@ -20,6 +22,7 @@ The JSON (stdout, or --json) names the CPU, the BLAS kernels, threads and the lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -131,7 +134,7 @@ def main() -> None:
     result["verify_draft"] = verify_costs(draft, args.reps)
 
     modes = {"greedy": SamplingSettings(temperature=0),
-             "sampled": SamplingSettings(temperature=0.8, seed=0)}
+             "sampled": SamplingSettings(temperature=0.8, seed=0)}  # seed: the repeat's
     configs = [("none", 0)] + [(f"k={k}", k) for k in ks]
     for sampling in modes.values():  # warm: every shape traced before timing
         for _, k in configs:
@@ -142,6 +145,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for i, prompt in enumerate(PROMPTS):
             for mode, sampling in modes.items():
+                if sampling.seed is not None:
+                    sampling = dataclasses.replace(sampling, seed=rep)
                 order = configs[(i + rep) % len(configs):] + configs[:(i + rep) % len(configs)]
                 plain_tokens = None
                 texts = {}
