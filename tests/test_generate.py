@@ -367,21 +367,38 @@ def test_blocked_layers_compute_what_the_plain_ones_do():
                                atol=2e-5)
 
 
-@pytest.mark.parametrize("limit", ["auto", None, 100_000])
-def test_blocked_model_generates_the_same_tokens(limit, tiny_model):
-    from mlxgpt.cpu.layout import block_weights
+@pytest.mark.parametrize("layout", ["measured", "plain", "one-block", "blocks", 100_000])
+def test_every_layout_generates_the_same_tokens(layout, tiny_model, monkeypatch):
+    from mlxgpt.cpu.layout import LAYOUT_ENV, block_weights, choose_layout
 
     model = tiny_model(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
     plain = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                            max_tokens=30)]
-    if limit == "auto":
-        prepare_for_inference(model)  # what the commands do
-    else:
-        block_weights(model, limit)
-    assert mx.default_device() != mx.cpu or "blocks" in model.wte
+    if isinstance(layout, int):
+        block_weights(model, layout)
+        chosen = "blocks"
+    else:  # what the commands do: measured here, or named by MLXGPT_LAYOUT
+        if layout != "measured":
+            monkeypatch.setenv(LAYOUT_ENV, layout)
+        chosen = choose_layout(64, 256)
+        assert chosen == layout or layout == "measured"
+        prepare_for_inference(model)
+    assert mx.default_device() != mx.cpu or ("blocks" in model.wte) == (chosen != "plain")
     fast = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                           max_tokens=30)]
     assert fast == plain
+
+
+def test_layout_choice_is_measured_and_a_bad_name_refused(monkeypatch):
+    from mlxgpt.cpu.layout import LAYOUT_ENV, LAYOUTS, choose_layout, layout_seconds
+
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    seconds = layout_seconds(64, 256)
+    assert set(seconds) <= set(LAYOUTS) and all(0 < s < 1 for s in seconds.values())
+    assert choose_layout(64, 256) == min(seconds, key=seconds.get)
+    monkeypatch.setenv(LAYOUT_ENV, "diagonal")
+    with pytest.raises(MlxgptError, match="MLXGPT_LAYOUT='diagonal'"):
+        choose_layout(64, 256)
 
 
 def test_cli_generate_applies_an_adapter(tmp_path, model_folder, cli_ok):

@@ -1,10 +1,12 @@
-"""Decode speed of the CPU weight layouts: column blocks (OpenBLAS's small-matrix path) vs one
-plain block, on a GPT-2 124M-shape model (random weights), greedy, 64 tokens after 16; best of 3.
+"""Decode speed of the CPU weight layouts: plain (nn.Linear), one transposed block, column blocks
+(OpenBLAS's small-matrix path), on a GPT-2 124M-shape model (random weights), greedy, 64 tokens
+after 16; best of 3.
 
     OPENBLAS_CORETYPE=SkylakeX OPENBLAS_NUM_THREADS=2 python tools/bench_layout.py
 
-It also says which layout ``prepare_for_inference`` picks here (blocks only where the loaded
-kernels have the small-matrix path).
+It also says which layout ``prepare_for_inference`` picks here (timed on one single-row matmul;
+blocks only where the loaded kernels have the small-matrix path). Blocks on kernels without that
+path run as one packed sgemm per block: slow, and measured here only for the comparison.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import mlx.core as mx
 
 from mlxgpt import GPT, GPTConfig
 from mlxgpt.cpu import blas
-from mlxgpt.cpu.layout import SMALL_GEMM_MNK, block_weights, small_gemm_limit
+from mlxgpt.cpu.layout import LAYOUTS, block_weights, choose_layout, layout_limit
 from mlxgpt.generation.context import Context
 from mlxgpt.generation.generate import generate_tokens
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler
@@ -41,16 +43,17 @@ def main() -> None:
     weights = GPT(GPTConfig()).parameters()
     mx.eval(weights)
     results = {}
-    for label, limit in (("blocks", SMALL_GEMM_MNK), ("one block", None)):
+    for layout in LAYOUTS:
         model = GPT(GPTConfig())
         model.update(weights)
         model.eval()
-        block_weights(model, limit)
-        results[label] = decode_tps(model)
-    picked = "blocks" if small_gemm_limit() else "one block"
+        if layout != "plain":
+            block_weights(model, layout_limit(layout))
+        results[layout] = decode_tps(model)
+    cfg = GPTConfig()
     print(f"{blas.openblas_core()}, {blas.openblas_threads()} threads: "
           + ", ".join(f"{k} {v:.1f} tok/s" for k, v in results.items())
-          + f"; prepare_for_inference picks: {picked}")
+          + f"; prepare_for_inference picks: {choose_layout(cfg.n_embd, cfg.hidden_dim)}")
 
 
 if __name__ == "__main__":
