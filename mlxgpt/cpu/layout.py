@@ -155,7 +155,7 @@ def candidate_layouts() -> tuple[str, ...]:
 
 
 @functools.cache
-def layout_seconds(k: int, n: int, repeats: int = 9) -> dict[str, float]:
+def layout_seconds(k: int, n: int, repeats: int = 15) -> dict[str, float]:
     """Best time of a single-row (1, k) @ (k, n) matmul in each candidate layout (interleaved,
     so load changes hit all alike; the first rounds warm up)."""
     with mx.stream(mx.cpu):
