@@ -53,6 +53,19 @@ def run(model, prompt, **kw):
 # --------------------------------------------------------------------------- greedy
 
 
+def test_one_forward_gives_every_positions_logits(pair):
+    """Context.extend over T tokens: the logits of reading them one by one (float32 rounding)."""
+    main = pair[0]
+    ids = list(b"verify these")
+    one_by_one, at_once = Context(main), Context(main)
+    one_by_one.prefill(ids[:4])
+    at_once.prefill(ids[:4])
+    steps = [one_by_one.step(mx.array([t], mx.int32))[0] for t in ids[4:]]
+    every = at_once.extend(mx.array([ids[4:]], mx.int32))[0]  # (T, V)
+    np.testing.assert_allclose(np.array(every), np.array(mx.stack(steps)), atol=1e-4, rtol=1e-4)
+    assert at_once.tokens == one_by_one.tokens == ids
+
+
 @pytest.mark.parametrize("context", ["slide", "stop"])
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_greedy_output_is_the_models_own_token_for_token(pair, context, k):
