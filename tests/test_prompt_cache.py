@@ -69,6 +69,8 @@ def test_the_api_makes_saves_and_reuses_a_cache(tmp_path, tiny_model):
     want, _ = tokens_and_final(model, tok, PREFIX + " go")
     assert tokens_and_final(model, tok, " go", prompt_cache=loaded)[0] == want
     assert tokens_and_final(model, tok, " go", prompt_cache=cache)[0] == want
+    draft = tiny_model(1, n_layer=1, **CONFIG)  # a draft reads the prefix itself
+    assert tokens_and_final(model, tok, " go", prompt_cache=cache, draft_model=draft)[0] == want
 
 
 def test_cli_generate_continues_from_the_cache(folder_and_cache, cli_ok):
