@@ -16,7 +16,7 @@ import sys
 
 import mlxgpt
 import mlxgpt.training.pretrain as pretrain_run
-from mlxgpt.cli.pretrain import pretrain
+from mlxgpt.cli import main as mlxgpt_cli
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
     _, tokenizer = mlxgpt.load(args.tokenizer_from)
     # pretrain trains a BPE for "bpe:N" and keeps it in RUN_DIR/tokenizer; hand it this one.
     pretrain_run.make_tokenizer = lambda settings, **_: tokenizer
-    pretrain.main(["--tokenizer", f"bpe:{tokenizer.vocab_size}", *rest], prog_name="pretrain")
+    mlxgpt_cli(["pretrain", "--tokenizer", f"bpe:{tokenizer.vocab_size}", *rest],
+               prog_name="mlxgpt")
 
 
 if __name__ == "__main__":
