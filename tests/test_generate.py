@@ -369,33 +369,34 @@ def test_blocked_layers_compute_what_the_plain_ones_do():
 
 @pytest.mark.parametrize("layout", ["measured", "plain", "one-block", "blocks", 100_000])
 def test_every_layout_generates_the_same_tokens(layout, tiny_model, monkeypatch):
-    from mlxgpt.cpu.layout import LAYOUT_ENV, block_weights, choose_layout
+    from mlxgpt.cpu.layout import LAYOUT_ENV, block_weights, prepare_layouts
 
     model = tiny_model(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
     plain = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                            max_tokens=30)]
     if isinstance(layout, int):
         block_weights(model, layout)
-        chosen = "blocks"
-    else:  # what the commands do: measured here, or named by MLXGPT_LAYOUT
+        chosen = {"layers": "blocks", "head": "blocks"}
+    else:  # what the commands do: timed here, or named by MLXGPT_LAYOUT
         if layout != "measured":
             monkeypatch.setenv(LAYOUT_ENV, layout)
-        chosen = choose_layout(64, 256)
-        assert chosen == layout or layout == "measured"
-        prepare_for_inference(model)
-    assert mx.default_device() != mx.cpu or ("blocks" in model.wte) == (chosen != "plain")
+        chosen = prepare_layouts(model)
+        assert layout == "measured" or set(chosen.values()) == {layout}
+    assert ("blocks" in model.wte) == (chosen["head"] != "plain")
+    assert ("blocks" in model.h[0].mlp.c_fc) == (chosen["layers"] != "plain")
     fast = [t for t, _ in generate_tokens(Context(model), PROMPT, greedy(50257),
                                           max_tokens=30)]
     assert fast == plain
 
 
-def test_layout_choice_is_measured_and_a_bad_name_refused(monkeypatch):
+def test_layout_choice_is_timed_and_a_bad_name_refused(monkeypatch):
     from mlxgpt.cpu.layout import LAYOUT_ENV, LAYOUTS, choose_layout, layout_seconds
 
     monkeypatch.delenv(LAYOUT_ENV, raising=False)
-    seconds = layout_seconds(64, 256)
-    assert set(seconds) <= set(LAYOUTS) and all(0 < s < 1 for s in seconds.values())
-    assert choose_layout(64, 256) == min(seconds, key=seconds.get)
+    for chain in (True, False):
+        seconds = layout_seconds(64, 256, chain)
+        assert set(seconds) <= set(LAYOUTS) and all(0 < s < 1 for s in seconds.values())
+        assert choose_layout(64, 256, chain) == min(seconds, key=seconds.get)
     monkeypatch.setenv(LAYOUT_ENV, "diagonal")
     with pytest.raises(MlxgptError, match="MLXGPT_LAYOUT='diagonal'"):
         choose_layout(64, 256)

@@ -122,19 +122,16 @@ def default_dtype(device: mx.Device | None = None) -> mx.Dtype:
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Convert ``model`` in place for fast generation on the CPU; a GPU keeps it as it is.
 
-    Float32 weight matrices are stored in the layout a single-row matmul of the model's MLP
-    shape runs fastest with on this machine, measured once per process (see
+    Float32 weight matrices are stored in the layouts single-row matmuls of the model's shapes
+    run fastest with on this machine, measured once per process (see
     :mod:`mlxgpt.cpu.layout`; e.g. column blocks that reach BLAS's small-matrix kernel): same
     numbers, another layout. The model is for inference afterwards (its parameter names may
     change: do not train or save it). Idempotent; returns the model.
     """
     if on_cpu():
-        from ..cpu.layout import block_weights, choose_layout, layout_limit
+        from ..cpu.layout import prepare_layouts
 
-        cfg = model.config
-        layout = choose_layout(cfg.n_embd, cfg.hidden_dim)
-        if layout != "plain":
-            block_weights(model, layout_limit(layout))
+        prepare_layouts(model)
     return model
 
 

@@ -21,8 +21,9 @@ Which layout is fastest depends on the machine, not only on the kernels: the sma
 runs on one thread, while a packed sgemm uses every OpenBLAS thread. Measured with SkylakeX
 kernels, a single-row (1, 768) @ (768, 50257) took 18.2 ms in blocks vs 24.1 ms plain on one
 thread, but 19.9 ms vs 15.1 ms on two (AMD EPYC, Zen 4), and an Intel Xeon favoured blocks on
-two. So :func:`choose_layout` times one single-row matmul of the model's shape in each layout on
-the running machine, once per process (a few ms), unless ``MLXGPT_LAYOUT`` names one.
+two. So :func:`choose_layout` times a short chain of single-row matmuls of the model's MLP shape
+in each layout on the running machine, once per process (tens of ms), unless ``MLXGPT_LAYOUT``
+names one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -120,18 +122,22 @@ class BlockedEmbedding(nn.Module):
         return _blocked_matmul(x, self.blocks, self.n_rows)
 
 
-def block_weights(model: nn.Module, limit: int | None | str = "auto") -> int:
+def block_weights(model: nn.Module, limit: int | None | str = "auto",
+                  where: Callable[[str], bool] | None = None) -> int:
     """Replace float32 ``nn.Linear``/``nn.Embedding`` layers by blocked ones, in place.
 
     ``limit``: the M*N*K of the BLAS's small-matrix path ("auto": ask the loaded BLAS; None:
-    one block per matrix). Quantized and half-precision layers are left alone (they do not go
-    through sgemm). Returns how many layers were converted.
+    one block per matrix). ``where``: which module paths to convert (default: all).
+    Quantized and half-precision layers are left alone (they do not go through sgemm). Returns
+    how many layers were converted.
     """
     if limit == "auto":
         limit = small_gemm_limit()
     swaps = []
     for path, module in model.named_modules():
         if not path or module.get("weight") is None or module.weight.dtype != mx.float32:
+            continue
+        if where is not None and not where(path):
             continue
         if type(module) is nn.Linear:
             swaps.append((path, BlockedLinear(module, limit)))
@@ -155,26 +161,37 @@ def candidate_layouts() -> tuple[str, ...]:
 
 
 @functools.cache
-def layout_seconds(k: int, n: int, repeats: int = 15) -> dict[str, float]:
-    """Best time of a single-row (1, k) @ (k, n) matmul in each candidate layout (interleaved,
-    so load changes hit all alike; the first rounds warm up)."""
+def layout_seconds(k: int, n: int, chain: bool = True, repeats: int = 12) -> dict[str, float]:
+    """Best time of single-row matmuls in each candidate layout. ``chain``: a decode-like chain,
+    twice (1, k) @ (k, n), an elementwise op, (1, n) @ (n, k), as a transformer's MLP runs (BLAS
+    threads wake and sleep as they do while decoding); else one (1, k) @ (k, n), as the output
+    head. Layouts take turns (load changes hit all alike); the first two rounds warm up."""
     with mx.stream(mx.cpu):
-        linear = nn.Linear(k, n, bias=False)
+        up, down = nn.Linear(k, n, bias=False), nn.Linear(n, k, bias=False)
         x = mx.random.normal((1, k), key=mx.random.key(0))
-        ways = {name: linear if name == "plain" else BlockedLinear(linear, layout_limit(name))
-                for name in candidate_layouts()}
-        mx.eval(x, [w.parameters() for w in ways.values()])
+        ways = {}
+        for name in candidate_layouts():
+            if name == "plain":
+                ways[name] = (up, down)
+            else:
+                limit = layout_limit(name)
+                ways[name] = (BlockedLinear(up, limit), BlockedLinear(down, limit) if chain
+                              else None)
+        mx.eval(x, [[m.parameters() for m in pair if m] for pair in ways.values()])
         best = dict.fromkeys(ways, math.inf)
-        for rep in range(repeats):
-            for name, way in ways.items():
+        for rep in range(repeats + 2):
+            for name, (a, b) in ways.items():
                 t = time.perf_counter()
-                mx.eval(way(x))
+                y = x
+                for _ in range(2 if chain else 1):
+                    y = b(mx.maximum(a(y), 0.0)) if chain else a(y)
+                mx.eval(y)
                 if rep >= 2:
                     best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
-def choose_layout(k: int, n: int) -> str:
+def choose_layout(k: int, n: int, chain: bool = True) -> str:
     """The weight layout for decoding with (k, n) matrices here: ``MLXGPT_LAYOUT`` if set, else
     the fastest measured (:func:`layout_seconds`)."""
     forced = os.environ.get(LAYOUT_ENV)
@@ -182,16 +199,44 @@ def choose_layout(k: int, n: int) -> str:
         if forced not in LAYOUTS:
             raise MlxgptError(f"{LAYOUT_ENV}={forced!r}: choose {', '.join(LAYOUTS)}")
         return forced
-    seconds = layout_seconds(k, n)
+    seconds = layout_seconds(k, n, chain)
     return min(seconds, key=seconds.__getitem__)
 
 
-def layout_report(k: int = 768, n: int = 3072) -> str:
-    """Which layout decoding uses here and why (for ``mlxgpt info``; GPT-2's MLP shape)."""
-    chosen = choose_layout(k, n)
-    if os.environ.get(LAYOUT_ENV):
-        return f"{chosen} for decoding (set by {LAYOUT_ENV})"
-    t = layout_seconds(k, n)
-    times = ", ".join(f"{name} {sec * 1e3:.2f} ms" for name, sec in t.items())
-    return (f"{chosen} for decoding (measured here, single-row {k}x{n} matmul: {times}; "
-            f"{LAYOUT_ENV} overrides)")
+HEAD_PROBE = 8192  # output rows timed for the head's layout (a slice of it: same behaviour)
+
+
+def prepare_layouts(model: nn.Module) -> dict[str, str]:
+    """Store a GPT's float32 weights in the layouts decoding runs fastest with here: one for the
+    transformer layers (timed as an MLP chain), one for the output head (timed as one large
+    single-row matmul; memory-bound, where more BLAS threads pay). Returns both choices."""
+    cfg = model.config
+    chosen = {"layers": choose_layout(cfg.n_embd, cfg.hidden_dim),
+              "head": choose_layout(cfg.n_embd, min(cfg.vocab_size, HEAD_PROBE), chain=False)}
+    parts = {"layers": lambda path: path.startswith("h."),
+             "head": lambda path: path in ("wte", "lm_head")}
+    for part, layout in chosen.items():
+        if layout != "plain":
+            block_weights(model, layout_limit(layout), where=parts[part])
+    return chosen
+
+
+def layout_report(cfg=None) -> str:
+    """Which layouts decoding uses here and why (for ``mlxgpt info``; GPT-2 124M's shapes)."""
+    from ..core.config import GPTConfig
+
+    cfg = cfg or GPTConfig()
+    probes = {"layers": (cfg.n_embd, cfg.hidden_dim, True),
+              "head": (cfg.n_embd, min(cfg.vocab_size, HEAD_PROBE), False)}
+    lines = []
+    for part, (k, n, chain) in probes.items():
+        chosen = choose_layout(k, n, chain)
+        if os.environ.get(LAYOUT_ENV):
+            lines.append(f"{part} {chosen}")
+            continue
+        t = layout_seconds(k, n, chain)
+        times = ", ".join(f"{name} {sec * 1e3:.2f}" for name, sec in t.items())
+        lines.append(f"{part} {chosen} (timed: {times} ms)")
+    why = f"set by {LAYOUT_ENV}" if os.environ.get(LAYOUT_ENV) else \
+        f"timed here on GPT-2's shapes; {LAYOUT_ENV} overrides"
+    return f"{'; '.join(lines)} for decoding ({why})"
