@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -279,8 +280,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        if not engine.thread.is_alive():
-            engine.start()
+        engine.start()  # a thread of its own, unless serve() runs it on the main thread
         yield
         engine.stop(timeout=10)
 
@@ -297,16 +297,24 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
 def serve(engine: Engine, tokenizer: Tokenizer, config: ServerConfig, host: str = "127.0.0.1",
           port: int = 8080, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
     """Run the server until SIGINT / SIGTERM: it then stops accepting, lets running requests
-    finish for up to ``shutdown_timeout`` seconds, cancels the rest and returns."""
+    finish for up to ``shutdown_timeout`` seconds, cancels the rest and returns.
+
+    The model runs on the main thread and uvicorn's event loop on another: MLX work done on a
+    thread that ends before the process can abort it at exit (``std::terminate``, seen with
+    MLX 0.32 in one exit of four), and the main thread is also where signals arrive."""
+    import signal
+
     import uvicorn
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame) -> None:
-            # uvicorn re-raises a caught signal after its graceful shutdown, which kills the
-            # process by that signal; a requested stop that went well exits with status 0.
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
-
     app = create_app(engine, tokenizer, config)
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                          timeout_graceful_shutdown=shutdown_timeout)).run()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=shutdown_timeout))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn listens only on the main thread
+        signal.signal(sig, server.handle_exit)
+    engine.looping = True  # the lifespan must not start a thread for it
+    http = threading.Thread(target=server.run, name="mlxgpt-http", daemon=True)
+    http.start()
+    engine.run(alive=http.is_alive)
+    http.join()
+    if not server.started:
+        raise MlxgptError(f"could not serve on {host}:{port} (see uvicorn's message above)")

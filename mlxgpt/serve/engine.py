@@ -1,5 +1,6 @@
-"""The one thread that runs the model: requests wait in a bounded queue, join the batch as rows
-free up, and their tokens go back to the event loop that asked.
+"""The one loop that runs the model (on one thread: the main thread under ``mlxgpt serve``):
+requests wait in a bounded queue, join the batch as rows free up, and their tokens go back to
+the event loop that asked.
 
 The HTTP side never touches the model: it submits sequences (:meth:`Engine.submit`), reads their
 events from an asyncio queue, and cancels them (:meth:`Engine.cancel`) when a client leaves; the
@@ -13,8 +14,11 @@ import sys
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import mlx.core as mx
 
 from ..core.model import GPT
 from ..errors import MlxgptError
@@ -59,18 +63,25 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.steps = 0
-        self.thread = threading.Thread(target=self._run, name="mlxgpt-engine", daemon=True)
+        self.thread: threading.Thread | None = None
+        self.looping = False  # run() is looping, on some thread
 
     def start(self) -> Engine:
-        self.thread.start()
+        """Run on a thread of its own (embedding the app elsewhere; ``mlxgpt serve`` runs the
+        engine on the main thread, see :func:`mlxgpt.serve.app.serve`)."""
+        if not self.looping:
+            self.looping = True
+            self.thread = threading.Thread(target=self.run, name="mlxgpt-engine", daemon=True)
+            self.thread.start()
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Cancel everything and end the thread."""
+        """Cancel everything and end the loop (and its thread, if it has one)."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        if self.thread.is_alive():
+        if self.thread is not None and self.thread.is_alive() \
+                and self.thread is not threading.current_thread():
             self.thread.join(timeout)
 
     @property
@@ -105,12 +116,17 @@ class Engine:
 
     # -- the engine thread
 
-    def _run(self) -> None:
+    def run(self, alive: Callable[[], bool] | None = None) -> None:
+        """The engine loop, in the calling thread, until :meth:`stop` (or ``alive()`` turns
+        false: the HTTP side is gone)."""
+        self.looping = True
         gen = self.generator
         while True:
             with self.cond:
                 while not (self.stopping or self.waiting or self.to_cancel or gen.active):
-                    self.cond.wait()
+                    self.cond.wait(timeout=0.5)
+                    if alive is not None and not alive():
+                        self.stopping = True
                 if self.stopping:
                     break
                 cancelled, self.to_cancel = self.to_cancel, []
@@ -123,6 +139,8 @@ class Engine:
                 traceback.print_exc(file=sys.stderr)
                 self._fail_all(MlxgptError(f"generation failed: {e}"))
         self._fail_all(MlxgptError("the server is shutting down"), waiting=True)
+        mx.synchronize()  # nothing queued by async_eval outlives the loop
+        self.looping = False
 
     def _cycle(self, cancelled: list[Handle]) -> None:
         """Drop cancelled rows, admit waiting sequences while rows are free, take one step."""
