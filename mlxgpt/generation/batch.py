@@ -35,7 +35,7 @@ from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .cache import STEP
 from .context import PREFILL_STEP, common_prefix
-from .generate import CONTEXT_POLICIES, StopMatcher, fit_prompt
+from .generate import StopMatcher, check_limits, fit_prompt
 from .sample import NEG_INF, SamplingSettings, TokenSampler
 
 
@@ -204,14 +204,8 @@ class BatchGenerator:
         Returns its id."""
         if self.full:
             raise MlxgptError(f"the batch is full ({self.max_batch} sequences)")
-        if request.context not in CONTEXT_POLICIES:
-            raise MlxgptError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}")
-        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
-            raise MlxgptError(f"max_tokens must be a positive number of tokens, "
-                              f"got {request.max_tokens!r}")
-        keep = request.window_keep or max(1, self.n_positions // 2)
-        if not 0 < keep <= self.n_positions:
-            raise MlxgptError(f"window_keep must be in 1..{self.n_positions}")
+        keep = check_limits(self.n_positions, request.max_tokens, request.context,
+                            request.window_keep)
         ids = list(request.prompt)
         if not ids:
             if self.tokenizer.eot_id is None:
