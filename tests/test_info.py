@@ -64,7 +64,7 @@ def test_unset_coretype_gets_the_best_kernels_the_cpu_allows(info):
 
 @needs_openblas
 def test_weaker_kernels_set_by_hand_are_kept_and_the_fix_is_named(info):
-    out = info(**{blas.CORETYPE_ENV: "Prescott"})
+    out = info(**{blas.CORETYPE_ENV: "Prescott", blas.LIBRARY_ENV: "openblas"})
     kernels = next(line for line in out.splitlines() if line.startswith("kernels"))
     assert kernels.split()[1].rstrip(",").lower() == "prescott"  # the environment's choice
     assert f"this CPU allows {blas.best_kernel_set()}" in kernels
@@ -82,3 +82,52 @@ def test_training_streams_follow_the_cores_and_the_override(info, mlxgpt_process
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
         "Error: MLXGPT_CPU_STREAMS must be a whole number, not 'two'"]
+
+
+def test_blas_library_choice_follows_the_environment_and_the_cpu():
+    avx2 = frozenset({"avx", "avx2", "fma"})
+    avx512 = avx2 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    ob, bl = "/x/libopenblas.so.0", "/x/libblis.so.4"
+    core = blas.CORETYPE_ENV
+    choose = blas.choose_library
+    # OpenBLAS with the kernels mlxgpt chooses, or with the best ones forced: OpenBLAS
+    assert choose(ob, bl, {}, avx2) == ("OpenBLAS", "")
+    assert choose(ob, bl, {core: "Haswell"}, avx2) == ("OpenBLAS", "")
+    assert choose(ob, bl, {core: "Zen"}, avx2) == ("OpenBLAS", "")
+    assert choose(ob, bl, {core: "SkylakeX"}, avx512) == ("OpenBLAS", "")
+    # kernels weaker than the CPU allows, or ones it cannot run: BLIS, when installed
+    assert choose(ob, bl, {core: "Prescott"}, avx2)[0] == "BLIS"
+    assert "weaker than this CPU allows (SkylakeX)" in choose(ob, bl, {core: "Haswell"}, avx512)[1]
+    assert "lacks" in choose(ob, bl, {core: "SkylakeX"}, avx2)[1]
+    assert choose(ob, None, {core: "Prescott"}, avx2) == ("OpenBLAS", "")
+    # only one installed; none; named by MLXGPT_BLAS
+    assert choose(None, bl, {}, avx2) == ("BLIS", "no OpenBLAS found")
+    assert choose(None, None, {}, avx2)[0] is None
+    assert choose(ob, bl, {blas.LIBRARY_ENV: "blis"}, avx2)[0] == "BLIS"
+    assert choose(ob, bl, {blas.LIBRARY_ENV: "openblas", core: "Prescott"}, avx2)[0] == "OpenBLAS"
+    assert choose(ob, None, {blas.LIBRARY_ENV: "blis"}, avx2) == (None, "BLIS not found")
+
+
+def test_kernel_sets_the_cpu_cannot_run_are_recognised():
+    avx2 = frozenset({"avx", "avx2", "fma"})
+    assert blas.runs_on("Haswell", avx2) and blas.runs_on("Prescott", avx2)
+    assert not blas.runs_on("SkylakeX", avx2) and not blas.runs_on("Cooperlake", avx2)
+    assert blas.runs_on("SkylakeX", frozenset())  # unknown CPU: OpenBLAS decides
+
+
+def test_a_bad_blas_name_is_one_line(info, mlxgpt_process, refused):
+    refused(mlxgpt_process("info", env={**os.environ, blas.LIBRARY_ENV: "atlas"}),
+            f"{blas.LIBRARY_ENV}='atlas': choose openblas, blis or auto")
+
+
+@pytest.mark.skipif(blas.find_openblas() is None or blas.find_blis() is None
+                    or blas.best_kernel_set() is None,
+                    reason="needs Linux x86 with OpenBLAS and BLIS installed")
+def test_weak_kernels_forced_on_openblas_load_blis(info):
+    out = info(**{blas.CORETYPE_ENV: "Prescott"})
+    line = next(x for x in out.splitlines() if x.startswith("blas"))
+    assert line.split()[1] == "BLIS" and "Prescott is weaker than this CPU allows" in line, out
+    kernels = next(x for x in out.splitlines() if x.startswith("kernels"))
+    assert "chosen by BLIS from the CPU" in kernels and "generic" not in kernels, kernels
+    forced = info(**{blas.CORETYPE_ENV: "Prescott", blas.LIBRARY_ENV: "openblas"})
+    assert "unset MLXGPT_BLAS (mlxgpt then uses BLIS)" in forced

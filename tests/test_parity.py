@@ -238,3 +238,39 @@ def test_mlxgpt_load_reads_hf_folder_in_memory(tmp_path):
     tokens = np.random.default_rng(3).integers(0, cfg["vocab_size"], (1, 8))
     assert max_diff(mlx_logits(model, tokens), hf_logits(random_hf_model(cfg), tokens)) <= FP32_TOL
     assert tok.name == "ids"
+
+
+# --------------------------------------------------------------------------- every BLAS
+
+
+def _blas_settings() -> list[tuple[str, dict[str, str]]]:
+    """Every BLAS mlxgpt may load here: OpenBLAS with each kernel set this CPU can run, and BLIS."""
+    from mlxgpt.cpu import blas
+
+    out = []
+    if blas.find_openblas() and blas.best_kernel_set():
+        flags = blas.cpu_flags()
+        for core in ("Prescott", "Haswell", "SkylakeX"):
+            if blas.runs_on(core, flags):
+                out.append((f"openblas-{core}", {blas.LIBRARY_ENV: "openblas",
+                                                 blas.CORETYPE_ENV: core}))
+    if blas.find_blis():
+        out.append(("blis", {blas.LIBRARY_ENV: "blis"}))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,env", _blas_settings(), ids=[n for n, _ in _blas_settings()])
+def test_parity_holds_with_every_blas_and_kernel_set(name, env):
+    """The fp32 parity tests (logits, KV-cached decoding, one training step against PyTorch)
+    pass with each library and kernel set mlxgpt may load, each in a fresh process (the BLAS is
+    chosen when mlxgpt is first imported)."""
+    here = os.path.dirname(__file__)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{here}/test_parity.py::test_odd_shapes",
+         f"{here}/test_train.py::test_one_step_matches_pytorch",
+         f"{here}/test_info.py::test_info_names_versions_device_and_blas"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]

@@ -14,6 +14,7 @@ import sys
 import click
 
 import mlxgpt  # noqa: F401  (preloads the fast BLAS before mlx is imported)
+from mlxgpt.cpu import blas
 from mlxgpt.errors import MlxgptError
 
 # command name -> "module:function" under mlxgpt.cli
@@ -47,6 +48,8 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
+            if blas.config_error:
+                raise MlxgptError(blas.config_error)
             return super().invoke(ctx)
         except MlxgptError as e:
             raise click.ClickException(str(e)) from None

@@ -11,6 +11,13 @@ to 4x slower than the AVX-512 ones. So when ``OPENBLAS_CORETYPE`` is unset, mlxg
 best kernel set the CPU's flags allow (:func:`best_kernel_set`), for Intel and AMD alike; a value
 the environment sets is kept (it is set where old OpenBLAS builds misbehave). It also shortens
 the time OpenBLAS's idle threads spin (``OPENBLAS_THREAD_TIMEOUT``, see :data:`THREAD_TIMEOUT`).
+
+When the environment keeps OpenBLAS on kernels weaker than the CPU allows (or on kernels the CPU
+cannot run at all: AVX-512 ones on an AVX2 CPU stop the process with SIGILL at the first
+matmul), and BLIS is installed (``libblis4-pthread``), mlxgpt loads BLIS instead: BLIS picks its
+kernels from the CPU itself (``zen3``, ``skx``, ``haswell``...) and reads no OpenBLAS setting,
+so the environment's reason for pinning OpenBLAS does not apply to it. ``MLXGPT_BLAS=openblas``
+or ``blis`` names the library instead (:func:`choose_library`).
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 DISABLE_ENV = "MLXGPT_NO_BLAS_PRELOAD"
+LIBRARY_ENV = "MLXGPT_BLAS"  # openblas, blis or auto (the default)
 INSTALL_HINT = "apt-get install libopenblas0-pthread  (Debian/Ubuntu)"
+BLIS_HINT = "apt-get install libblis4-pthread"
 
 _SEARCH_DIRS = (
     "/usr/lib/x86_64-linux-gnu",
@@ -32,14 +41,19 @@ _SEARCH_DIRS = (
     "/usr/lib",
     "/usr/local/lib",
 )
-_NAMES = ("libopenblas.so.0", "libopenblas.so", "openblas-pthread/libopenblas.so.0")
+_OPENBLAS_NAMES = ("libopenblas.so.0", "libopenblas.so", "openblas-pthread/libopenblas.so.0")
+_BLIS_NAMES = ("blis-pthread/libblis.so.4", "libblis.so.4", "libblis.so")
 
-# What happened at import: the path loaded, or why nothing was.
+# What happened at import: the library loaded and its path, or why nothing was.
 preloaded_path: str | None = None
+preloaded_library: str | None = None  # "OpenBLAS" or "BLIS"
 preload_note: str = "not attempted"
+config_error: str | None = None  # a bad MLXGPT_BLAS (the CLI refuses to run with it, one line)
+_handle: ctypes.CDLL | None = None
 
 CORETYPE_ENV = "OPENBLAS_CORETYPE"
 TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
+BLIS_THREAD_ENVS = ("BLIS_NUM_THREADS", "OMP_NUM_THREADS")
 # OpenBLAS threads spin (sched_yield: system time) for 2**TIMEOUT cycles after each call before
 # they sleep; the default (2**28 cycles, ~0.1 s) burns a core between MLX's many small matmuls.
 # 2**4 cycles: measured on the nano preset (2 threads, Intel Xeon, SkylakeX kernels) 8,545
@@ -55,9 +69,11 @@ KERNEL_SETS = (
     ("Haswell", frozenset({"avx2", "fma"})),
     ("SandyBridge", frozenset({"avx"})),
 )
-# What OpenBLAS names its kernel sets (openblas_get_corename), by the flag level they use.
+# What OpenBLAS names its kernel sets (openblas_get_corename, OPENBLAS_CORETYPE), by the flag
+# level they use: 3 = KERNEL_SETS[0]'s flags, 2 = [1]'s, 1 = [2]'s, 0 = SSE only.
 _LEVEL = {**{c: 3 for c in ("skylakex", "cooperlake", "sapphirerapids")},
           **{c: 2 for c in ("haswell", "zen")}, "sandybridge": 1}
+_EXTRA_FLAGS = {"cooperlake": {"avx512_bf16"}, "sapphirerapids": {"avx512_bf16"}}
 # 1024^3 sgemm, one thread, GFLOP/s, Intel Xeon (Sapphire Rapids class), OpenBLAS 0.3.21 with the
 # kernel set forced: what a weaker set costs.
 MEASURED_GFLOPS = {"SkylakeX": 145, "Haswell": 92, "SandyBridge": None, "Prescott": 37}
@@ -82,20 +98,67 @@ def best_kernel_set(flags: frozenset[str] | None = None) -> str | None:
     return next((name for name, needs in KERNEL_SETS if needs <= flags), None)
 
 
-def find_openblas() -> str | None:
-    """The first OpenBLAS shared library found in the usual library directories."""
+def kernel_level(core: str) -> int:
+    """How new the instructions an OpenBLAS kernel set uses are (3 AVX-512 ... 0 SSE)."""
+    return _LEVEL.get(core.lower(), 0)
+
+
+def runs_on(core: str, flags: frozenset[str]) -> bool:
+    """Whether this CPU has the instructions kernel set ``core`` uses (True when unknown)."""
+    level = kernel_level(core)
+    if not flags or level == 0:
+        return True
+    needs = KERNEL_SETS[3 - level][1] | _EXTRA_FLAGS.get(core.lower(), set())
+    return needs <= flags
+
+
+def _find(names: tuple[str, ...]) -> str | None:
     extra = os.environ.get("LD_LIBRARY_PATH", "").split(":")
     for d in [p for p in extra if p] + list(_SEARCH_DIRS):
-        for name in _NAMES:
+        for name in names:
             p = Path(d) / name
             if p.exists():
                 return str(p)
     return None
 
 
+def find_openblas() -> str | None:
+    """The first OpenBLAS shared library found in the usual library directories."""
+    return _find(_OPENBLAS_NAMES)
+
+
+def find_blis() -> str | None:
+    """The first BLIS shared library (pthreads build first) in the usual directories."""
+    return _find(_BLIS_NAMES)
+
+
+def choose_library(openblas: str | None, blis: str | None, env: Mapping[str, str],
+                   flags: frozenset[str]) -> tuple[str | None, str]:
+    """Which BLAS to load ("OpenBLAS", "BLIS" or None) and why ("" when nothing needs saying).
+
+    OpenBLAS unless the environment holds it on kernels weaker than the CPU allows, or ones the
+    CPU cannot run (``OPENBLAS_CORETYPE``), and BLIS is installed: BLIS chooses its kernels from
+    the CPU and is not bound by that setting. ``MLXGPT_BLAS`` names one (``auto``: this rule).
+    """
+    wanted = env.get(LIBRARY_ENV, "auto").lower()
+    if wanted in ("openblas", "blis"):
+        name, path = ("OpenBLAS", openblas) if wanted == "openblas" else ("BLIS", blis)
+        return (name, f"named by {LIBRARY_ENV}") if path else (None, f"{name} not found")
+    if not openblas:
+        return ("BLIS", "no OpenBLAS found") if blis else (None, "no OpenBLAS or BLIS found")
+    forced, best = env.get(CORETYPE_ENV), best_kernel_set(flags)
+    if forced and blis and best:
+        if not runs_on(forced, flags):
+            return "BLIS", f"{CORETYPE_ENV}={forced} needs instructions this CPU lacks"
+        if kernel_level(forced) < kernel_level(best):
+            return "BLIS", f"{CORETYPE_ENV}={forced} is weaker than this CPU allows ({best})"
+    return "OpenBLAS", ""
+
+
 def preload() -> None:
-    """Load OpenBLAS globally if we are on Linux, mlx is not imported yet, and not disabled."""
-    global preloaded_path, preload_note
+    """Load the chosen BLAS globally if we are on Linux, mlx is not imported yet, and not
+    disabled."""
+    global preloaded_path, preloaded_library, preload_note, config_error, _handle
     if not sys.platform.startswith("linux"):
         preload_note = "not needed on this platform"
         return
@@ -105,85 +168,136 @@ def preload() -> None:
     if "mlx.core" in sys.modules:
         preload_note = "mlx was imported before mlxgpt; preload skipped"
         return
-    path = find_openblas()
-    if path is None:
-        preload_note = "no OpenBLAS found"
+    env = dict(os.environ)
+    if env.get(LIBRARY_ENV, "auto").lower() not in ("auto", "openblas", "blis"):
+        config_error = f"{LIBRARY_ENV}={env[LIBRARY_ENV]!r}: choose openblas, blis or auto"
+        env[LIBRARY_ENV] = "auto"
+    flags = cpu_flags()
+    library, why = choose_library(find_openblas(), find_blis(), env, flags)
+    if library is None:
+        wanted = env.get(LIBRARY_ENV, "auto").lower()
+        if wanted != "auto":
+            hint = BLIS_HINT if wanted == "blis" else INSTALL_HINT
+            config_error = f"{LIBRARY_ENV}={env[LIBRARY_ENV]}: {why} (install: {hint})"
+        preload_note = why
         return
-    chosen = []  # both variables are read once, when OpenBLAS loads
-    best = best_kernel_set()
-    if CORETYPE_ENV not in os.environ and best:
-        os.environ[CORETYPE_ENV] = best
-        chosen.append(f"{CORETYPE_ENV}={os.environ[CORETYPE_ENV]}")
-    if TIMEOUT_ENV not in os.environ:
-        os.environ[TIMEOUT_ENV] = THREAD_TIMEOUT
-        chosen.append(f"{TIMEOUT_ENV}={THREAD_TIMEOUT}")
+    chosen = [why] if why else []  # the variables below are read once, when the library loads
+    if library == "OpenBLAS":
+        path = find_openblas()
+        forced, best = os.environ.get(CORETYPE_ENV), best_kernel_set(flags)
+        if best and (forced is None or not runs_on(forced, flags)):
+            # unset, or a set this CPU cannot run (it would stop the process with SIGILL)
+            os.environ[CORETYPE_ENV] = best
+            chosen.append(f"{CORETYPE_ENV}={best}"
+                          + (f" instead of {forced}, which this CPU cannot run" if forced else ""))
+        if TIMEOUT_ENV not in os.environ:
+            os.environ[TIMEOUT_ENV] = THREAD_TIMEOUT
+            chosen.append(f"{TIMEOUT_ENV}={THREAD_TIMEOUT}")
+    else:
+        path = find_blis()
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         preload_note = f"failed to load {path}: {e}"
         return
-    preloaded_path = path
+    preloaded_path, preloaded_library = path, library
+    if library == "BLIS" and not any(v in os.environ for v in BLIS_THREAD_ENVS):
+        cores = _cores()  # BLIS runs on one thread unless told; OpenBLAS takes every core
+        _set_threads(cores)
+        chosen.append(f"{cores} threads")
     preload_note = "preloaded by mlxgpt" + "".join(f", {c}" for c in chosen)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _get_threads() -> int | None:
+    if _handle is None:
+        return None
+    try:
+        if preloaded_library == "BLIS":
+            _handle.bli_thread_get_num_threads.restype = ctypes.c_int64
+            return int(_handle.bli_thread_get_num_threads())
+        return int(_handle.openblas_get_num_threads())
+    except AttributeError:
+        return None
+
+
+def _set_threads(n: int) -> None:
+    if preloaded_library == "BLIS":
+        _handle.bli_thread_set_num_threads(ctypes.c_int64(n))
+    else:
+        _handle.openblas_set_num_threads(n)
 
 
 def openblas_core() -> str | None:
     """The kernel set the preloaded OpenBLAS chose ("Haswell" = AVX2, "SkylakeX" = AVX-512)."""
-    if preloaded_path is None:
+    if _handle is None or preloaded_library != "OpenBLAS":
         return None
     try:
-        lib = ctypes.CDLL(preloaded_path)
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        return lib.openblas_get_corename().decode()
-    except (OSError, AttributeError):
+        _handle.openblas_get_corename.restype = ctypes.c_char_p
+        return _handle.openblas_get_corename().decode()
+    except AttributeError:
         return None
 
 
-def openblas_threads() -> int | None:
-    """How many threads the preloaded OpenBLAS uses."""
-    if preloaded_path is None:
+def blis_arch() -> str | None:
+    """The kernel family the preloaded BLIS chose for this CPU ("zen3", "skx", "haswell"...)."""
+    if _handle is None or preloaded_library != "BLIS":
         return None
     try:
-        return int(ctypes.CDLL(preloaded_path).openblas_get_num_threads())
-    except (OSError, AttributeError):
+        _handle.bli_arch_string.restype = ctypes.c_char_p
+        return _handle.bli_arch_string(_handle.bli_arch_query_id()).decode()
+    except AttributeError:
         return None
+
+
+def blas_threads() -> int | None:
+    """How many threads the preloaded BLAS uses."""
+    return _get_threads()
 
 
 @contextmanager
 def threads(n: int | None) -> Iterator[None]:
-    """Run the block with OpenBLAS using ``n`` threads (``None``: leave it as it is)."""
-    if n is None or preloaded_path is None:
+    """Run the block with the preloaded BLAS on ``n`` threads (``None``: leave it as it is)."""
+    before = None if n is None else _get_threads()
+    if before is None:
         yield
         return
-    try:
-        lib = ctypes.CDLL(preloaded_path)
-        before = int(lib.openblas_get_num_threads())
-    except (OSError, AttributeError):
-        yield
-        return
-    lib.openblas_set_num_threads(n)
+    _set_threads(n)
     try:
         yield
     finally:
-        lib.openblas_set_num_threads(before)
+        _set_threads(before)
 
 
 def kernels_note() -> str | None:
-    """The OpenBLAS kernels in use, and, when they are weaker than the CPU allows (an
+    """The BLAS kernels in use, and, when they are weaker than the CPU allows (an
     OPENBLAS_CORETYPE set by hand, which is kept), what that costs and how to get the best."""
+    n = _get_threads()
+    threads = f", {n} threads" if n else ""
+    arch = blis_arch()
+    if arch is not None:
+        return f"BLIS {arch} (chosen by BLIS from the CPU){threads}"
     core = openblas_core()
     if core is None:
         return None
     best = best_kernel_set()
-    threads = openblas_threads()
-    note = core + (f", {threads} threads" if threads else "")
-    if best is None or _LEVEL.get(core.lower(), 0) >= _LEVEL[best.lower()]:
+    note = core + threads
+    if best is None or kernel_level(core) >= kernel_level(best):
         return note
     have, want = MEASURED_GFLOPS.get(core), MEASURED_GFLOPS.get(best)
     cost = (f" (1024^3 sgemm on one Xeon core: {have} vs {want} GFLOP/s, {want / have:.1f}x)"
             if have and want else "")
     how = (f"unset {CORETYPE_ENV} (now {os.environ[CORETYPE_ENV]}) or set it to {best}"
            if os.environ.get(CORETYPE_ENV) else f"set {CORETYPE_ENV}={best}")
-    return f"{note}; this CPU allows {best}, which multiplies faster{cost}: {how}"
+    other = (f"install BLIS ({BLIS_HINT}), which mlxgpt then uses" if find_blis() is None
+             else f"unset {LIBRARY_ENV} (mlxgpt then uses BLIS)")
+    return f"{note}; this CPU allows {best}, which multiplies faster{cost}: {how}, or {other}"
 
 
 def blas_in_use() -> str:
@@ -194,11 +308,13 @@ def blas_in_use() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         maps = ""
-    for line in maps.splitlines():
-        if "libopenblas" in line:
-            how = preload_note if preloaded_path else "loaded by the environment (LD_PRELOAD?)"
-            return f"OpenBLAS {line.split()[-1]} ({how})"
-    for line in maps.splitlines():
-        if "libmkl" in line:
-            return f"MKL {line.split()[-1]}"
+    paths = [line.split()[-1] for line in maps.splitlines() if "/" in line]
+    if preloaded_path is not None:
+        real = os.path.realpath(preloaded_path)
+        shown = next((p for p in paths if p == real), real)
+        return f"{preloaded_library} {shown} ({preload_note})"
+    for marker, name in (("libopenblas", "OpenBLAS"), ("libblis", "BLIS"), ("libmkl", "MKL")):
+        found = next((p for p in paths if marker in p), None)
+        if found:
+            return f"{name} {found} (loaded by the environment (LD_PRELOAD?); {preload_note})"
     return f"MLX's bundled reference BLAS (slow; {preload_note}); install: {INSTALL_HINT}"

@@ -129,16 +129,21 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
 def _causal_attention_vjp(primals, cotangent, output):
     q, k, v = primals
     T, S = q.shape[2], k.shape[2]
-    dq, dk, dv = [], mx.zeros_like(k), mx.zeros_like(v)
-    for t0, t1, n in _causal_blocks(T, S):
+    dq, dk, dv = [], None, None
+    # the last block sees every key: starting from it, dk and dv need no zero-filled buffer
+    for t0, t1, n in reversed(_causal_blocks(T, S)):
         p = _block_probs(q, k, t0, t1, n, S - T)  # (B, H, c, n)
         g = cotangent[:, :, t0:t1]  # (B, H, c, D)
         rows = (g * output[:, :, t0:t1]).sum(axis=-1, keepdims=True)  # = sum(p * dp) per row
         ds = p * (g @ v[:, :, :n].swapaxes(-1, -2) - rows)
         dq.append(ds @ k[:, :, :n])
-        dk[:, :, :n] += ds.swapaxes(-1, -2) @ q[:, :, t0:t1]
-        dv[:, :, :n] += p.swapaxes(-1, -2) @ g
-    return (dq[0] if len(dq) == 1 else mx.concatenate(dq, axis=2)), dk, dv
+        dk_n, dv_n = ds.swapaxes(-1, -2) @ q[:, :, t0:t1], p.swapaxes(-1, -2) @ g  # (B, H, n, D)
+        if dk is None:
+            dk, dv = dk_n, dv_n
+        else:
+            dk[:, :, :n] += dk_n
+            dv[:, :, :n] += dv_n
+    return (dq[0] if len(dq) == 1 else mx.concatenate(dq[::-1], axis=2)), dk, dv
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
