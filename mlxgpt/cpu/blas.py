@@ -202,10 +202,18 @@ def preload() -> None:
         return
     preloaded_path, preloaded_library = path, library
     if library == "BLIS" and not any(v in os.environ for v in BLIS_THREAD_ENVS):
-        cores = _cores()  # BLIS runs on one thread unless told; OpenBLAS takes every core
-        _set_threads(cores)
-        chosen.append(f"{cores} threads")
+        # BLIS runs on one thread unless told; OpenBLAS takes every core, or the count asked of it
+        n = _whole(os.environ.get("OPENBLAS_NUM_THREADS")) or _cores()
+        _set_threads(n)
+        chosen.append(f"{n} thread{'s' * (n > 1)}")
     preload_note = "preloaded by mlxgpt" + "".join(f", {c}" for c in chosen)
+
+
+def _whole(text: str | None) -> int | None:
+    try:
+        return max(1, int(text)) if text else None
+    except ValueError:
+        return None
 
 
 def _cores() -> int:
@@ -279,7 +287,7 @@ def kernels_note() -> str | None:
     """The BLAS kernels in use, and, when they are weaker than the CPU allows (an
     OPENBLAS_CORETYPE set by hand, which is kept), what that costs and how to get the best."""
     n = _get_threads()
-    threads = f", {n} threads" if n else ""
+    threads = f", {n} thread{'s' * (n > 1)}" if n else ""
     arch = blis_arch()
     if arch is not None:
         return f"BLIS {arch} (chosen by BLIS from the CPU){threads}"
