@@ -287,7 +287,7 @@ def main() -> None:
     result = {
         "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]]),
         "blas": blas.blas_in_use(),
-        "openblas_kernels": blas.openblas_core(),
+        "kernels": blas.kernels_note(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
@@ -298,7 +298,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": {},
     }
-    log(f"BLAS: {result['blas']}; kernels: {result['openblas_kernels']}")
+    log(f"BLAS: {result['blas']}; kernels: {result['kernels']}")
     with tempfile.TemporaryDirectory(prefix="mlxgpt-bench-") as tmp:
         folders = make_folders(args.model, names, Path(tmp))
         vocab = load_model(folders[names[0]]).config.vocab_size

@@ -129,7 +129,7 @@ def main() -> None:
     lex_rest_s = time.perf_counter() - t
     result: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "blas": blas.blas_in_use(), "openblas_kernels": blas.openblas_core(),
+        "blas": blas.blas_in_use(), "kernels": blas.kernels_note(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "vocab": tok.vocab_size, "max_tokens": args.max_tokens,
         "build_s": {"trie_and_plain_string_tables": round(vocab_s, 3),

@@ -51,7 +51,7 @@ def main() -> None:
             block_weights(model, layout_limit(layout))
         results[layout] = decode_tps(model)
     cfg = GPTConfig()
-    print(f"{blas.openblas_core()}, {blas.blas_threads()} threads: "
+    print(f"{blas.kernels_note()}: "
           + ", ".join(f"{k} {v:.1f} tok/s" for k, v in results.items())
           + f"; prepare_for_inference picks: {choose_layout(cfg.n_embd, cfg.hidden_dim)}")
 

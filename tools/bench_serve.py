@@ -67,9 +67,11 @@ def start(kind: str, folder: Path, max_batch: int) -> tuple[subprocess.Popen, st
                str(port), "--decode-concurrency", str(max_batch), "--log-level", "WARNING"]
     env = dict(os.environ)  # OPENBLAS_CORETYPE etc. as mlxgpt set them in this process
     if kind != "mlxgpt" and blas.preloaded_path:
-        # mlx-lm does not preload a BLAS: give it the same OpenBLAS, or it runs MLX's
-        # reference BLAS (~5 GFLOP/s) and batching buys it nothing
+        # mlx-lm does not preload a BLAS: give it the same library with the same threads, or
+        # it runs MLX's reference BLAS (~5 GFLOP/s) and batching buys it nothing
         env["LD_PRELOAD"] = blas.preloaded_path
+        if blas.preloaded_library == "BLIS":
+            env.setdefault("BLIS_NUM_THREADS", str(blas.blas_threads()))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env)
     base = f"http://127.0.0.1:{port}"
@@ -158,7 +160,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpu_model": _cpu_model(),
         "blas": blas.blas_in_use(),
-        "kernels": blas.openblas_core(),
+        "kernels": blas.kernels_note(),
         "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE"),
         "loadavg": os.getloadavg(),
         "tokens_per_client": args.tokens,
