@@ -259,8 +259,11 @@ def _blas_settings() -> list[tuple[str, dict[str, str]]]:
     return out
 
 
+BLAS_SETTINGS = _blas_settings()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,env", _blas_settings(), ids=[n for n, _ in _blas_settings()])
+@pytest.mark.parametrize("name,env", BLAS_SETTINGS, ids=[n for n, _ in BLAS_SETTINGS])
 def test_parity_holds_with_every_blas_and_kernel_set(name, env):
     """The fp32 parity tests (logits, KV-cached decoding, one training step against PyTorch)
     pass with each library and kernel set mlxgpt may load, each in a fresh process (the BLAS is

@@ -31,7 +31,6 @@ def info() -> None:
         from mlxgpt.cpu.layout import layout_report
 
         click.echo(f"layout      {layout_report()}")
-    if device == mx.cpu:
         streams = parallel.stream_count()
         click.echo(f"training    {streams} CPU stream{'s' * (streams > 1)} "
                    f"({'rows of each batch split over them, ' if streams > 1 else ''}"

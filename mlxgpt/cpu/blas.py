@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from .parallel import cpu_cores
+
 DISABLE_ENV = "MLXGPT_NO_BLAS_PRELOAD"
 LIBRARY_ENV = "MLXGPT_BLAS"  # openblas, blis or auto (the default)
 INSTALL_HINT = "apt-get install libopenblas0-pthread  (Debian/Ubuntu)"
@@ -173,7 +175,8 @@ def preload() -> None:
         config_error = f"{LIBRARY_ENV}={env[LIBRARY_ENV]!r}: choose openblas, blis or auto"
         env[LIBRARY_ENV] = "auto"
     flags = cpu_flags()
-    library, why = choose_library(find_openblas(), find_blis(), env, flags)
+    paths = {"OpenBLAS": find_openblas(), "BLIS": find_blis()}
+    library, why = choose_library(paths["OpenBLAS"], paths["BLIS"], env, flags)
     if library is None:
         wanted = env.get(LIBRARY_ENV, "auto").lower()
         if wanted != "auto":
@@ -182,8 +185,8 @@ def preload() -> None:
         preload_note = why
         return
     chosen = [why] if why else []  # the variables below are read once, when the library loads
+    path = paths[library]
     if library == "OpenBLAS":
-        path = find_openblas()
         forced, best = os.environ.get(CORETYPE_ENV), best_kernel_set(flags)
         if best and (forced is None or not runs_on(forced, flags)):
             # unset, or a set this CPU cannot run (it would stop the process with SIGILL)
@@ -193,8 +196,6 @@ def preload() -> None:
         if TIMEOUT_ENV not in os.environ:
             os.environ[TIMEOUT_ENV] = THREAD_TIMEOUT
             chosen.append(f"{TIMEOUT_ENV}={THREAD_TIMEOUT}")
-    else:
-        path = find_blis()
     try:
         _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
@@ -203,7 +204,7 @@ def preload() -> None:
     preloaded_path, preloaded_library = path, library
     if library == "BLIS" and not any(v in os.environ for v in BLIS_THREAD_ENVS):
         # BLIS runs on one thread unless told; OpenBLAS takes every core, or the count asked of it
-        n = _whole(os.environ.get("OPENBLAS_NUM_THREADS")) or _cores()
+        n = _whole(os.environ.get("OPENBLAS_NUM_THREADS")) or cpu_cores()
         _set_threads(n)
         chosen.append(f"{n} thread{'s' * (n > 1)}")
     preload_note = "preloaded by mlxgpt" + "".join(f", {c}" for c in chosen)
@@ -216,14 +217,8 @@ def _whole(text: str | None) -> int | None:
         return None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _get_threads() -> int | None:
+def blas_threads() -> int | None:
+    """How many threads the preloaded BLAS uses."""
     if _handle is None:
         return None
     try:
@@ -264,15 +259,10 @@ def blis_arch() -> str | None:
         return None
 
 
-def blas_threads() -> int | None:
-    """How many threads the preloaded BLAS uses."""
-    return _get_threads()
-
-
 @contextmanager
 def threads(n: int | None) -> Iterator[None]:
     """Run the block with the preloaded BLAS on ``n`` threads (``None``: leave it as it is)."""
-    before = None if n is None else _get_threads()
+    before = None if n is None else blas_threads()
     if before is None:
         yield
         return
@@ -286,7 +276,7 @@ def threads(n: int | None) -> Iterator[None]:
 def kernels_note() -> str | None:
     """The BLAS kernels in use, and, when they are weaker than the CPU allows (an
     OPENBLAS_CORETYPE set by hand, which is kept), what that costs and how to get the best."""
-    n = _get_threads()
+    n = blas_threads()
     threads = f", {n} thread{'s' * (n > 1)}" if n else ""
     arch = blis_arch()
     if arch is not None:

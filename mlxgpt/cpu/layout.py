@@ -206,13 +206,18 @@ def choose_layout(k: int, n: int, chain: bool = True) -> str:
 HEAD_PROBE = 8192  # output rows timed for the head's layout (a slice of it: same behaviour)
 
 
+def _probes(cfg) -> dict[str, tuple[int, int, bool]]:
+    """The (k, n, chain) each part of a GPT is timed with: the layers as an MLP chain, the head
+    as one single-row matmul over (a slice of) the vocabulary."""
+    return {"layers": (cfg.n_embd, cfg.hidden_dim, True),
+            "head": (cfg.n_embd, min(cfg.vocab_size, HEAD_PROBE), False)}
+
+
 def prepare_layouts(model: nn.Module) -> dict[str, str]:
     """Store a GPT's float32 weights in the layouts decoding runs fastest with here: one for the
     transformer layers (timed as an MLP chain), one for the output head (timed as one large
     single-row matmul; memory-bound, where more BLAS threads pay). Returns both choices."""
-    cfg = model.config
-    chosen = {"layers": choose_layout(cfg.n_embd, cfg.hidden_dim),
-              "head": choose_layout(cfg.n_embd, min(cfg.vocab_size, HEAD_PROBE), chain=False)}
+    chosen = {part: choose_layout(*probe) for part, probe in _probes(model.config).items()}
     parts = {"layers": lambda path: path.startswith("h."),
              "head": lambda path: path in ("wte", "lm_head")}
     for part, layout in chosen.items():
@@ -225,11 +230,8 @@ def layout_report(cfg=None) -> str:
     """Which layouts decoding uses here and why (for ``mlxgpt info``; GPT-2 124M's shapes)."""
     from ..core.config import GPTConfig
 
-    cfg = cfg or GPTConfig()
-    probes = {"layers": (cfg.n_embd, cfg.hidden_dim, True),
-              "head": (cfg.n_embd, min(cfg.vocab_size, HEAD_PROBE), False)}
     lines = []
-    for part, (k, n, chain) in probes.items():
+    for part, (k, n, chain) in _probes(cfg or GPTConfig()).items():
         chosen = choose_layout(k, n, chain)
         if os.environ.get(LAYOUT_ENV):
             lines.append(f"{part} {chosen}")
