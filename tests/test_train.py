@@ -158,8 +158,9 @@ def test_rows_split_over_cpu_streams_train_like_one_stream(tmp_path, monkeypatch
 
 def test_masked_loss_split_over_streams_weights_rows_by_their_tokens(monkeypatch):
     """Rows with different numbers of counted tokens: the streams' parts are token-weighted, so
-    the loss and gradient norm are the whole batch's; updated weights within 5e-6 (Adam's
-    m / sqrt(v) magnifies rounding in near-zero gradients, as in the PyTorch test below)."""
+    the loss and gradient norm are the whole batch's; updated weights within 1e-5 = lr / 100
+    (Adam's first step moves each weight by about lr * sign(grad), so rounding in a near-zero
+    gradient moves its weight by up to lr; as in the tests above and below)."""
     rng = np.random.default_rng(0)
     x, y = mx.array(rng.integers(0, 64, size=(4, 32))), mx.array(rng.integers(0, 64, size=(4, 32)))
     mask = mx.array((np.arange(32)[None, :] < np.array([[32], [3], [20], [1]])).astype(np.float32))
@@ -178,7 +179,7 @@ def test_masked_loss_split_over_streams_weights_rows_by_their_tokens(monkeypatch
     assert out[1][0] == pytest.approx(out[2][0], abs=1e-6)
     assert out[1][2] == pytest.approx(out[2][2], rel=1e-5)
     for k, v in out[1][3].items():
-        np.testing.assert_allclose(np.array(v), np.array(out[2][3][k]), rtol=0, atol=5e-6,
+        np.testing.assert_allclose(np.array(v), np.array(out[2][3][k]), rtol=0, atol=1e-5,
                                    err_msg=k)
 
 
