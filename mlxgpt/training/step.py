@@ -33,8 +33,9 @@ class Stepper:
 
     Fast path (grad_accum 1, one process, one stream): loss, gradients, clipping and the AdamW
     update in one compiled function. Otherwise: a compiled micro-step per stream that
-    accumulates ``n * grad`` over its rows, and a compiled update that sums the streams'
-    accumulators, all-sums across ranks and divides by the token count.
+    accumulates the gradient of its rows' summed loss (``n * grad``: the loss is scaled before
+    differentiating, so no pass scales the gradients), and a compiled update that sums the
+    streams' accumulators, all-sums across ranks and divides by the token count.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: optim.Optimizer,
@@ -58,14 +59,20 @@ class Stepper:
             (loss, n), grads = value_grad(model, *batch)
             return loss, n.astype(mx.float32), update(grads)
 
-        def micro(acc: dict[str, Any], *batch: mx.array) -> dict[str, Any]:
-            (loss, n), grads = value_grad(model, *batch)
+        def summed_loss(m: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]:
+            loss, n = loss_fn(m, *batch)
             n = n.astype(mx.float32)
-            return {
-                "loss": acc["loss"] + loss * n,
-                "n": acc["n"] + n,
-                "grads": tree_map(lambda a, g: a + g * n, acc["grads"], grads),
-            }
+            return loss * n, n  # gradients come out token-weighted: no pass to scale them
+
+        sum_grad = nn.value_and_grad(model, summed_loss)
+
+        def weighted(*batch: mx.array) -> dict[str, Any]:
+            """One micro-batch's loss sum, token count and gradient of the loss sum."""
+            (loss, n), grads = sum_grad(model, *batch)
+            return {"loss": loss, "n": n, "grads": grads}
+
+        def micro(acc: dict[str, Any], *batch: mx.array) -> dict[str, Any]:
+            return tree_map(mx.add, acc, weighted(*batch))
 
         def apply(*accs: dict[str, Any]) -> tuple[mx.array, mx.array, mx.array]:
             acc = tree_map(lambda *a: sum(a[1:], a[0]), *accs)
@@ -79,6 +86,9 @@ class Stepper:
         self._fused = wrap(fused) if wrap else fused
         micros = on_streams(micro, self.streams)
         self._micros = [wrap(m) for m in micros] if wrap else micros
+        # a stream's first micro-batch starts its accumulator: no zeros to add to
+        starts = on_streams(weighted, self.streams)
+        self._starts = [wrap(f) for f in starts] if wrap else starts
         self._apply = wrap(apply) if wrap else apply
 
     def step(self, batches: Sequence[Batch]) -> tuple[mx.array, mx.array, mx.array]:
@@ -93,13 +103,13 @@ class Stepper:
         return out
 
     def _accumulate(self, batches: Sequence[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        accs = []
+        accs: list[dict[str, Any]] = []
         for b in batches:
             for j, rows in enumerate(split_rows(b, len(self._micros))):
                 if j == len(accs):
-                    zeros = tree_map(mx.zeros_like, self.model.trainable_parameters())
-                    accs.append({"loss": mx.array(0.0), "n": mx.array(0.0), "grads": zeros})
-                accs[j] = self._micros[j](accs[j], *rows)
+                    accs.append(self._starts[j](*rows))
+                else:
+                    accs[j] = self._micros[j](accs[j], *rows)
         return self._apply(*accs)
 
 
