@@ -139,12 +139,19 @@ def _causal_blocks(T: int, S: int) -> list[tuple[int, int, int]]:
 def _block_weights(q: mx.array, k: mx.array, t0: int, t1: int, n: int,
                    offset: int) -> tuple[mx.array, mx.array]:
     """Unnormalised attention weights of queries t0..t1 over keys 0..n (B, H, t1 - t0, n),
-    and 1 / their row sums (B, H, t1 - t0, 1); q pre-scaled."""
+    and 1 / their row sums (B, H, t1 - t0, 1), the factor that normalises them; q pre-scaled.
+
+    In half precision the weights come normalised (factor 1): an unnormalised product with v
+    sums up to n values of v and could overflow float16.
+    """
     scores = (q[:, :, t0:t1] @ k[:, :, :n].swapaxes(-1, -2)).astype(mx.float32)
     allowed = mx.arange(n)[None, :] <= (mx.arange(t0, t1) + offset)[:, None]
     scores = mx.where(allowed, scores, -1e30)
     e = exp(scores - scores.max(axis=-1, keepdims=True))
-    return e.astype(q.dtype), (1.0 / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
+    inv = 1.0 / e.sum(axis=-1, keepdims=True)
+    if q.dtype != mx.float32:
+        return (e * inv).astype(q.dtype), mx.array(1.0, q.dtype)
+    return e, inv
 
 
 @mx.custom_function
@@ -165,7 +172,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, .
         outs.append((e @ v[:, :, :n]) * inv)
         kept += [e, inv]
     y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-    keep = sum(a.size for a in kept[::2]) * q.itemsize <= KEEP_WEIGHTS_BYTES
+    keep = sum(e.size for e in kept[::2]) * q.itemsize <= KEEP_WEIGHTS_BYTES
     return (y, *kept) if keep else (y,)
 
 
