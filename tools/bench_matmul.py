@@ -1,0 +1,124 @@
+"""The training step's matmuls one by one: GFLOP/s of MLX's BLAS against torch's, one thread.
+
+For a ``tools/bench_train.py`` configuration, the matrix products one CPU stream runs in a step
+(forward, input gradient, weight gradient of every linear layer, and the tied head), at the
+stream's share of the batch's tokens, each timed alone; MLX and torch in separate processes (each
+framework's BLAS loads on its own). Shows which shapes and operand orders a BLAS is slow on (BLIS:
+products whose first operand is transposed, i.e. every weight gradient).
+
+    python tools/bench_matmul.py --config baby
+    OPENBLAS_CORETYPE=Prescott python tools/bench_matmul.py   # BLIS stands in (see README)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# (name, M, K, N, first operand transposed, second operand transposed)
+Shape = tuple[str, int, int, int, bool, bool]
+
+
+def step_shapes(config: str, streams: int) -> list[Shape]:
+    """The products of one stream's training step for ``config`` (tools/bench_train.py)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from bench_train import CONFIGS, VOCAB
+
+    _, _, C, T, B = CONFIGS[config]
+    M = B * T // streams  # tokens per stream
+    out: list[Shape] = []
+    for name, n_in, n_out in (("c_attn", C, 3 * C), ("attn c_proj", C, C), ("c_fc", C, 4 * C),
+                              ("mlp c_proj", 4 * C, C)):
+        out += [(f"{name} forward x @ W.T", M, n_in, n_out, False, True),
+                (f"{name} input grad dY @ W", M, n_out, n_in, False, False),
+                (f"{name} weight grad dY.T @ X", n_out, M, n_in, True, False)]
+    out.append(("head forward x @ wte.T", M, C, VOCAB, False, True))
+    return out
+
+
+def time_shapes(framework: str, shapes: list[Shape], repeats: int) -> list[float]:
+    """Seconds per product: the best of ``repeats`` batches of 50 calls."""
+    import numpy as np
+
+    if framework == "mlx":
+        import mlxgpt  # noqa: F401  (preloads the BLAS: must come before mlx)
+
+        # isort: split
+        import mlx.core as mx
+    else:
+        import torch
+
+        torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    out = []
+    for _, M, K, N, ta, tb in shapes:
+        a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+        if framework == "mlx":
+            A, B = mx.array(a), mx.array(b)
+            A, B = (A.T if ta else A), (B.T if tb else B)
+
+            def run(A=A, B=B):
+                mx.eval(A @ B)
+        else:
+            A, B = torch.from_numpy(a), torch.from_numpy(b)
+            A, B = (A.T if ta else A), (B.T if tb else B)
+
+            def run(A=A, B=B):
+                A @ B
+        for _ in range(5):
+            run()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(50):
+                run()
+            best = min(best, (time.perf_counter() - t) / 50)
+        out.append(best)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="baby", help="a tools/bench_train.py configuration")
+    ap.add_argument("--streams", type=int, default=2, help="streams the batch is split over")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    shapes = step_shapes(args.config, args.streams)
+    if args.worker:
+        print(json.dumps(time_shapes(args.worker, shapes, args.repeats)))
+        return
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1"}
+    seconds = {}
+    for fw in ("mlx", "torch"):
+        cmd = [sys.executable, __file__, "--worker", fw, "--config", args.config,
+               "--streams", str(args.streams), "--repeats", str(args.repeats)]
+        if fw == "torch":
+            env = {**env, "MLXGPT_NO_BLAS_PRELOAD": "1"}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise SystemExit(f"{fw} worker failed:\n{out.stderr[-2000:]}")
+        seconds[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+    import mlxgpt  # noqa: F401
+    from mlxgpt.cpu import blas
+
+    print(f"{args.config}, one stream of {args.streams}, one thread; MLX BLAS: "
+          f"{blas.blas_in_use()}; torch: its own (MKL)")
+    print("| product | M x K x N | MLX GFLOP/s | torch GFLOP/s |")
+    print("|---|---|---|---|")
+    flops = [2 * M * K * N for _, M, K, N, _, _ in shapes]
+    for (name, M, K, N, _, _), f, tm, tt in zip(shapes, flops, seconds["mlx"], seconds["torch"],
+                                                 strict=True):
+        print(f"| {name} | {M} x {K} x {N} | {f / tm / 1e9:.1f} | {f / tt / 1e9:.1f} |")
+    total = {fw: f"{sum(flops) / sum(t) / 1e9:.1f} ({sum(t) * 1e3:.2f} ms)"
+             for fw, t in seconds.items()}
+    print(f"| one layer's and the head's, together | | {total['mlx']} | {total['torch']} |")
+
+
+if __name__ == "__main__":
+    main()
