@@ -48,8 +48,11 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: Cache | None = None) -> mx.array:
         B, T, C = x.shape
-        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)  # 3 x (B, T, C)
-        q, k, v = (a.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for a in (q, k, v))
+        # One copy puts every head of q, k and v in its own contiguous (T, D) block, which MLX's
+        # CPU matmul takes as it is (head views of the fused projection it copies one by one,
+        # in the forward and again in the backward pass). The split's gradient is one concat.
+        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, -1).transpose(2, 0, 3, 1, 4)
+        q, k, v = (a.squeeze(0) for a in mx.split(mx.contiguous(qkv), 3))  # 3 x (B, H, T, D)
         if cache is None:
             mask = "causal" if T > 1 else None
         else:
