@@ -25,8 +25,7 @@ Shape = tuple[str, int, int, int, bool, bool]
 
 def step_shapes(config: str, streams: int) -> list[Shape]:
     """The products of one stream's training step for ``config`` (tools/bench_train.py)."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from bench_train import CONFIGS, VOCAB
+    from bench_train import CONFIGS, VOCAB  # beside this script (imports mlx: kept lazy)
 
     _, _, C, T, B = CONFIGS[config]
     M = B * T // streams  # tokens per stream
@@ -40,8 +39,9 @@ def step_shapes(config: str, streams: int) -> list[Shape]:
     return out
 
 
-def time_shapes(framework: str, shapes: list[Shape], repeats: int) -> list[float]:
-    """Seconds per product: the best of ``repeats`` batches of 50 calls."""
+def time_shapes(framework: str, shapes: list[Shape], repeats: int) -> dict:
+    """Seconds per product (the best of ``repeats`` batches of 50 calls), and the BLAS that ran
+    them as this process loaded it."""
     import numpy as np
 
     if framework == "mlx":
@@ -49,10 +49,15 @@ def time_shapes(framework: str, shapes: list[Shape], repeats: int) -> list[float
 
         # isort: split
         import mlx.core as mx
+
+        from mlxgpt.cpu import blas
+
+        library = blas.blas_in_use()
     else:
         import torch
 
         torch.set_num_threads(1)
+        library = "its own (MKL)"
     rng = np.random.default_rng(0)
     out = []
     for _, M, K, N, ta, tb in shapes:
@@ -79,7 +84,7 @@ def time_shapes(framework: str, shapes: list[Shape], repeats: int) -> list[float
                 run()
             best = min(best, (time.perf_counter() - t) / 50)
         out.append(best)
-    return out
+    return {"seconds": out, "blas": library}
 
 
 def main() -> None:
@@ -89,26 +94,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # the environment as given: importing mlxgpt (bench_train does) writes its BLAS choices into it
+    one_thread = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1"}
     shapes = step_shapes(args.config, args.streams)
     if args.worker:
         print(json.dumps(time_shapes(args.worker, shapes, args.repeats)))
         return
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1"}
-    seconds = {}
-    for fw in ("mlx", "torch"):
+    from mlxgpt.cpu import blas
+
+    # torch's worker keeps mlxgpt's BLAS out (bench_train imports mlxgpt): torch brings its own
+    envs = {"mlx": one_thread, "torch": {**one_thread, blas.DISABLE_ENV: "1"}}
+    result = {}
+    for fw, env in envs.items():
         cmd = [sys.executable, __file__, "--worker", fw, "--config", args.config,
                "--streams", str(args.streams), "--repeats", str(args.repeats)]
-        if fw == "torch":
-            env = {**env, "MLXGPT_NO_BLAS_PRELOAD": "1"}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if out.returncode:
             raise SystemExit(f"{fw} worker failed:\n{out.stderr[-2000:]}")
-        seconds[fw] = json.loads(out.stdout.strip().splitlines()[-1])
-    import mlxgpt  # noqa: F401
-    from mlxgpt.cpu import blas
-
+        result[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+    seconds = {fw: r["seconds"] for fw, r in result.items()}
     print(f"{args.config}, one stream of {args.streams}, one thread; MLX BLAS: "
-          f"{blas.blas_in_use()}; torch: its own (MKL)")
+          f"{result['mlx']['blas']}; torch: {result['torch']['blas']}")
     print("| product | M x K x N | MLX GFLOP/s | torch GFLOP/s |")
     print("|---|---|---|---|")
     flops = [2 * M * K * N for _, M, K, N, _, _ in shapes]
