@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,8 @@ def test_info_names_versions_device_and_blas(info):
 @pytest.mark.skipif(blas.find_openblas() is None or not sys.platform.startswith("linux"),
                     reason="needs Linux with OpenBLAS installed")
 def test_preload_is_used_and_can_be_turned_off(info):
-    assert "OpenBLAS" in info() and "preloaded by mlxgpt" in info()
+    line = next(x for x in info().splitlines() if x.startswith("blas"))
+    assert line.split()[1] in ("OpenBLAS", "BLIS") and "preloaded by mlxgpt" in line
     off = info(MLXGPT_NO_BLAS_PRELOAD="1")
     line = next(line for line in off.splitlines() if line.startswith("blas"))
     assert "reference BLAS" in line and "disabled by MLXGPT_NO_BLAS_PRELOAD" in line
@@ -54,7 +56,7 @@ needs_openblas = pytest.mark.skipif(
 
 @needs_openblas
 def test_unset_coretype_gets_the_best_kernels_the_cpu_allows(info):
-    out = info(unset=(blas.CORETYPE_ENV,))
+    out = info(unset=(blas.CORETYPE_ENV,), **{blas.LIBRARY_ENV: "openblas"})
     kernels = next(line for line in out.splitlines() if line.startswith("kernels"))
     assert kernels.split()[1].rstrip(",") == blas.best_kernel_set(), out
     assert "this CPU allows" not in kernels
@@ -106,6 +108,82 @@ def test_blas_library_choice_follows_the_environment_and_the_cpu():
     assert choose(ob, bl, {blas.LIBRARY_ENV: "blis"}, avx2)[0] == "BLIS"
     assert choose(ob, bl, {blas.LIBRARY_ENV: "openblas", core: "Prescott"}, avx2)[0] == "OpenBLAS"
     assert choose(ob, None, {blas.LIBRARY_ENV: "blis"}, avx2) == (None, "BLIS not found")
+
+
+def test_the_library_is_measured_only_when_nothing_pins_one():
+    avx2 = frozenset({"avx", "avx2", "fma"})
+    ob, bl = "/x/libopenblas.so.0", "/x/libblis.so.4"
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return "BLIS", "measured faster here"
+
+    choose = blas.choose_library
+    assert choose(ob, bl, {}, avx2, measure) == ("BLIS", "measured faster here")
+    assert len(calls) == 1
+    # named, OpenBLAS's kernels named (the best: OpenBLAS; weaker: BLIS stands in), only one
+    # library, or a CPU without known kernel sets: nothing timed
+    assert choose(ob, bl, {blas.LIBRARY_ENV: "openblas"}, avx2, measure)[0] == "OpenBLAS"
+    assert choose(ob, bl, {blas.CORETYPE_ENV: "Haswell"}, avx2, measure) == ("OpenBLAS", "")
+    assert "weaker" in choose(ob, bl, {blas.CORETYPE_ENV: "Prescott"}, avx2, measure)[1]
+    assert choose(ob, None, {}, avx2, measure) == ("OpenBLAS", "")
+    assert choose(ob, bl, {}, frozenset(), measure) == ("OpenBLAS", "")
+    assert len(calls) == 1
+
+
+def test_blis_must_decode_faster_and_multiply_rows_as_fast():
+    o = {"decode": 1.0, "prefill": 1.0, "train": 1.0}
+    assert blas.prefer_blis(o, {"decode": 0.7, "prefill": 1.03, "train": 0.9})
+    assert not blas.prefer_blis(o, {"decode": 0.95, "prefill": 0.8, "train": 0.8})
+    assert not blas.prefer_blis(o, {"decode": 0.5, "prefill": 1.2, "train": 1.0})
+    assert not blas.prefer_blis(o, {"decode": 0.5, "prefill": 1.0, "train": 1.1})
+
+
+def test_the_measured_choice_is_cached_inherited_and_safe(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXGPT_CACHE_DIR", str(tmp_path / "cache"))
+    paths = {}
+    for name in ("OpenBLAS", "BLIS"):
+        paths[name] = str(tmp_path / f"lib{name.lower()}.so")
+        Path(paths[name]).write_bytes(b"x")
+    probed = []
+
+    def probe(path, env, threads):
+        probed.append((path, env))
+        return {"decode": 2.0 if "openblas" in path else 1.0, "prefill": 1.0, "train": 1.0}
+
+    monkeypatch.setattr(blas, "_probe", probe)
+    flags = frozenset({"avx", "avx2", "fma"})
+    choice, why = blas.measured_choice(paths, {}, flags)
+    assert choice == "BLIS" and "decode 2.00x, prefill 1.00x, train 1.00x" in why, why
+    assert len(probed) == 2  # each library timed with the settings it would be loaded with
+    envs = dict((p, e) for p, e in probed)
+    assert envs[paths["OpenBLAS"]][blas.CORETYPE_ENV] == "Haswell"
+    assert envs[paths["BLIS"]]["BLIS_PACK_A"] == "1"
+    assert blas.measured_choice(paths, {}, flags)[0] == "BLIS" and len(probed) == 2  # cached
+    Path(paths["BLIS"]).write_bytes(b"xy")  # a new library: measured again
+    assert blas.measured_choice(paths, {}, flags)[0] == "BLIS" and len(probed) == 4
+    inherited = {blas.MEASURED_ENV: "OpenBLAS"}  # a child process takes its parent's choice
+    assert blas.measured_choice(paths, inherited, flags)[0] == "OpenBLAS" and len(probed) == 4
+
+    def broken(path, env, threads):
+        raise OSError("exit 1")
+
+    monkeypatch.setattr(blas, "_probe", broken)
+    choice, why = blas.measured_choice(paths, {"OPENBLAS_NUM_THREADS": "1"}, flags)
+    assert choice == "OpenBLAS" and why == "timing the libraries failed (exit 1)"
+
+
+@pytest.mark.skipif(blas.find_openblas() is None or blas.find_blis() is None
+                    or blas.best_kernel_set() is None,
+                    reason="needs Linux x86 with OpenBLAS and BLIS installed")
+def test_the_probe_times_each_installed_library():
+    flags = blas.cpu_flags()
+    for name, path in (("OpenBLAS", blas.find_openblas()), ("BLIS", blas.find_blis())):
+        env = {**os.environ, **blas.library_settings(name, {}, flags)[0]}
+        times = blas._probe(path, env, 1)
+        assert set(times) == {"decode", "prefill", "train"}, times
+        assert all(0 < t < 1 for t in times.values()), (name, times)
 
 
 def test_kernel_sets_the_cpu_cannot_run_are_recognised():

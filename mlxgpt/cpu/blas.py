@@ -24,12 +24,17 @@ operands of every product (:data:`BLIS_PACK_ENVS`) unless the environment says o
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import os
+import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..cachedir import cache_root
 from .parallel import cpu_cores
 
 DISABLE_ENV = "MLXGPT_NO_BLAS_PRELOAD"
@@ -144,12 +149,17 @@ def find_blis() -> str | None:
 
 
 def choose_library(openblas: str | None, blis: str | None, env: Mapping[str, str],
-                   flags: frozenset[str]) -> tuple[str | None, str]:
+                   flags: frozenset[str],
+                   measure: Callable[[], tuple[str, str]] | None = None) -> tuple[str | None, str]:
     """Which BLAS to load ("OpenBLAS", "BLIS" or None) and why ("" when nothing needs saying).
 
-    OpenBLAS unless the environment holds it on kernels weaker than the CPU allows, or ones the
+    BLIS when the environment holds OpenBLAS on kernels weaker than the CPU allows, or ones the
     CPU cannot run (``OPENBLAS_CORETYPE``), and BLIS is installed: BLIS chooses its kernels from
-    the CPU and is not bound by that setting. ``MLXGPT_BLAS`` names one (``auto``: this rule).
+    the CPU and is not bound by that setting. Otherwise, with both installed on an x86 CPU and
+    ``OPENBLAS_CORETYPE`` unset, the one ``measure`` finds faster on this machine
+    (:func:`measured_choice`); OpenBLAS when it is set (a set naming the best kernels the CPU
+    has is a request for OpenBLAS with them), or without ``measure``.
+    ``MLXGPT_BLAS`` names one (``auto``: this rule).
     """
     wanted = env.get(LIBRARY_ENV, "auto").lower()
     if wanted in ("openblas", "blis"):
@@ -163,7 +173,120 @@ def choose_library(openblas: str | None, blis: str | None, env: Mapping[str, str
             return "BLIS", f"{CORETYPE_ENV}={forced} needs instructions this CPU lacks"
         if kernel_level(forced) < kernel_level(best):
             return "BLIS", f"{CORETYPE_ENV}={forced} is weaker than this CPU allows ({best})"
+    if blis and best and not forced and measure is not None:
+        return measure()
     return "OpenBLAS", ""
+
+
+# --------------------------------------------------------------------------- measured choice
+# Neither library is faster everywhere: on an AMD EPYC Zen 3, BLIS (zen3 kernels) decodes GPT-2
+# 124M 1.33-1.40x faster than OpenBLAS 0.3.21's Haswell kernels (sgemm with one row: OpenBLAS
+# packs the whole weight matrix first), while both multiply many rows at the same speed; an
+# Intel AVX-512 CPU may rank them otherwise. So where both are installed and nothing pins one
+# (MLXGPT_BLAS and OPENBLAS_CORETYPE unset),
+# mlxgpt times each once per machine (blas_probe.py, a process per library, about a second) and
+# keeps the answer in its cache folder; child processes inherit it through MEASURED_ENV, so a
+# run and the processes it starts multiply alike (same rounding).
+MEASURED_ENV = "MLXGPT_BLAS_MEASURED"
+PROBE_VERSION = 1
+CACHE_FILE = "blas.json"
+# BLIS is chosen when it multiplies one row (decoding) at least DECODE_WIN times faster and the
+# many-row products (prompts, training) at most ROWS_SLACK times slower.
+DECODE_WIN, ROWS_SLACK = 1.10, 1.05
+
+
+def prefer_blis(openblas: Mapping[str, float], blis: Mapping[str, float]) -> bool:
+    """Whether BLIS wins on seconds per product (``blas_probe.PRODUCTS``) by the rule above."""
+    return (blis["decode"] * DECODE_WIN <= openblas["decode"]
+            and all(blis[k] <= openblas[k] * ROWS_SLACK for k in ("prefill", "train")))
+
+
+def library_settings(library: str, env: Mapping[str, str],
+                     flags: frozenset[str]) -> tuple[dict[str, str], list[str]]:
+    """The variables mlxgpt sets before loading ``library`` (the environment's own are kept; they
+    are read once, when the library loads), and notes saying so."""
+    new: dict[str, str] = {}
+    notes: list[str] = []
+    if library == "OpenBLAS":
+        forced, best = env.get(CORETYPE_ENV), best_kernel_set(flags)
+        if best and (forced is None or not runs_on(forced, flags)):
+            # unset, or a set this CPU cannot run (it would stop the process with SIGILL)
+            new[CORETYPE_ENV] = best
+            notes.append(f"{CORETYPE_ENV}={best}"
+                         + (f" instead of {forced}, which this CPU cannot run" if forced else ""))
+        if TIMEOUT_ENV not in env:
+            new[TIMEOUT_ENV] = THREAD_TIMEOUT
+            notes.append(f"{TIMEOUT_ENV}={THREAD_TIMEOUT}")
+    elif not any(v in env for v in BLIS_PACK_ENVS):
+        new.update(dict.fromkeys(BLIS_PACK_ENVS, "1"))
+        notes.append("packing both operands")
+    return new, notes
+
+
+def _probe(path: str, env: dict[str, str], threads: int) -> dict[str, float]:
+    script = Path(__file__).with_name("blas_probe.py")
+    run = subprocess.run([sys.executable, str(script), path, str(threads)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        raise OSError((run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1])
+    return json.loads(run.stdout)
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("model name")), "")
+
+
+def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
+                    flags: frozenset[str]) -> tuple[str, str]:
+    """OpenBLAS or BLIS, whichever :func:`prefer_blis` finds faster on this machine, and why:
+    inherited from the parent process, read from the cache, or measured now and cached."""
+    inherited = env.get(MEASURED_ENV)
+    if inherited in paths:
+        return inherited, "measured faster here"
+    threads = _whole(env.get("OPENBLAS_NUM_THREADS")) or cpu_cores()
+    files = {name: os.stat(p) for name, p in paths.items()}
+    key = {"version": PROBE_VERSION, "cpu": _cpu_model(), "threads": threads,
+           "flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+           "libraries": {n: [os.path.realpath(paths[n]), f.st_size, f.st_mtime_ns]
+                         for n, f in files.items()},
+           "env": {v: env.get(v) for v in (CORETYPE_ENV, *BLIS_PACK_ENVS)}}
+    cache = cache_root() / CACHE_FILE
+    try:
+        entry = json.loads(cache.read_text())
+        found = entry["key"] == key and entry["choice"] in paths
+    except (OSError, ValueError, KeyError, TypeError):
+        found = False
+    if not found:
+        try:
+            times = {name: _probe(p, {**env, **library_settings(name, env, flags)[0]}, threads)
+                     for name, p in paths.items()}
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            return "OpenBLAS", f"timing the libraries failed ({e})"
+        entry = {"key": key, "times": times,
+                 "choice": "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"}
+        _write_atomic(cache, json.dumps(entry, indent=1))
+    times = entry["times"]
+    ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", "prefill", "train")}
+    shown = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
+    return entry["choice"], f"measured faster here (BLIS vs OpenBLAS: {shown}; {cache})"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file; a cache that cannot be written is
+    skipped (the next process measures again)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def preload() -> None:
@@ -185,7 +308,11 @@ def preload() -> None:
         env[LIBRARY_ENV] = "auto"
     flags = cpu_flags()
     paths = {"OpenBLAS": find_openblas(), "BLIS": find_blis()}
-    library, why = choose_library(paths["OpenBLAS"], paths["BLIS"], env, flags)
+
+    def measure() -> tuple[str, str]:
+        return measured_choice(paths, env, flags)  # type: ignore[arg-type]  (both found)
+
+    library, why = choose_library(paths["OpenBLAS"], paths["BLIS"], env, flags, measure)
     if library is None:
         wanted = env.get(LIBRARY_ENV, "auto").lower()
         if wanted != "auto":
@@ -193,21 +320,12 @@ def preload() -> None:
             config_error = f"{LIBRARY_ENV}={env[LIBRARY_ENV]}: {why} (install: {hint})"
         preload_note = why
         return
-    chosen = [why] if why else []  # the variables below are read once, when the library loads
+    if why.startswith("measured"):
+        os.environ[MEASURED_ENV] = library
+    settings, notes = library_settings(library, os.environ, flags)
+    os.environ.update(settings)
+    chosen = ([why] if why else []) + notes
     path = paths[library]
-    if library == "OpenBLAS":
-        forced, best = os.environ.get(CORETYPE_ENV), best_kernel_set(flags)
-        if best and (forced is None or not runs_on(forced, flags)):
-            # unset, or a set this CPU cannot run (it would stop the process with SIGILL)
-            os.environ[CORETYPE_ENV] = best
-            chosen.append(f"{CORETYPE_ENV}={best}"
-                          + (f" instead of {forced}, which this CPU cannot run" if forced else ""))
-        if TIMEOUT_ENV not in os.environ:
-            os.environ[TIMEOUT_ENV] = THREAD_TIMEOUT
-            chosen.append(f"{TIMEOUT_ENV}={THREAD_TIMEOUT}")
-    if library == "BLIS" and not any(v in os.environ for v in BLIS_PACK_ENVS):
-        os.environ.update(dict.fromkeys(BLIS_PACK_ENVS, "1"))
-        chosen.append("packing both operands")
     try:
         _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:

@@ -26,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..cachedir import cache_root
 from ..errors import MlxgptError
 from ..tokenizers.base import GPT2_PATTERN, text_pieces
 
@@ -35,12 +36,8 @@ TOKEN_FORMAT = 2  # bump when the token file layout or the tokenization rules ch
 
 
 def default_cache_dir() -> Path:
-    """``$MLXGPT_CACHE_DIR`` or ``~/.cache/mlxgpt`` (``$XDG_CACHE_HOME`` respected), + tokens/."""
-    root = os.environ.get("MLXGPT_CACHE_DIR")
-    if root:
-        return Path(root) / "tokens"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "mlxgpt" / "tokens"
+    """``tokens/`` in mlxgpt's cache folder (:func:`mlxgpt.cachedir.cache_root`)."""
+    return cache_root() / "tokens"
 
 
 def corpus_files(path: str | os.PathLike) -> list[Path]:
