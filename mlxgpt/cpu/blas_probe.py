@@ -25,7 +25,7 @@ PRODUCTS = (
 )
 
 
-def best_seconds(fn, budget: float = 0.02) -> float:
+def best_seconds(fn, budget: float = 0.04) -> float:
     """The fastest of 5 timed batches of calls, each batch about ``budget`` seconds."""
     fn()
     t = time.perf_counter()
