@@ -178,6 +178,33 @@ def test_the_measured_choice_is_cached_inherited_and_safe(tmp_path, monkeypatch)
     assert choice == "OpenBLAS" and why == "timing the libraries failed (exit 1)"
 
 
+def test_processes_started_together_measure_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setenv("MLXGPT_CACHE_DIR", str(tmp_path / "cache"))
+    paths = {name: str(tmp_path / name) for name in ("OpenBLAS", "BLIS")}
+    for p in paths.values():
+        Path(p).write_bytes(b"x")
+    probed = []
+
+    def probe(path, env, threads):
+        probed.append(path)
+        time.sleep(0.2)
+        return {"decode": 1.0, "prefill": 1.0, "train": 1.0}
+
+    monkeypatch.setattr(blas, "_probe", probe)
+    flags = frozenset({"avx", "avx2", "fma"})
+    choices = []
+    runs = [threading.Thread(target=lambda: choices.append(
+        blas.measured_choice(paths, {}, flags)[0])) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert choices == ["OpenBLAS", "OpenBLAS"] and len(probed) == 2, probed
+
+
 @pytest.mark.skipif(blas.find_openblas() is None or blas.find_blis() is None
                     or blas.best_kernel_set() is None,
                     reason="needs Linux x86 with OpenBLAS and BLIS installed")

@@ -260,38 +260,63 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
                          for n, f in files.items()},
            "env": {v: env.get(v) for v in (CORETYPE_ENV, *BLIS_PACK_ENVS)}}
     cache = cache_root() / CACHE_FILE
-    try:
-        entries = [e for e in json.loads(cache.read_text())["entries"] if e["choice"] in paths]
-    except (OSError, ValueError, KeyError, TypeError):
-        entries = []
-    entry = next((e for e in entries if e["key"] == key), None)
-    if entry is None:
+    with _locked(cache.with_suffix(".lock")):  # processes started together measure once
         try:
-            times = {name: _probe(p, {**env, **library_settings(name, env, flags)[0]}, threads)
-                     for name, p in paths.items()}
-        except (OSError, ValueError, subprocess.SubprocessError) as e:
-            return "OpenBLAS", f"timing the libraries failed ({e})"
-        entry = {"key": key, "times": times,
-                 "choice": "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"}
-        # one entry per setting (thread count, libraries...), the latest few
-        _write_atomic(cache, json.dumps({"entries": (entries + [entry])[-CACHE_ENTRIES:]}))
+            entries = [e for e in json.loads(cache.read_text())["entries"]
+                       if e["choice"] in paths]
+        except (OSError, ValueError, KeyError, TypeError):
+            entries = []
+        entry = next((e for e in entries if e["key"] == key), None)
+        if entry is None:
+            try:
+                times = {name: _probe(p, {**env, **library_settings(name, env, flags)[0]},
+                                      threads)
+                         for name, p in paths.items()}
+            except (OSError, ValueError, subprocess.SubprocessError) as e:
+                return "OpenBLAS", f"timing the libraries failed ({e})"
+            choice = "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"
+            entry = {"key": key, "times": times, "choice": choice}
+            # one entry per setting (thread count, libraries...), the latest few
+            _write_atomic(cache, json.dumps({"entries": (entries + [entry])[-CACHE_ENTRIES:]}))
     times = entry["times"]
     ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", "prefill", "train")}
     shown = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
     return entry["choice"], f"measured here (BLIS vs OpenBLAS speed: {shown}; {cache})"
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block (none where it cannot be taken)."""
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # noqa: SIM115  (closed below, after the block)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: go on unlocked
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file; a cache that cannot be written is
     skipped (the next process measures again)."""
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def preload() -> None:
