@@ -183,10 +183,10 @@ def choose_library(openblas: str | None, blis: str | None, env: Mapping[str, str
 # 124M 1.33-1.40x faster than OpenBLAS 0.3.21's Haswell kernels (sgemm with one row: OpenBLAS
 # packs the whole weight matrix first), while both multiply many rows at the same speed; an
 # Intel AVX-512 CPU may rank them otherwise. So where both are installed and nothing pins one
-# (MLXGPT_BLAS and OPENBLAS_CORETYPE unset),
-# mlxgpt times each once per machine (blas_probe.py, a process per library, about a second) and
-# keeps the answer in its cache folder; child processes inherit it through MEASURED_ENV, so a
-# run and the processes it starts multiply alike (same rounding).
+# (MLXGPT_BLAS and OPENBLAS_CORETYPE unset), mlxgpt times each once per machine (blas_probe.py,
+# a process per library, about 2.5 s for both) and keeps the answer in its cache folder; child
+# processes inherit it through MEASURED_ENV, so a run and the processes it starts multiply alike
+# (same rounding).
 MEASURED_ENV = "MLXGPT_BLAS_MEASURED"
 PROBE_VERSION = 4  # bumped when blas_probe.py measures differently
 CACHE_FILE = "blas.json"
