@@ -92,7 +92,7 @@ def blas_threads(streams: Sequence[Any]) -> Any:
     on one thread always. BLIS 0.9's threads meet in a barrier they spin on without yielding, so
     beside MLX's dispatching thread (busy all through a training step) a descheduled one costs
     the others a whole time slice, many times a step: one stream of the baby config ran at
-    180-7,300 tokens/s with two BLIS threads, 9,200 with one (AMD EPYC Zen 3, BLIS zen3;
+    180-7,300 tokens/s with two BLIS threads, 8,500-9,200 with one (AMD EPYC Zen 3, BLIS zen3;
     generation keeps two: prefill 440 vs 308 tokens/s, the dispatching thread waits there)."""
     from . import blas
 
