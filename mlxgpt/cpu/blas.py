@@ -17,8 +17,8 @@ cannot run at all: AVX-512 ones on an AVX2 CPU stop the process with SIGILL at t
 matmul), and BLIS is installed (``libblis4-pthread``), mlxgpt loads BLIS instead: BLIS picks its
 kernels from the CPU itself (``zen3``, ``skx``, ``haswell``...) and reads no OpenBLAS setting,
 so the environment's reason for pinning OpenBLAS does not apply to it. ``MLXGPT_BLAS=openblas``
-or ``blis`` names the library instead (:func:`choose_library`). BLIS is told to pack both
-operands of every product (:data:`BLIS_PACK_ENVS`) unless the environment says otherwise.
+or ``blis`` names the library instead (:func:`choose_library`). Training runs BLIS on one thread
+with both operands of every product packed (:func:`threads`, :data:`BLIS_PACK_ENVS`).
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ CORETYPE_ENV = "OPENBLAS_CORETYPE"
 # operand is transposed (every weight gradient, every x @ W.T). Packing both, as its large-matrix
 # path always does, measured on an AMD EPYC Zen 3 (BLIS 0.9.0 zen3 kernels, one thread, the baby
 # config's products, tools/bench_matmul.py): 62.6 -> 83.2 GFLOP/s (OpenBLAS's AVX2 kernels: 84);
-# the baby training step 0.76x -> 0.85x torch's (tools/bench_train.py); GPT-2 124M decode and
-# prefill unchanged (36.7 vs 36.7, 420 vs 425 tokens/s, A/B in one process).
+# the baby training step 0.76x -> 0.85x torch's (tools/bench_train.py). Only on one thread, so
+# only in training: with two threads packed products of 2-64 rows took 4-35x longer (a forward
+# of 2-8 tokens of the `english` model: 52-282 ms instead of 9-16; speculative decoding 0.07x),
+# and generation on one thread is as fast or faster unpacked. mlxgpt turns packing on and off
+# at run time (bli_pack_set_pack_a/b) unless these variables are set.
 BLIS_PACK_ENVS = ("BLIS_PACK_A", "BLIS_PACK_B")
 TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
 BLIS_THREAD_ENVS = ("BLIS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -188,7 +191,7 @@ def choose_library(openblas: str | None, blis: str | None, env: Mapping[str, str
 # processes inherit it through MEASURED_ENV, so a run and the processes it starts multiply alike
 # (same rounding).
 MEASURED_ENV = "MLXGPT_BLAS_MEASURED"
-PROBE_VERSION = 4  # bumped when blas_probe.py measures differently
+PROBE_VERSION = 5  # bumped when blas_probe.py measures differently
 CACHE_FILE = "blas.json"
 CACHE_ENTRIES = 8
 # BLIS is chosen when it multiplies one row (decoding) at least DECODE_WIN times faster and the
@@ -198,12 +201,13 @@ CACHE_ENTRIES = 8
 # slower, training the same. A prompt product's loss shows at a third of its size or less in a
 # whole prefill, a decoding gain at its full size or more (the output head is one-row too).
 DECODE_WIN, ROWS_SLACK = 1.10, 1.15
+ROW_PRODUCTS = ("rows4", "prefill", "train")  # blas_probe.PRODUCTS with more than one row
 
 
 def prefer_blis(openblas: Mapping[str, float], blis: Mapping[str, float]) -> bool:
     """Whether BLIS wins on seconds per product (``blas_probe.PRODUCTS``) by the rule above."""
     return (blis["decode"] * DECODE_WIN <= openblas["decode"]
-            and all(blis[k] <= openblas[k] * ROWS_SLACK for k in ("prefill", "train")))
+            and all(blis[k] <= openblas[k] * ROWS_SLACK for k in ROW_PRODUCTS))
 
 
 def library_settings(library: str, env: Mapping[str, str],
@@ -222,9 +226,6 @@ def library_settings(library: str, env: Mapping[str, str],
         if TIMEOUT_ENV not in env:
             new[TIMEOUT_ENV] = THREAD_TIMEOUT
             notes.append(f"{TIMEOUT_ENV}={THREAD_TIMEOUT}")
-    elif not any(v in env for v in BLIS_PACK_ENVS):
-        new.update(dict.fromkeys(BLIS_PACK_ENVS, "1"))
-        notes.append("packing both operands")
     return new, notes
 
 
@@ -280,7 +281,7 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
             # one entry per setting (thread count, libraries...), the latest few
             _write_atomic(cache, json.dumps({"entries": (entries + [entry])[-CACHE_ENTRIES:]}))
     times = entry["times"]
-    ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", "prefill", "train")}
+    ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", *ROW_PRODUCTS)}
     shown = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
     return entry["choice"], f"measured here (BLIS vs OpenBLAS speed: {shown}; {cache})"
 
@@ -420,17 +421,33 @@ def blis_arch() -> str | None:
         return None
 
 
+def _blis_packs() -> bool:
+    """Whether mlxgpt decides BLIS's packing (the environment does when it sets it)."""
+    return preloaded_library == "BLIS" and not any(v in os.environ for v in BLIS_PACK_ENVS)
+
+
+def _set_packing(on: bool) -> None:
+    _handle.bli_pack_set_pack_a(ctypes.c_bool(on))
+    _handle.bli_pack_set_pack_b(ctypes.c_bool(on))
+
+
 @contextmanager
 def threads(n: int | None) -> Iterator[None]:
-    """Run the block with the preloaded BLAS on ``n`` threads (``None``: leave it as it is)."""
+    """Run the block with the preloaded BLAS on ``n`` threads (``None``: leave it as it is);
+    BLIS on one thread packs both operands (see :data:`BLIS_PACK_ENVS`)."""
     before = None if n is None else blas_threads()
     if before is None:
         yield
         return
+    pack = n == 1 and _blis_packs()
     _set_threads(n)
+    if pack:
+        _set_packing(True)
     try:
         yield
     finally:
+        if pack:
+            _set_packing(False)
         _set_threads(before)
 
 
@@ -441,8 +458,7 @@ def kernels_note() -> str | None:
     threads = f", {n} thread{'s' * (n > 1)}" if n else ""
     arch = blis_arch()
     if arch is not None:
-        packed = [v[-1] for v in BLIS_PACK_ENVS if os.environ.get(v, "0") not in ("", "0")]
-        packing = f", packing {' and '.join(packed)}" if packed else ""
+        packing = "; training packs both operands (one thread)" if _blis_packs() else ""
         return f"BLIS {arch} (chosen by BLIS from the CPU){threads}{packing}"
     core = openblas_core()
     if core is None:

@@ -15,16 +15,18 @@ import time
 import numpy as np
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-# (name, M, K, N, threads: 0 = all the process may use, weight sets). Shapes of GPT-2 124M's
-# products: one token's c_fc (decoding), a 512-token prompt's c_attn (prefill), and one CPU
-# stream's share of a small model's training step (mlxgpt trains with one BLAS thread per
-# stream). Decoding reads every weight once per token, from memory, not from cache: the one-row
-# product goes through 8 different weight sets in turn (75 MB, more than most CPUs' L3), in each
-# layout mlxgpt may decode with; the others use nn.Linear's (N, K) layout, as training does.
+# (name, M, K, N, threads: 0 = all the process may use, weight sets, BLIS packs). Shapes of
+# GPT-2 124M's products: one token's c_fc (decoding); four tokens' (a speculative-decoding check,
+# a short prompt, a small batch); a 512-token prompt's c_attn (prefill); one CPU stream's share
+# of a small model's training step (mlxgpt trains with one BLAS thread per stream, BLIS packing
+# both operands). Decoding reads every weight once per token, from memory, not from cache: the
+# one-row product goes through 8 different weight sets in turn (75 MB, more than most CPUs' L3),
+# in each layout mlxgpt may decode with; the others use nn.Linear's (N, K) layout.
 PRODUCTS = (
-    ("decode", 1, 768, 3072, 0, 8),
-    ("prefill", 512, 768, 2304, 0, 1),
-    ("train", 384, 128, 512, 1, 1),
+    ("decode", 1, 768, 3072, 0, 8, False),
+    ("rows4", 4, 768, 3072, 0, 8, False),
+    ("prefill", 512, 768, 2304, 0, 1, False),
+    ("train", 384, 128, 512, 1, 1, True),
 )
 
 
@@ -96,8 +98,11 @@ def probe(path: str, threads: int) -> dict[str, float]:
     sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
     rng = np.random.default_rng(0)
     out = {}
-    for name, M, K, N, n_threads, sets in PRODUCTS:
+    for name, M, K, N, n_threads, sets, pack in PRODUCTS:
         set_threads(n_threads or threads)
+        if hasattr(lib, "bli_pack_set_pack_a"):  # BLIS: as mlxgpt.cpu.blas.threads sets it
+            lib.bli_pack_set_pack_a(ctypes.c_bool(pack))
+            lib.bli_pack_set_pack_b(ctypes.c_bool(pack))
         layouts = LAYOUTS if M == 1 else ("plain",)
         out[name] = min(best_seconds(product(sgemm, *operands(M, K, N, layout, rng), sets))
                         for layout in layouts)
