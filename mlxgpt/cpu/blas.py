@@ -422,8 +422,10 @@ def blis_arch() -> str | None:
 
 
 def _blis_packs() -> bool:
-    """Whether mlxgpt decides BLIS's packing (the environment does when it sets it)."""
-    return preloaded_library == "BLIS" and not any(v in os.environ for v in BLIS_PACK_ENVS)
+    """Whether mlxgpt decides BLIS's packing (the environment does when it sets it; BLIS
+    releases before 0.8 have no switch)."""
+    return (preloaded_library == "BLIS" and hasattr(_handle, "bli_pack_set_pack_a")
+            and not any(v in os.environ for v in BLIS_PACK_ENVS))
 
 
 def _set_packing(on: bool) -> None:
