@@ -17,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..atomicio import atomic_write_text  # noqa: F401  (part of this module's interface)
 from ..errors import MlxgptError
 
 
@@ -47,20 +48,6 @@ def atomic_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise
 
 

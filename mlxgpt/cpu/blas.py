@@ -24,16 +24,17 @@ with both operands of every product packed (:func:`threads`, :data:`BLIS_PACK_EN
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from ..atomicio import atomic_write_text
 from ..cachedir import cache_root
 from .parallel import cpu_cores
 
@@ -98,16 +99,20 @@ _EXTRA_FLAGS = {"cooperlake": {"avx512_bf16"}, "sapphirerapids": {"avx512_bf16"}
 MEASURED_GFLOPS = {"SkylakeX": 145, "Haswell": 92, "SandyBridge": None, "Prescott": 37}
 
 
+@functools.cache
+def _cpu0() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (empty where there is none), read once."""
+    try:
+        block = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    pairs = (line.split(":", 1) for line in block.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def cpu_flags() -> frozenset[str]:
     """The first CPU's flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        cpu0 = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
-    except OSError:
-        return frozenset()
-    for line in cpu0.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset(_cpu0().get("flags", "").split())
 
 
 def best_kernel_set(flags: frozenset[str] | None = None) -> str | None:
@@ -238,15 +243,6 @@ def _probe(path: str, env: dict[str, str], threads: int) -> dict[str, float]:
     return json.loads(run.stdout)
 
 
-def _cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name")), "")
-
-
 def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
                     flags: frozenset[str]) -> tuple[str, str]:
     """OpenBLAS or BLIS, whichever :func:`prefer_blis` finds faster on this machine, and why:
@@ -256,7 +252,7 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
         return inherited, "measured here (by the parent process)"
     threads = _whole(env.get("OPENBLAS_NUM_THREADS")) or cpu_cores()
     files = {name: os.stat(p) for name, p in paths.items()}
-    key = {"version": PROBE_VERSION, "cpu": _cpu_model(), "threads": threads,
+    key = {"version": PROBE_VERSION, "cpu": _cpu0().get("model name", ""), "threads": threads,
            "flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
            "libraries": {n: [os.path.realpath(paths[n]), f.st_size, f.st_mtime_ns]
                          for n, f in files.items()},
@@ -278,8 +274,11 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
                 return "OpenBLAS", f"timing the libraries failed ({e})"
             choice = "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"
             entry = {"key": key, "times": times, "choice": choice}
-            # one entry per setting (thread count, libraries...), the latest few
-            _write_atomic(cache, json.dumps({"entries": (entries + [entry])[-CACHE_ENTRIES:]}))
+            # one entry per setting (thread count, libraries...), the latest few; a cache that
+            # cannot be written is skipped (the next process measures again)
+            kept = {"entries": (entries + [entry])[-CACHE_ENTRIES:]}
+            with suppress(OSError):
+                atomic_write_text(cache, json.dumps(kept))
     times = entry["times"]
     ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", *ROW_PRODUCTS)}
     shown = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
@@ -305,20 +304,6 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         f.close()  # releases the lock
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file; a cache that cannot be written is
-    skipped (the next process measures again)."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def preload() -> None:
