@@ -80,6 +80,34 @@ def test_loss_decreases_in_a_few_dozen_steps(tmp_path):
     assert (tmp_path / "run" / "best" / ckpt.WEIGHTS_FILE).is_file()
 
 
+def test_checkpoints_record_the_compute_setup_and_resume_names_a_change(tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-3, warmup=0, eval_every=0, log_every=1)
+    run(tmp_path, "c", cfg, val=False, should_stop=lambda step: step == 2)
+    state_path = tmp_path / "c" / "last" / STATE_FILE
+    state = json.loads(state_path.read_text())
+    setup = state["compute"]
+    assert setup["device"] == str(mx.default_device())
+    assert setup["model_ops"] in ("fused", "arithmetic")
+    if mx.default_device() == mx.cpu:
+        assert setup["blas"] and "blas_kernels" in setup
+    said = []
+
+    def resume() -> None:
+        train(fresh_model(), lm_loss, TokenBatches(TOKENS[:3000], 8, 32, seed=1), cfg,
+              tmp_path / "c", save_weights=save_weights, load_weights=load_weights,
+              resume=True, progress=False, echo=said.append)
+
+    resume()  # same machine, same setup: nothing to say
+    assert not [m for m in said if m.startswith("note:")]
+    state["step"] = 2
+    state["compute"] = {**setup, "blas_kernels": "Prescott"}
+    state_path.write_text(json.dumps(state))
+    said.clear()
+    resume()
+    notes = [m for m in said if m.startswith("note:")]
+    assert len(notes) == 1 and f"blas_kernels Prescott -> {setup.get('blas_kernels')}" in notes[0]
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     # Dropout on: the per-step RNG must be restored too, not only weights and data position.
     cfg = TrainConfig(steps=16, lr=3e-3, warmup=3, eval_every=5, eval_batches=2, log_every=1)

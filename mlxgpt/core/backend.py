@@ -113,6 +113,20 @@ def kernels_report() -> str:
             f"{t[ARITHMETIC] * 1e3:.2f} ms, fused {t[FUSED] * 1e3:.2f} ms)")
 
 
+def compute_setup(kernels: Kernels | None) -> dict[str, str | None]:
+    """What decides how a training step rounds here: the device, the model's kernel set and, on
+    the CPU, the BLAS library and its kernels. Kept in checkpoints so that a run resumed on
+    another setup can say why its losses differ in the last digits from an uninterrupted one."""
+    setup: dict[str, str | None] = {"device": str(mx.default_device()),
+                                    "model_ops": kernels.name if kernels else None}
+    if on_cpu():
+        from ..cpu import blas
+
+        setup["blas"] = blas.preloaded_library or blas.blas_in_use().split(" (")[0]
+        setup["blas_kernels"] = blas.blis_arch() or blas.openblas_core()
+    return setup
+
+
 def _softmax(k: Kernels, x: mx.array) -> mx.array:
     e = k.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxgptError
+from .backend import Kernels
 from .config import GPTConfig
 from .model import GPT
 
@@ -48,6 +49,10 @@ class GPTClassifier(nn.Module):
     @property
     def config(self) -> GPTConfig:
         return self.transformer.config
+
+    @property
+    def kernels(self) -> Kernels:
+        return self.transformer.kernels
 
     def __call__(self, tokens: mx.array, lengths: mx.array | None = None) -> mx.array:
         """Token ids (B, T), right-padded, and each row's count of real tokens (B,) -> logits

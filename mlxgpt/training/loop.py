@@ -59,6 +59,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..core.backend import compute_setup
 from ..errors import MlxgptError
 from .config import TrainConfig, TrainResult
 from .distributed import Batch, check_ranks_agree, rank0_echo, shard, step_seed, world
@@ -131,6 +132,7 @@ class _Run:
         self.result = TrainResult(step=0)
         self.resumed = False
         self.window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since logged
+        self.compute = compute_setup(getattr(model, "kernels", None))
 
     @property
     def micro_index(self) -> int:
@@ -156,6 +158,12 @@ class _Run:
                               f"ask for more --steps to continue")
         self.resumed = True
         self.say(f"resuming from {folder} at step {self.result.step}")
+        changed = [f"{k} {v} -> {self.compute[k]}" for k, v in state.get("compute", {}).items()
+                   if self.compute.get(k) != v]
+        if changed:
+            self.say(f"note: this run computes differently from the checkpoint's ("
+                     f"{'; '.join(changed)}): losses can differ from an uninterrupted run's "
+                     f"in their last digits")
 
     def start(self, train_data: BatchSource, progress: bool) -> None:
         shard(train_data.batch(self.micro_index), self.group)  # a batch that does not divide
@@ -242,7 +250,8 @@ class _Run:
         if self.rank0:
             meta = {"step": r.step, "best_val_loss": r.best_val_loss, "tokens": r.tokens,
                     "elapsed": round(r.elapsed, 3), "micro_batches": self.micro_index,
-                    "world_size": self.group.size(), "config": asdict(self.cfg)}
+                    "world_size": self.group.size(), "config": asdict(self.cfg),
+                    "compute": self.compute}
             write_checkpoint(out, self.model, self.save_weights, meta,
                              self.opt if with_optimizer else None)
         r.checkpoint = out

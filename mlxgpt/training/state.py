@@ -1,5 +1,6 @@
 """Training checkpoints: a folder with what ``save_weights`` writes, the optimizer state and
-``trainer_state.json`` (step, best validation loss, tokens, time, settings), written atomically
+``trainer_state.json`` (step, best validation loss, tokens, time, settings, and the compute
+setup: device, model kernels, BLAS library and kernels), written atomically
 by rank 0; and reading one back for ``--resume``."""
 
 from __future__ import annotations
