@@ -106,6 +106,12 @@ def test_checkpoints_record_the_compute_setup_and_resume_names_a_change(tmp_path
     resume()
     notes = [m for m in said if m.startswith("note:")]
     assert len(notes) == 1 and f"blas_kernels Prescott -> {setup.get('blas_kernels')}" in notes[0]
+    # a key this setup does not have (a CPU checkpoint resumed on a GPU, say) is named too
+    state["compute"] = {**setup, "accelerator": "none"}
+    state_path.write_text(json.dumps(state))
+    said.clear()
+    resume()
+    assert any("accelerator none -> None" in m for m in said)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):

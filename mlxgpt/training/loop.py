@@ -158,8 +158,9 @@ class _Run:
                               f"ask for more --steps to continue")
         self.resumed = True
         self.say(f"resuming from {folder} at step {self.result.step}")
-        changed = [f"{k} {v} -> {self.compute[k]}" for k, v in state.get("compute", {}).items()
-                   if self.compute.get(k) != v]
+        saved = state.get("compute")
+        changed = [f"{k} {v} -> {self.compute.get(k)}" for k, v in saved.items()
+                   if self.compute.get(k) != v] if isinstance(saved, dict) else []
         if changed:
             self.say(f"note: this run computes differently from the checkpoint's ("
                      f"{'; '.join(changed)}): losses can differ from an uninterrupted run's "
