@@ -264,3 +264,48 @@ def test_weak_kernels_forced_on_openblas_load_blis(info):
     assert "chosen by BLIS from the CPU" in kernels and "generic" not in kernels, kernels
     forced = info(**{blas.CORETYPE_ENV: "Prescott", blas.LIBRARY_ENV: "openblas"})
     assert "unset MLXGPT_BLAS (mlxgpt then uses BLIS)" in forced
+
+
+class FakeBlis:
+    """Records what mlxgpt asks of a BLIS library (threads, packing); its entry points are
+    plain functions, as ctypes' are, so that mlxgpt can set their ``restype``."""
+
+    def __init__(self):
+        self.threads, self.pack_a, self.pack_b = 2, False, False
+
+        def get_threads():
+            return self.threads
+
+        def set_threads(n):
+            self.threads = n.value
+
+        def pack_a(on):
+            self.pack_a = on.value
+
+        def pack_b(on):
+            self.pack_b = on.value
+
+        self.bli_thread_get_num_threads, self.bli_thread_set_num_threads = get_threads, set_threads
+        self.bli_pack_set_pack_a, self.bli_pack_set_pack_b = pack_a, pack_b
+
+
+def test_blis_packs_on_one_thread_only_and_nested_blocks_restore_it(monkeypatch):
+    fake = FakeBlis()
+    monkeypatch.setattr(blas, "_handle", fake)
+    monkeypatch.setattr(blas, "preloaded_library", "BLIS")
+    monkeypatch.setattr(blas, "_packing", False)
+    for env in blas.BLIS_PACK_ENVS:
+        monkeypatch.delenv(env, raising=False)
+    state = lambda: (fake.threads, fake.pack_a, fake.pack_b)  # noqa: E731
+    with blas.threads(1):  # training
+        assert state() == (1, True, True)
+        with blas.threads(1):  # a step inside a benchmark's training block
+            assert state() == (1, True, True)
+        assert state() == (1, True, True)  # still packing: the inner block found it so
+        with blas.threads(2):  # generating a sample: never packed on two threads
+            assert state() == (2, False, False)
+        assert state() == (1, True, True)
+    assert state() == (2, False, False)
+    monkeypatch.setenv(blas.BLIS_PACK_ENVS[0], "0")  # the environment decides packing
+    with blas.threads(1):
+        assert state() == (1, False, False)

@@ -413,28 +413,35 @@ def _blis_packs() -> bool:
             and not any(v in os.environ for v in BLIS_PACK_ENVS))
 
 
+_packing = False  # whether mlxgpt has BLIS packing both operands now (inside threads(1))
+
+
 def _set_packing(on: bool) -> None:
+    global _packing
     _handle.bli_pack_set_pack_a(ctypes.c_bool(on))
     _handle.bli_pack_set_pack_b(ctypes.c_bool(on))
+    _packing = on
 
 
 @contextmanager
 def threads(n: int | None) -> Iterator[None]:
     """Run the block with the preloaded BLAS on ``n`` threads (``None``: leave it as it is);
-    BLIS on one thread packs both operands (see :data:`BLIS_PACK_ENVS`)."""
+    BLIS on one thread packs both operands (see :data:`BLIS_PACK_ENVS`), on more it does not
+    (packed products of a few rows on two threads took 4-35x longer). Blocks nest: each
+    restores the thread count and packing it found."""
     before = None if n is None else blas_threads()
     if before is None:
         yield
         return
-    pack = n == 1 and _blis_packs()
+    pack, was = n == 1 and _blis_packs(), _packing
     _set_threads(n)
-    if pack:
-        _set_packing(True)
+    if pack != was:
+        _set_packing(pack)
     try:
         yield
     finally:
-        if pack:
-            _set_packing(False)
+        if pack != was:
+            _set_packing(was)
         _set_threads(before)
 
 

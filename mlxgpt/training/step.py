@@ -103,6 +103,11 @@ class Stepper:
         return out
 
     def _accumulate(self, batches: Sequence[Batch]) -> tuple[mx.array, mx.array, mx.array]:
+        return self._apply(*self.accumulators(batches))
+
+    def accumulators(self, batches: Sequence[Batch]) -> list[dict[str, Any]]:
+        """Each stream's loss sum, token count and gradient sum over its rows of ``batches``,
+        lazy: the step up to the update (``tools/bench_train.py --profile`` times it alone)."""
         accs: list[dict[str, Any]] = []
         for b in batches:
             for j, rows in enumerate(split_rows(b, len(self._micros))):
@@ -110,7 +115,7 @@ class Stepper:
                     accs.append(self._starts[j](*rows))
                 else:
                     accs[j] = self._micros[j](accs[j], *rows)
-        return self._apply(*accs)
+        return accs
 
 
 class Evaluator:
