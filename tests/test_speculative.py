@@ -10,6 +10,8 @@ from mlx.utils import tree_map
 
 from mlxgpt.checkpoints.folder import save_model
 from mlxgpt.errors import MlxgptError
+from mlxgpt.generation import draft_length as dl
+from mlxgpt.generation import speculative as spec_mod
 from mlxgpt.generation.chat import ChatSession, ChatSettings
 from mlxgpt.generation.context import Context
 from mlxgpt.generation.generate import stream_generate
@@ -234,3 +236,89 @@ def test_cli_generate_with_a_draft_matches_without(tmp_path, model_folder, tiny_
     refused(cli(*args, "--draft-model", draft, "--draft-tokens", "0"), "--draft-tokens")
     refused(cli("chat", "--model", main, "--draft-model", gpt2_draft, input="hi\n"),
             "share the model's tokenizer")
+
+
+# --------------------------------------------------------------------------- draft_tokens="auto"
+
+
+def test_auto_drafts_while_the_rounds_pay():
+    # prior: 1 + .7 + .49 + .343 + .2401 = 2.77 tokens a round of 4
+    assert dl.expected_tokens(0, 0, 4) == pytest.approx(2.7731)
+    assert dl.drafting_pays(dl.DraftCosts(plain=1.0, round=2.5), 0, 0, 4)
+    assert not dl.drafting_pays(dl.DraftCosts(plain=1.0, round=3.0), 0, 0, 4)
+    # what the rounds gave soon outweighs the prior: 10 rounds of 4 accepted -> ~4.8 a round
+    assert dl.expected_tokens(40, 10, 4) == pytest.approx((50 + 2 * 2.7731) / 12, rel=1e-4)
+    assert dl.drafting_pays(dl.DraftCosts(plain=1.0, round=3.0), 40, 10, 4)
+    assert not dl.drafting_pays(dl.DraftCosts(plain=1.0, round=2.5), 0, 10, 4)  # all rejected
+
+
+@pytest.mark.parametrize("round_s, drafts", [(100.0, False), (1e-3, True)])
+def test_auto_output_is_the_models_own_drafted_or_not(pair, monkeypatch, round_s, drafts):
+    main, good, _ = pair
+    monkeypatch.setattr(spec_mod, "costs_for",
+                        lambda *a: dl.DraftCosts(plain=1.0, round=round_s))
+    plain, _ = run(main, PROMPTS[2], max_tokens=50, sampling=GREEDY)
+    got, r = run(main, PROMPTS[2], max_tokens=50, sampling=GREEDY, draft_model=good,
+                 draft_tokens="auto")
+    assert got == plain
+    assert (r.drafted_tokens > 0) == drafts
+    assert (r.draft_stopped_at is None) == drafts  # not drafting: stopped at the first round
+    sampled = SamplingSettings(temperature=1.0, seed=5)
+    a, _ = run(main, PROMPTS[0], max_tokens=30, sampling=sampled, draft_model=good,
+               draft_tokens="auto")
+    b, _ = run(main, PROMPTS[0], max_tokens=30, sampling=sampled, draft_model=good,
+               draft_tokens="auto")
+    assert a == b  # the same seed, the same text
+
+
+def test_timing_a_round_leaves_the_generation_as_it_was(pair):
+    main, good, _ = pair
+    prompt = list(b"undo me")
+
+    def generate(trials):
+        ctx, dctx = Context(main), Context(good)
+        sampler = TokenSampler(SamplingSettings(temperature=1.0, seed=2), 257)
+        spec = spec_mod.Speculator(ctx, dctx, sampler, keep=32, slide=True, logprobs=False,
+                                   stats=DraftStats())
+        out = [spec.start(prompt)[0]]
+        for k in trials:
+            before = (list(spec.seq), ctx.tokens, spec.stats.rounds)
+            made = spec.trial(k)
+            assert made == spec_mod.PLAIN_TRIAL if k == 0 else 1 <= made <= k + 1
+            assert (list(spec.seq), ctx.tokens, spec.stats.rounds) == before
+        for _ in range(6):
+            out += [t for t, _ in spec.round(3)]
+        return out
+
+    assert generate([0, 2, 4, 0]) == generate([])
+
+
+def test_measured_costs_are_kept_per_model_pair(pair, tmp_path, monkeypatch):
+    main, good, poor = pair
+    monkeypatch.setenv("MLXGPT_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def trial(k):
+        calls.append(k)
+        return 4 if k == 0 else 1
+
+    first = dl.costs_for(main, good, trial, 4)
+    assert sorted(set(calls)) == [0, 4] and first.plain > 0 and first.round > 0
+    n = len(calls)
+    assert dl.costs_for(main, good, trial, 4) == first and len(calls) == n  # read back
+    dl.costs_for(main, poor, trial, 4)  # another pair: measured again
+    assert len(calls) == 2 * n
+    (tmp_path / dl.COSTS_FILE).write_text("not json")  # a damaged file is measured over
+    assert dl.costs_for(main, good, trial, 4).plain > 0 and len(calls) == 3 * n
+
+
+def test_cli_takes_auto_and_refuses_other_words(tmp_path, model_folder, cli_ok, cli, refused):
+    main = model_folder(tmp_path, seed=0)
+    draft = model_folder(tmp_path, seed=1, n_layer=1)
+    args = ["generate", "--model", main, "--prompt", "Once", "-n", "30", "--temp", "0",
+            "--ignore-eos"]
+    plain = cli_ok(*args, "--quiet")
+    assert cli_ok(*args, "--quiet", "--draft-model", draft, "--draft-tokens", "auto").stdout \
+        == plain.stdout
+    refused(cli(*args, "--draft-model", draft, "--draft-tokens", "many"),
+            "--draft-tokens must be a whole number or 'auto'")

@@ -40,7 +40,7 @@ from mlxgpt.cpu import blas
 from mlxgpt.generation.context import Context
 from mlxgpt.generation.generate import stream_generate
 from mlxgpt.generation.sample import SamplingSettings
-from mlxgpt.generation.speculative import check_draft
+from mlxgpt.generation.speculative import AUTO, check_draft
 
 PROMPTS = [
     "The history of the city",
@@ -110,13 +110,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="english")
     ap.add_argument("--draft", default="english-draft")
-    ap.add_argument("--k", default="2,3,4,5,6", help="Draft tokens per round to try.")
+    ap.add_argument("--k", default="2,3,4,5,6,auto",
+                    help="Draft tokens per round to try ('auto': chosen per round).")
     ap.add_argument("--tokens", type=int, default=128, help="Tokens generated per prompt.")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--reps", type=int, default=40, help="Timings per verification size.")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    ks = [int(x) for x in args.k.split(",")]
+    ks = [x if x == AUTO else int(x) for x in args.k.split(",")]
 
     model, tok = load(args.model)
     draft, draft_tok = load(args.draft)

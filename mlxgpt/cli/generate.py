@@ -14,13 +14,29 @@ from mlxgpt.cli.options import (
     sampling_options,
     sampling_settings,
 )
-from mlxgpt.generation.speculative import DEFAULT_DRAFT_TOKENS
+from mlxgpt.errors import MlxgptError
+from mlxgpt.generation.speculative import AUTO, DEFAULT_DRAFT_TOKENS
+
+
+def draft_count(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    """--draft-tokens: 'auto' or a whole number of at least 1."""
+    if value == AUTO:
+        return value
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise MlxgptError(f"--draft-tokens must be a whole number or {AUTO!r}, got {value!r}") \
+            from None
+    return positive(ctx, param, count)
 
 
 def draft_options(f: Callable) -> Callable:
     """``--draft-model`` / ``--draft-tokens``: speculative decoding (generate and chat)."""
-    f = click.option("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, show_default=True,
-                     callback=positive, help="Tokens the draft model proposes per step.")(f)
+    f = click.option("--draft-tokens", default=DEFAULT_DRAFT_TOKENS, show_default=True,
+                     callback=draft_count,
+                     help="Tokens the draft model proposes per step, or 'auto': 4 for as "
+                          "long as that is faster on this machine than decoding without the "
+                          "draft (timings kept per model pair).")(f)
     return click.option(
         "--draft-model", default=None,
         help="A smaller model with the same tokenizer that proposes tokens for the model to "
@@ -86,6 +102,9 @@ def generate(model, adapter, dtype, prompt, prompt_cache, draft_model, draft_tok
         if final.acceptance is not None:
             drafted = (f" | draft: {final.accepted_tokens}/{final.drafted_tokens} accepted "
                        f"({final.acceptance:.0%})")
+        if final.draft_stopped_at is not None:
+            drafted += (f" | draft: off after {final.draft_stopped_at} token"
+                        f"{'s' * (final.draft_stopped_at != 1)} (slower than without it here)")
         click.echo(
             f"[prompt {final.prompt_tokens} tokens{cached}, {format_rate(final.prompt_tps)} | "
             f"generated {final.generation_tokens} tokens, {format_rate(final.generation_tps)} | "

@@ -110,6 +110,13 @@ def _cpu0() -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
+def cpu_model() -> str:
+    """The first CPU's model name from /proc/cpuinfo, else what Python's platform module says."""
+    import platform
+
+    return _cpu0().get("model name") or platform.processor() or platform.machine()
+
+
 def cpu_flags() -> frozenset[str]:
     """The first CPU's flags from /proc/cpuinfo (empty where there is none)."""
     return frozenset(_cpu0().get("flags", "").split())

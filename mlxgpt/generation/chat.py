@@ -39,12 +39,14 @@ class ChatSession:
     """A conversation with one model; the KV cache follows the transcript.
 
     With ``draft_model`` (a GPT sharing the tokenizer, or a reference to load) replies are
-    decoded speculatively, ``draft_tokens`` at a time; the draft keeps its own cache too.
+    decoded speculatively, ``draft_tokens`` at a time ("auto": 4 while that is faster on this
+    machine than decoding without the draft, see :mod:`mlxgpt.generation.draft_length`); the
+    draft keeps its own cache too.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ChatSettings | None = None,
                  system: str | None = None, *, draft_model: GPT | str | None = None,
-                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
+                 draft_tokens: int | str = DEFAULT_DRAFT_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ChatSettings()
         self.system = system

@@ -159,6 +159,8 @@ class GenerationResponse:
     peak_memory_gb: float = 0.0
     drafted_tokens: int = 0  # with a draft model: tokens it proposed
     accepted_tokens: int = 0  # ... and of those, the ones the model accepted
+    draft_stopped_at: int | None = None  # draft_tokens="auto": tokens made when drafting
+    # stopped (slower than without the draft on this machine); None: it drafted throughout
 
     @property
     def acceptance(self) -> float | None:
@@ -210,7 +212,7 @@ def stream_generate(
     ctx: Context | None = None,
     prefill_step: int = PREFILL_STEP,
     draft_model: GPT | str | None = None,
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
     draft_ctx: Context | None = None,
     prompt_cache: PromptCache | str | os.PathLike | None = None,
 ) -> Iterator[GenerationResponse]:
@@ -220,8 +222,10 @@ def stream_generate(
     Pass a :class:`Context` to keep the KV cache between calls (as the chat does).
 
     ``draft_model`` (a GPT sharing the tokenizer, or a model reference to load): speculative
-    decoding, ``draft_tokens`` proposed per round; the same text greedily, the same
-    distribution when sampling (``draft_ctx`` keeps the draft's cache between calls).
+    decoding, ``draft_tokens`` proposed per round ("auto": 4, for as long as that is faster
+    on this machine than decoding without the draft, see :mod:`mlxgpt.generation.draft_length`);
+    the same text greedily, the same distribution when sampling (``draft_ctx`` keeps the
+    draft's cache between calls).
     ``prompt_cache`` (a file from ``mlxgpt cache-prompt`` or a :class:`PromptCache`): its
     prefix is taken as read, and ``prompt`` follows it (encoded on its own; may be empty).
     """
@@ -293,6 +297,7 @@ def stream_generate(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         drafted_tokens=stats.proposed,
         accepted_tokens=stats.accepted,
+        draft_stopped_at=stats.stopped_at,
     )
 
 

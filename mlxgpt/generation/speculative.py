@@ -22,6 +22,7 @@ generation stops) at the same token; the draft keeps its own window inside its o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,10 +32,14 @@ from ..core.model import GPT
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import SHORT_READ, Context
+from .draft_length import DraftCosts, costs_for, drafting_pays
 from .identity import tokenizer_digest
 from .sample import TokenSampler
 
-DEFAULT_DRAFT_TOKENS = 4  # tokens the draft proposes per round (measured best on the shipped pair)
+AUTO = "auto"  # draft_tokens: each round's count chosen from measured costs (draft_length.py)
+DEFAULT_DRAFT_TOKENS = AUTO
+AUTO_MAX = 4  # the most an automatic round proposes (the best fixed k on the shipped pair)
+PLAIN_TRIAL = 8  # tokens decoded without the draft to time that (draft_tokens="auto")
 
 
 @dataclass
@@ -44,6 +49,7 @@ class DraftStats:
     proposed: int = 0
     accepted: int = 0
     rounds: int = 0
+    stopped_at: int | None = None  # "auto": tokens made when drafting stopped paying
 
     @property
     def acceptance(self) -> float | None:
@@ -77,9 +83,12 @@ def load_draft(ref: str, model: GPT, tokenizer: Tokenizer, dtype: str | None = N
     return prepare_for_inference(draft)
 
 
-def check_draft_tokens(k: int) -> int:
+def check_draft_tokens(k: int | str) -> int | str:
+    """``k`` if it is "auto" or a whole number of at least 1."""
+    if k == AUTO:
+        return k
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise MlxgptError(f"draft_tokens must be at least 1, got {k!r}")
+        raise MlxgptError(f"draft_tokens must be at least 1 or {AUTO!r}, got {k!r}")
     return k
 
 
@@ -222,6 +231,33 @@ class Speculator:
         own = mx.random.categorical(mx.log(residual), axis=-1, key=_subkey(self.sampler))
         return own.astype(mx.int32), accept
 
+    def trial(self, k: int) -> int:
+        """Run a round with k drafts, or decode PLAIN_TRIAL tokens without the draft (k = 0, as
+        :meth:`undrafted` does), then undo it: the sequence, both contexts, the sampler's key and
+        the statistics are as they were. For timing (:mod:`.draft_length`); needs room for
+        max(k + 1, PLAIN_TRIAL) tokens in the model. Returns how many tokens it made."""
+        seq, draft_start, key = list(self.seq), self.draft_start, self.sampler.key
+        stats = dataclasses.replace(self.stats)
+        offset = self.ctx.offset
+        made = len(list(self.undrafted(PLAIN_TRIAL))) if k == 0 else len(self.round(k))
+        self.ctx.trim(self.ctx.offset - offset)
+        self.seq, self.draft_start, self.sampler.key = seq, draft_start, key
+        for f in dataclasses.fields(stats):
+            setattr(self.stats, f.name, getattr(stats, f.name))
+        return made
+
+    def undrafted(self, max_tokens: int) -> Iterator[tuple[int, float | None]]:
+        """The next ``max_tokens`` tokens decoded without the draft, as generation without one
+        decodes (each step queued before the token before it is read)."""
+        from .generate import generate_tokens
+
+        window = self.keep if self.slide else None
+        for tok in generate_tokens(self.ctx, self.seq, self.sampler, max_tokens=max_tokens,
+                                   context="slide" if self.slide else "stop",
+                                   window_keep=window, logprobs=self.logprobs):
+            self.seq.append(tok[0])
+            yield tok
+
     def step(self) -> tuple[int, float | None] | None:
         """One token of the model's own without drafts (too little room for a round); None when
         the context is full and the policy is to stop."""
@@ -245,7 +281,7 @@ def speculative_tokens(
     prompt: Sequence[int],
     sampler: TokenSampler,
     *,
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
     max_tokens: int = 256,
     keep: int,
     slide: bool = True,
@@ -253,17 +289,27 @@ def speculative_tokens(
     stats: DraftStats | None = None,
 ) -> Iterator[tuple[int, float | None]]:
     """Yield (token id, log-probability or None) as :func:`generate_tokens` does, drafted by
-    ``draft`` ``draft_tokens`` at a time. ``prompt`` must fit the model's context; ``keep``
-    tokens stay when the window slides (``slide``), else generation stops at the limit."""
+    ``draft`` ``draft_tokens`` at a time, or with "auto" AUTO_MAX at a time for as long as
+    that is faster on this machine than decoding without the draft (:mod:`.draft_length`).
+    ``prompt`` must fit the model's context; ``keep`` tokens stay when the window slides
+    (``slide``), else generation stops at the limit."""
     check_draft(ctx.model, draft.model)
-    k_max = check_draft_tokens(draft_tokens)
+    auto = check_draft_tokens(draft_tokens) == AUTO
+    k_max = AUTO_MAX if auto else int(draft_tokens)
     spec = Speculator(ctx, draft, sampler, keep=keep, slide=slide, logprobs=logprobs,
                       stats=stats if stats is not None else DraftStats())
     yield spec.start(prompt)
+    costs: DraftCosts | None = None
     n = 1
     while n < max_tokens:
         room = ctx.n_positions - ctx.offset - 1  # after the last token, for drafts
         k = min(k_max, max_tokens - n - 1, room, draft.n_positions - 1)
+        if auto and k >= 1 and (costs is not None or room >= max(k_max, PLAIN_TRIAL)):
+            costs = costs or costs_for(ctx.model, draft.model, spec.trial, k_max)
+            if not drafting_pays(costs, spec.stats.accepted, spec.stats.rounds, k_max):
+                spec.stats.stopped_at = n
+                yield from spec.undrafted(max_tokens - n)  # the rest without the draft
+                return
         if k < 1:
             tok = spec.step()
             if tok is None:
