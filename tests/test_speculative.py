@@ -322,3 +322,15 @@ def test_cli_takes_auto_and_refuses_other_words(tmp_path, model_folder, cli_ok, 
         == plain.stdout
     refused(cli(*args, "--draft-model", draft, "--draft-tokens", "many"),
             "--draft-tokens must be a whole number or 'auto'")
+
+
+def test_auto_stopping_after_the_window_slid_keeps_the_models_text(pair, monkeypatch):
+    main, good, _ = pair  # 64 positions: 150 tokens slide the window twice
+    calls = iter(range(10**6))
+    monkeypatch.setattr(spec_mod, "costs_for", lambda *a: dl.DraftCosts(plain=1.0, round=1.0))
+    monkeypatch.setattr(spec_mod, "drafting_pays", lambda *a: next(calls) < 30)
+    plain, _ = run(main, PROMPTS[2], max_tokens=150, sampling=GREEDY, context="slide")
+    got, r = run(main, PROMPTS[2], max_tokens=150, sampling=GREEDY, context="slide",
+                 draft_model=good, draft_tokens="auto")
+    assert r.draft_stopped_at is not None and r.prompt_tokens + r.draft_stopped_at > 64  # slid
+    assert got == plain

@@ -252,7 +252,9 @@ class Speculator:
         from .generate import generate_tokens
 
         window = self.keep if self.slide else None
-        for tok in generate_tokens(self.ctx, self.seq, self.sampler, max_tokens=max_tokens,
+        # what the model holds (its window, if it slid) and the token it has not read yet
+        held = [*self.ctx.tokens, self.seq[-1]]
+        for tok in generate_tokens(self.ctx, held, self.sampler, max_tokens=max_tokens,
                                    context="slide" if self.slide else "stop",
                                    window_keep=window, logprobs=self.logprobs):
             self.seq.append(tok[0])
