@@ -325,12 +325,17 @@ def test_cli_takes_auto_and_refuses_other_words(tmp_path, model_folder, cli_ok, 
 
 
 def test_auto_stopping_after_the_window_slid_keeps_the_models_text(pair, monkeypatch):
-    main, good, _ = pair  # 64 positions: 150 tokens slide the window twice
-    calls = iter(range(10**6))
+    main, good, _ = pair  # 64 positions: 150 tokens slide the window several times
     monkeypatch.setattr(spec_mod, "costs_for", lambda *a: dl.DraftCosts(plain=1.0, round=1.0))
-    monkeypatch.setattr(spec_mod, "drafting_pays", lambda *a: next(calls) < 30)
-    plain, _ = run(main, PROMPTS[2], max_tokens=150, sampling=GREEDY, context="slide")
-    got, r = run(main, PROMPTS[2], max_tokens=150, sampling=GREEDY, context="slide",
-                 draft_model=good, draft_tokens="auto")
-    assert r.draft_stopped_at is not None and r.prompt_tokens + r.draft_stopped_at > 64  # slid
-    assert got == plain
+    # penalties look back 60 tokens, more than the 4 kept when the window slides
+    settings = SamplingSettings(temperature=0, repetition_penalty=3.0, penalty_window=60)
+    for kw in ({"sampling": GREEDY}, {"sampling": settings, "window_keep": 4}):
+        plain, _ = run(main, PROMPTS[2], max_tokens=150, context="slide", **kw)
+        for rounds in range(4, 40, 3):  # drafting stops after this many rounds
+            calls = iter(range(10**6))
+            monkeypatch.setattr(spec_mod, "drafting_pays",
+                                lambda *a, calls=calls, rounds=rounds: next(calls) < rounds)
+            got, r = run(main, PROMPTS[2], max_tokens=150, context="slide", draft_model=good,
+                         draft_tokens="auto", **kw)
+            assert r.draft_stopped_at is not None
+            assert got == plain, (kw, rounds)

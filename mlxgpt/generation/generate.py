@@ -86,17 +86,21 @@ def generate_tokens(
     context: str = "slide",
     window_keep: int | None = None,
     logprobs: bool = False,
+    history: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, float | None]]:
     """Yield (token id, log-probability or None) for up to ``max_tokens`` new tokens.
 
     The cache of ``ctx`` is synced to ``prompt`` first (a shared prefix is not read again).
-    Ends early only when the context is full and ``context == "stop"``.
+    Ends early only when the context is full and ``context == "stop"``. The penalties look
+    back over ``history`` (the text so far, when ``prompt`` is only its window), else
+    ``prompt``.
     """
     n_pos = ctx.n_positions
     keep = check_limits(n_pos, max_tokens, context, window_keep)
     prompt = fit_prompt(prompt, n_pos, context, keep)
     window = sampler.settings.penalty_window if sampler.settings.penalised else 0
-    recent = mx.array(list(prompt)[-window:], mx.int32)[None] if window else None  # (1, W)
+    past = list(prompt if history is None else history)[-window:]
+    recent = mx.array(past, mx.int32)[None] if window else None  # (1, W)
 
     def pick(logits: mx.array) -> tuple[mx.array, mx.array | None]:
         nonlocal recent

@@ -256,7 +256,8 @@ class Speculator:
         held = [*self.ctx.tokens, self.seq[-1]]
         for tok in generate_tokens(self.ctx, held, self.sampler, max_tokens=max_tokens,
                                    context="slide" if self.slide else "stop",
-                                   window_keep=window, logprobs=self.logprobs):
+                                   window_keep=window, logprobs=self.logprobs,
+                                   history=self.seq):
             self.seq.append(tok[0])
             yield tok
 
