@@ -36,7 +36,7 @@ from .draft_length import DraftCosts, costs_for, drafting_pays
 from .identity import tokenizer_digest
 from .sample import TokenSampler
 
-AUTO = "auto"  # draft_tokens: each round's count chosen from measured costs (draft_length.py)
+AUTO = "auto"  # draft_tokens: AUTO_MAX a round while that pays on this machine (draft_length.py)
 DEFAULT_DRAFT_TOKENS = AUTO
 AUTO_MAX = 4  # the most an automatic round proposes (the best fixed k on the shipped pair)
 PLAIN_TRIAL = 8  # tokens decoded without the draft to time that (draft_tokens="auto")
@@ -233,8 +233,9 @@ class Speculator:
 
     def trial(self, k: int) -> int:
         """Run a round with k drafts, or decode PLAIN_TRIAL tokens without the draft (k = 0, as
-        :meth:`undrafted` does), then undo it: the sequence, both contexts, the sampler's key and
-        the statistics are as they were. For timing (:mod:`.draft_length`); needs room for
+        :meth:`undrafted` does), then undo it: the sequence, the model's context, the sampler's
+        key and the statistics are as they were (the next round brings the draft's context up to
+        the text, as after any round). For timing (:mod:`.draft_length`); needs room for
         max(k + 1, PLAIN_TRIAL) tokens in the model. Returns how many tokens it made."""
         seq, draft_start, key = list(self.seq), self.draft_start, self.sampler.key
         stats = dataclasses.replace(self.stats)
