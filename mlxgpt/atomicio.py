@@ -1,10 +1,12 @@
-"""Atomic text writes, with no MLX import (the BLAS preload uses it before MLX loads)."""
+"""Atomic text writes and file locks, with no MLX import (the BLAS preload uses them before
+MLX loads)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -20,3 +22,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block (none where it cannot be taken), so
+    that processes updating one cache file do not lose each other's entries."""
+    import fcntl
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # noqa: SIM115  (closed below, after the block)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: go on unlocked
+        yield
+    finally:
+        f.close()  # releases the lock

@@ -243,13 +243,13 @@ def test_cli_generate_with_a_draft_matches_without(tmp_path, model_folder, tiny_
 
 def test_auto_drafts_while_the_rounds_pay():
     # prior: 1 + .7 + .49 + .343 + .2401 = 2.77 tokens a round of 4
-    assert dl.expected_tokens(0, 0, 4) == pytest.approx(2.7731)
-    assert dl.drafting_pays(dl.DraftCosts(plain=1.0, round=2.5), 0, 0, 4)
-    assert not dl.drafting_pays(dl.DraftCosts(plain=1.0, round=3.0), 0, 0, 4)
-    # what the rounds gave soon outweighs the prior: 10 rounds of 4 accepted -> ~4.8 a round
-    assert dl.expected_tokens(40, 10, 4) == pytest.approx((50 + 2 * 2.7731) / 12, rel=1e-4)
-    assert dl.drafting_pays(dl.DraftCosts(plain=1.0, round=3.0), 40, 10, 4)
-    assert not dl.drafting_pays(dl.DraftCosts(plain=1.0, round=2.5), 0, 10, 4)  # all rejected
+    assert dl.expected_tokens([], 4) == pytest.approx(2.7731)
+    assert dl.drafting_pays(dl.DraftCosts(plain=1.0, round=2.5), [], 4)
+    assert not dl.drafting_pays(dl.DraftCosts(plain=1.0, round=3.0), [], 4)
+    # what the rounds gave soon outweighs the prior: 8 rounds of 5 tokens -> ~4.6 a round
+    assert dl.expected_tokens([5] * 8, 4) == pytest.approx((40 + 2 * 2.7731) / 10, rel=1e-4)
+    assert dl.drafting_pays(dl.DraftCosts(plain=1.0, round=3.0), [5] * 8, 4)
+    assert not dl.drafting_pays(dl.DraftCosts(plain=1.0, round=2.5), [1] * 8, 4)  # all rejected
 
 
 @pytest.mark.parametrize("round_s, drafts", [(100.0, False), (1e-3, True)])
@@ -262,7 +262,8 @@ def test_auto_output_is_the_models_own_drafted_or_not(pair, monkeypatch, round_s
                  draft_tokens="auto")
     assert got == plain
     assert (r.drafted_tokens > 0) == drafts
-    assert (r.draft_stopped_at is None) == drafts  # not drafting: stopped at the first round
+    assert (r.undrafted_tokens == 0) == drafts  # never drafting: all but the first without it
+    assert drafts or r.undrafted_tokens == 49
     sampled = SamplingSettings(temperature=1.0, seed=5)
     a, _ = run(main, PROMPTS[0], max_tokens=30, sampling=sampled, draft_model=good,
                draft_tokens="auto")
@@ -324,18 +325,35 @@ def test_cli_takes_auto_and_refuses_other_words(tmp_path, model_folder, cli_ok, 
             "--draft-tokens must be a whole number or 'auto'")
 
 
-def test_auto_stopping_after_the_window_slid_keeps_the_models_text(pair, monkeypatch):
+def test_auto_pausing_after_the_window_slid_keeps_the_models_text(pair, monkeypatch):
     main, good, _ = pair  # 64 positions: 150 tokens slide the window several times
     monkeypatch.setattr(spec_mod, "costs_for", lambda *a: dl.DraftCosts(plain=1.0, round=1.0))
     # penalties look back 60 tokens, more than the 4 kept when the window slides
     settings = SamplingSettings(temperature=0, repetition_penalty=3.0, penalty_window=60)
     for kw in ({"sampling": GREEDY}, {"sampling": settings, "window_keep": 4}):
         plain, _ = run(main, PROMPTS[2], max_tokens=150, context="slide", **kw)
-        for rounds in range(4, 40, 3):  # drafting stops after this many rounds
+        for pays in range(4, 40, 3):  # rounds that pay; then pauses, tried again, pauses...
             calls = iter(range(10**6))
             monkeypatch.setattr(spec_mod, "drafting_pays",
-                                lambda *a, calls=calls, rounds=rounds: next(calls) < rounds)
+                                lambda *a, calls=calls, pays=pays: (next(calls) + 1) % pays != 0)
             got, r = run(main, PROMPTS[2], max_tokens=150, context="slide", draft_model=good,
                          draft_tokens="auto", **kw)
-            assert r.draft_stopped_at is not None
-            assert got == plain, (kw, rounds)
+            assert r.undrafted_tokens >= spec_mod.PAUSE and r.drafted_tokens > 0
+            assert got == plain, (kw, pays)
+
+
+def test_auto_pauses_then_tries_the_draft_again(pair, monkeypatch):
+    main, good, _ = pair
+    seen = []
+
+    def pays(costs, made, k):
+        seen.append(list(made))
+        return len(seen) != 3  # the third check says no
+
+    monkeypatch.setattr(spec_mod, "costs_for", lambda *a: dl.DraftCosts(plain=1.0, round=1.0))
+    monkeypatch.setattr(spec_mod, "drafting_pays", pays)
+    _, r = run(main, PROMPTS[2], max_tokens=60, sampling=GREEDY, draft_model=good,
+               draft_tokens="auto")
+    assert r.undrafted_tokens == spec_mod.PAUSE  # one pause, then drafting again
+    assert seen[0] == [] and len(seen[2]) == 2 and seen[3] == []  # counted afresh after it
+    assert r.drafted_tokens > 8

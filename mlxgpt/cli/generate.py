@@ -102,9 +102,9 @@ def generate(model, adapter, dtype, prompt, prompt_cache, draft_model, draft_tok
         if final.acceptance is not None:
             drafted = (f" | draft: {final.accepted_tokens}/{final.drafted_tokens} accepted "
                        f"({final.acceptance:.0%})")
-        if final.draft_stopped_at is not None:
-            drafted += (f" | draft: off after {final.draft_stopped_at} token"
-                        f"{'s' * (final.draft_stopped_at != 1)} (slower than without it here)")
+        if final.undrafted_tokens:
+            drafted += (f"{',' if drafted else ' | draft:'} {final.undrafted_tokens} tokens "
+                        f"without it (slower than without it here)")
         click.echo(
             f"[prompt {final.prompt_tokens} tokens{cached}, {format_rate(final.prompt_tps)} | "
             f"generated {final.generation_tokens} tokens, {format_rate(final.generation_tps)} | "

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ..atomicio import atomic_write_text
+from ..atomicio import atomic_write_text, locked
 from ..cachedir import cache_root
 from .parallel import cpu_cores
 
@@ -265,7 +265,7 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
                          for n, f in files.items()},
            "env": {v: env.get(v) for v in (CORETYPE_ENV, *BLIS_PACK_ENVS)}}
     cache = cache_root() / CACHE_FILE
-    with _locked(cache.with_suffix(".lock")):  # processes started together measure once
+    with locked(cache.with_suffix(".lock")):  # processes started together measure once
         try:
             entries = [e for e in json.loads(cache.read_text())["entries"]
                        if e["choice"] in paths]
@@ -290,27 +290,6 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
     ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", *ROW_PRODUCTS)}
     shown = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
     return entry["choice"], f"measured here (BLIS vs OpenBLAS speed: {shown}; {cache})"
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` for the block (none where it cannot be taken)."""
-    import fcntl
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")  # noqa: SIM115  (closed below, after the block)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError:
-            pass  # a file system without locks: go on unlocked
-        yield
-    finally:
-        f.close()  # releases the lock
 
 
 def preload() -> None:

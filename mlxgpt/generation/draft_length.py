@@ -19,7 +19,10 @@ with "auto" a generation drafts (AUTO_MAX tokens a round) only while
   each in turn, counted as :data:`PRIOR_ROUNDS` rounds. (Acceptance comes in runs, so rounds
   are counted as they come rather than modelled draft by draft.)
 
-Once drafting does not pay, the rest of the generation is decoded without the draft.
+The tokens a round gives are counted over the last :data:`RECENT_ROUNDS` rounds. When drafting
+stops paying, :data:`PAUSE` tokens are decoded without the draft and drafting is tried again,
+judged by the prior alone at first; when the prior alone does not pay (the costs rule drafting
+out whatever the text), the rest of the generation is decoded without the draft.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ import hashlib
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..atomicio import atomic_write_text
+from ..atomicio import atomic_write_text, locked
 from ..cachedir import cache_root
 from ..core.backend import compute_setup
 
 PRIOR, PRIOR_ROUNDS = 0.7, 2  # what is assumed of a draft before it has proposed anything
+RECENT_ROUNDS = 8  # rounds whose tokens count
+PAUSE = 32  # tokens decoded without the draft before it is tried again
 COSTS_FILE = "draft_costs.json"
 REPEATS = 5  # timings of each (after one to compile); the median counts
 
@@ -51,16 +56,16 @@ class DraftCosts:
     round: float
 
 
-def expected_tokens(accepted: int, rounds: int, k: int) -> float:
-    """Tokens a round with k drafts gives: as observed (``accepted`` drafts over ``rounds``
-    rounds, plus one token of the model's own each), with the prior counted in."""
+def expected_tokens(made: Sequence[int], k: int) -> float:
+    """Tokens a round with k drafts gives: as the rounds ``made`` (tokens each) gave them, with
+    the prior counted in."""
     prior = sum(PRIOR**i for i in range(k + 1))
-    return (accepted + rounds + prior * PRIOR_ROUNDS) / (rounds + PRIOR_ROUNDS)
+    return (sum(made) + prior * PRIOR_ROUNDS) / (len(made) + PRIOR_ROUNDS)
 
 
-def drafting_pays(costs: DraftCosts, accepted: int, rounds: int, k: int) -> bool:
+def drafting_pays(costs: DraftCosts, made: Sequence[int], k: int) -> bool:
     """Whether rounds of k drafts make more tokens per second than decoding without them."""
-    return expected_tokens(accepted, rounds, k) * costs.plain > costs.round
+    return expected_tokens(made, k) * costs.plain > costs.round
 
 
 def measure(trial: Callable[[int], int], k: int) -> DraftCosts:
@@ -83,22 +88,22 @@ def costs_for(model: nn.Module, draft: nn.Module, trial: Callable[[int], int],
     """The costs of this model pair on this machine: read from the cache folder
     ($MLXGPT_CACHE_DIR, else ~/.cache/mlxgpt) or measured (:func:`measure`) and kept there."""
     key, path = _key(model, draft, k), cache_root() / COSTS_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        saved = None
-    saved = saved if isinstance(saved, dict) else {}
-    try:
-        return DraftCosts(plain=float(saved[key]["plain"]), round=float(saved[key]["round"]))
-    except (KeyError, TypeError, ValueError):
-        pass
-    costs = measure(trial, k)
-    saved[key] = {"plain": costs.plain, "round": costs.round}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(saved, indent=1) + "\n")
-    except OSError:
-        pass  # a read-only cache folder: measured again next time
+    with locked(path.with_suffix(".lock")):  # writers keep each other's entries
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        saved = saved if isinstance(saved, dict) else {}
+        try:
+            return DraftCosts(plain=float(saved[key]["plain"]), round=float(saved[key]["round"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+        costs = measure(trial, k)
+        saved[key] = {"plain": costs.plain, "round": costs.round}
+        try:
+            atomic_write_text(path, json.dumps(saved, indent=1) + "\n")
+        except OSError:
+            pass  # a read-only cache folder: measured again next time
     return costs
 
 

@@ -163,8 +163,8 @@ class GenerationResponse:
     peak_memory_gb: float = 0.0
     drafted_tokens: int = 0  # with a draft model: tokens it proposed
     accepted_tokens: int = 0  # ... and of those, the ones the model accepted
-    draft_stopped_at: int | None = None  # draft_tokens="auto": tokens made when drafting
-    # stopped (slower than without the draft on this machine); None: it drafted throughout
+    undrafted_tokens: int = 0  # draft_tokens="auto": tokens decoded without the draft (where
+    # drafting was slower on this machine than decoding without it)
 
     @property
     def acceptance(self) -> float | None:
@@ -301,7 +301,7 @@ def stream_generate(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         drafted_tokens=stats.proposed,
         accepted_tokens=stats.accepted,
-        draft_stopped_at=stats.stopped_at,
+        undrafted_tokens=stats.undrafted,
     )
 
 

@@ -23,6 +23,7 @@ generation stops) at the same token; the draft keeps its own window inside its o
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from ..core.model import GPT
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import SHORT_READ, Context
-from .draft_length import DraftCosts, costs_for, drafting_pays
+from .draft_length import PAUSE, RECENT_ROUNDS, DraftCosts, costs_for, drafting_pays
 from .identity import tokenizer_digest
 from .sample import TokenSampler
 
@@ -49,7 +50,7 @@ class DraftStats:
     proposed: int = 0
     accepted: int = 0
     rounds: int = 0
-    stopped_at: int | None = None  # "auto": tokens made when drafting stopped paying
+    undrafted: int = 0  # "auto": tokens decoded without the draft (drafting did not pay)
 
     @property
     def acceptance(self) -> float | None:
@@ -293,8 +294,8 @@ def speculative_tokens(
     stats: DraftStats | None = None,
 ) -> Iterator[tuple[int, float | None]]:
     """Yield (token id, log-probability or None) as :func:`generate_tokens` does, drafted by
-    ``draft`` ``draft_tokens`` at a time, or with "auto" AUTO_MAX at a time for as long as
-    that is faster on this machine than decoding without the draft (:mod:`.draft_length`).
+    ``draft`` ``draft_tokens`` at a time, or with "auto" AUTO_MAX at a time while that is
+    faster on this machine than decoding without the draft (:mod:`.draft_length`).
     ``prompt`` must fit the model's context; ``keep`` tokens stay when the window slides
     (``slide``), else generation stops at the limit."""
     check_draft(ctx.model, draft.model)
@@ -304,16 +305,25 @@ def speculative_tokens(
                       stats=stats if stats is not None else DraftStats())
     yield spec.start(prompt)
     costs: DraftCosts | None = None
+    made: deque[int] = deque(maxlen=RECENT_ROUNDS)  # tokens of the last rounds ("auto")
     n = 1
     while n < max_tokens:
         room = ctx.n_positions - ctx.offset - 1  # after the last token, for drafts
         k = min(k_max, max_tokens - n - 1, room, draft.n_positions - 1)
         if auto and k >= 1 and (costs is not None or room >= max(k_max, PLAIN_TRIAL)):
             costs = costs or costs_for(ctx.model, draft.model, spec.trial, k_max)
-            if not drafting_pays(costs, spec.stats.accepted, spec.stats.rounds, k_max):
-                spec.stats.stopped_at = n
-                yield from spec.undrafted(max_tokens - n)  # the rest without the draft
-                return
+            if not drafting_pays(costs, made, k_max):
+                # a pause, then the draft is tried again; for good when it cannot pay at all
+                pause = max_tokens - n if not made else min(PAUSE, max_tokens - n)
+                made.clear()
+                before = spec.stats.undrafted
+                for tok in spec.undrafted(pause):
+                    spec.stats.undrafted += 1
+                    yield tok
+                n += spec.stats.undrafted - before
+                if spec.stats.undrafted - before < pause:
+                    return  # the context is full and generation stops there
+                continue
         if k < 1:
             tok = spec.step()
             if tok is None:
@@ -321,6 +331,7 @@ def speculative_tokens(
             toks = [tok]
         else:
             toks = spec.round(k)
+            made.append(len(toks))
         yield from toks
         n += len(toks)
         if spec.stats.rounds % 64 == 63:
