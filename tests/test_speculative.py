@@ -303,14 +303,15 @@ def test_measured_costs_are_kept_per_model_pair(pair, tmp_path, monkeypatch):
         calls.append(k)
         return 4 if k == 0 else 1
 
-    first = dl.costs_for(main, good, trial, 4)
+    first = dl.costs_for(main, good, trial, 4, True)
     assert sorted(set(calls)) == [0, 4] and first.plain > 0 and first.round > 0
     n = len(calls)
-    assert dl.costs_for(main, good, trial, 4) == first and len(calls) == n  # read back
-    dl.costs_for(main, poor, trial, 4)  # another pair: measured again
-    assert len(calls) == 2 * n
+    assert dl.costs_for(main, good, trial, 4, True) == first and len(calls) == n  # read back
+    dl.costs_for(main, poor, trial, 4, True)  # another pair: measured again
+    dl.costs_for(main, good, trial, 4, False)  # sampling: measured apart
+    assert len(calls) == 3 * n
     (tmp_path / dl.COSTS_FILE).write_text("not json")  # a damaged file is measured over
-    assert dl.costs_for(main, good, trial, 4).plain > 0 and len(calls) == 3 * n
+    assert dl.costs_for(main, good, trial, 4, True).plain > 0 and len(calls) == 4 * n
 
 
 def test_cli_takes_auto_and_refuses_other_words(tmp_path, model_folder, cli_ok, cli, refused):

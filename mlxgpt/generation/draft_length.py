@@ -11,10 +11,11 @@ with "auto" a generation drafts (AUTO_MAX tokens a round) only while
 
 - the seconds: a round and a few tokens without the draft, run on the generation itself and
   undone (:func:`measure`; everything counted: the draft catching up and proposing, the
-  model's verifying forward, sampling, accepting), kept on disk per model pair and compute
-  setup (:func:`costs_for`), so that the same seed gives the same text on this machine every
-  time (whether a round drafts decides which random numbers a sampled token uses);
-- the tokens a round gives: this generation's rounds so far (accepted drafts + one of the
+  model's verifying forward, sampling, accepting), kept on disk per model pair, compute setup
+  and greedy or sampled decoding (:func:`costs_for`), so that the same seed gives the same
+  text on this machine every time (whether a round drafts decides which random numbers a
+  sampled token uses);
+- the tokens a round gives: this generation's latest rounds (accepted drafts + one of the
   model's own each), starting from a prior of drafts accepted with probability :data:`PRIOR`
   each in turn, counted as :data:`PRIOR_ROUNDS` rounds. (Acceptance comes in runs, so rounds
   are counted as they come rather than modelled draft by draft.)
@@ -83,11 +84,12 @@ def measure(trial: Callable[[int], int], k: int) -> DraftCosts:
     return DraftCosts(plain=seconds(0), round=seconds(k))
 
 
-def costs_for(model: nn.Module, draft: nn.Module, trial: Callable[[int], int],
-              k: int) -> DraftCosts:
-    """The costs of this model pair on this machine: read from the cache folder
-    ($MLXGPT_CACHE_DIR, else ~/.cache/mlxgpt) or measured (:func:`measure`) and kept there."""
-    key, path = _key(model, draft, k), cache_root() / COSTS_FILE
+def costs_for(model: nn.Module, draft: nn.Module, trial: Callable[[int], int], k: int,
+              greedy: bool) -> DraftCosts:
+    """The costs of this model pair on this machine, greedy or sampling (a sampled round draws
+    and tests each draft: it costs more): read from the cache folder ($MLXGPT_CACHE_DIR, else
+    ~/.cache/mlxgpt) or measured (:func:`measure`) and kept there."""
+    key, path = _key(model, draft, k, greedy), cache_root() / COSTS_FILE
     with locked(path.with_suffix(".lock")):  # writers keep each other's entries
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
@@ -107,7 +109,7 @@ def costs_for(model: nn.Module, draft: nn.Module, trial: Callable[[int], int],
     return costs
 
 
-def _key(model: nn.Module, draft: nn.Module, k: int) -> str:
+def _key(model: nn.Module, draft: nn.Module, k: int, greedy: bool) -> str:
     """The pair (configs, dtypes), the round timed and what decides their speed here."""
     from ..cpu import blas
 
@@ -115,7 +117,7 @@ def _key(model: nn.Module, draft: nn.Module, k: int) -> str:
         dtypes = sorted({str(v.dtype) for _, v in tree_flatten(m.parameters())})
         return {"config": m.config.to_dict(), "dtypes": dtypes}
 
-    facts = {"model": model_id(model), "draft": model_id(draft), "k": k,
+    facts = {"model": model_id(model), "draft": model_id(draft), "k": k, "greedy": greedy,
              "setup": compute_setup(model.kernels), "cpu": blas.cpu_model(),
              "threads": blas.blas_threads()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]

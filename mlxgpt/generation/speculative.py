@@ -311,7 +311,7 @@ def speculative_tokens(
         room = ctx.n_positions - ctx.offset - 1  # after the last token, for drafts
         k = min(k_max, max_tokens - n - 1, room, draft.n_positions - 1)
         if auto and k >= 1 and (costs is not None or room >= max(k_max, PLAIN_TRIAL)):
-            costs = costs or costs_for(ctx.model, draft.model, spec.trial, k_max)
+            costs = costs or costs_for(ctx.model, draft.model, spec.trial, k_max, spec.greedy)
             if not drafting_pays(costs, made, k_max):
                 # a pause, then the draft is tried again; for good when it cannot pay at all
                 pause = max_tokens - n if not made else min(PAUSE, max_tokens - n)
