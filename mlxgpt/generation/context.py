@@ -178,6 +178,8 @@ class Context:
         common = min(common_prefix(have, ids), len(ids) - 1)
         self.trim(len(have) - common)
         rest = ids[common:]
+        if len(rest) == 1 and unpadded:  # the decode step, traced already when generating
+            return self.step(mx.array(rest, mx.int32))
         if len(rest) <= unpadded:
             return self.extend(mx.array(rest, mx.int32)[None])[:, -1]
         return self.prefill(rest)
