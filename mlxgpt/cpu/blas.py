@@ -31,10 +31,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..atomicio import atomic_write_text, locked
+from ..atomicio import cached_json
 from ..cachedir import cache_root
 from .parallel import cpu_cores
 
@@ -259,33 +259,29 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
         return inherited, "measured here (by the parent process)"
     threads = _whole(env.get("OPENBLAS_NUM_THREADS")) or cpu_cores()
     files = {name: os.stat(p) for name, p in paths.items()}
-    key = {"version": PROBE_VERSION, "cpu": _cpu0().get("model name", ""), "threads": threads,
+    key = {"version": PROBE_VERSION, "cpu": cpu_model(), "threads": threads,
            "flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
            "libraries": {n: [os.path.realpath(paths[n]), f.st_size, f.st_mtime_ns]
                          for n, f in files.items()},
            "env": {v: env.get(v) for v in (CORETYPE_ENV, *BLIS_PACK_ENVS)}}
+
+    def measure() -> dict:
+        times = {name: _probe(p, {**env, **library_settings(name, env, flags)[0]}, threads)
+                 for name, p in paths.items()}
+        return {"times": times,
+                "choice": "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"}
+
+    def read(entry: dict) -> dict:
+        if entry["choice"] not in paths or not {"OpenBLAS", "BLIS"} <= entry["times"].keys():
+            raise ValueError("not this machine's libraries")
+        return entry
+
     cache = cache_root() / CACHE_FILE
-    with locked(cache.with_suffix(".lock")):  # processes started together measure once
-        try:
-            entries = [e for e in json.loads(cache.read_text())["entries"]
-                       if e["choice"] in paths]
-        except (OSError, ValueError, KeyError, TypeError):
-            entries = []
-        entry = next((e for e in entries if e["key"] == key), None)
-        if entry is None:
-            try:
-                times = {name: _probe(p, {**env, **library_settings(name, env, flags)[0]},
-                                      threads)
-                         for name, p in paths.items()}
-            except (OSError, ValueError, subprocess.SubprocessError) as e:
-                return "OpenBLAS", f"timing the libraries failed ({e})"
-            choice = "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"
-            entry = {"key": key, "times": times, "choice": choice}
-            # one entry per setting (thread count, libraries...), the latest few; a cache that
-            # cannot be written is skipped (the next process measures again)
-            kept = {"entries": (entries + [entry])[-CACHE_ENTRIES:]}
-            with suppress(OSError):
-                atomic_write_text(cache, json.dumps(kept))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    try:  # one entry per setting (thread count, libraries...), the latest few
+        entry = cached_json(cache, digest, read, measure, keep=CACHE_ENTRIES)
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return "OpenBLAS", f"timing the libraries failed ({e})"
     times = entry["times"]
     ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", *ROW_PRODUCTS)}
     shown = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())

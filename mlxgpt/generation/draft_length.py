@@ -28,17 +28,17 @@ out whatever the text), the rest of the generation is decoded without the draft.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..atomicio import atomic_write_text, locked
+from ..atomicio import cached_json
 from ..cachedir import cache_root
 from ..core.backend import compute_setup
 
@@ -49,7 +49,7 @@ COSTS_FILE = "draft_costs.json"
 REPEATS = 5  # timings of each (after one to compile); the median counts
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DraftCosts:
     """Seconds per token decoded without the draft, and per round with the draft."""
 
@@ -89,24 +89,9 @@ def costs_for(model: nn.Module, draft: nn.Module, trial: Callable[[int], int], k
     """The costs of this model pair on this machine, greedy or sampling (a sampled round draws
     and tests each draft: it costs more): read from the cache folder ($MLXGPT_CACHE_DIR, else
     ~/.cache/mlxgpt) or measured (:func:`measure`) and kept there."""
-    key, path = _key(model, draft, k, greedy), cache_root() / COSTS_FILE
-    with locked(path.with_suffix(".lock")):  # writers keep each other's entries
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            saved = None
-        saved = saved if isinstance(saved, dict) else {}
-        try:
-            return DraftCosts(plain=float(saved[key]["plain"]), round=float(saved[key]["round"]))
-        except (KeyError, TypeError, ValueError):
-            pass
-        costs = measure(trial, k)
-        saved[key] = {"plain": costs.plain, "round": costs.round}
-        try:
-            atomic_write_text(path, json.dumps(saved, indent=1) + "\n")
-        except OSError:
-            pass  # a read-only cache folder: measured again next time
-    return costs
+    return cached_json(cache_root() / COSTS_FILE, _key(model, draft, k, greedy),
+                       lambda e: DraftCosts(plain=float(e["plain"]), round=float(e["round"])),
+                       lambda: dataclasses.asdict(measure(trial, k)))
 
 
 def _key(model: nn.Module, draft: nn.Module, k: int, greedy: bool) -> str:
