@@ -145,3 +145,13 @@ def populate_hf_cache(cache_dir: Path, repo_id: str, src: Path, revision: str = 
 
 def read_config(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def is_conv1d(name: str) -> bool:
+    """Whether mlxgpt parameter ``name`` is a Conv1D weight in Hugging Face's layout (transposed)."""
+    return any(name.endswith(f"{m}.weight") for m in ("c_attn", "c_proj", "c_fc"))
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face GPT2LMHeadModel parameter name of mlxgpt parameter ``name``."""
+    return name if name.startswith("lm_head") else "transformer." + name

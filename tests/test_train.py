@@ -22,6 +22,7 @@ from mlxgpt.training.config import TrainConfig
 from mlxgpt.training.distributed import all_sum_tree, world
 from mlxgpt.training.loop import train
 from mlxgpt.training.loss import lm_loss
+from mlxgpt.training.native_pass import NATIVE_ENV
 from mlxgpt.training.optim import OPTIMIZER_FILE, lr_schedule, make_optimizer
 from mlxgpt.training.pretrain import init_weights
 from mlxgpt.training.state import STATE_FILE
@@ -167,10 +168,14 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
                                    err_msg=k)
 
 
+@pytest.mark.parametrize("native", ["0", "1"], ids=["mlx-streams", "native-workers"])
 @pytest.mark.parametrize("streams,accum", [(2, 1), (3, 2)])
-def test_rows_split_over_cpu_streams_train_like_one_stream(tmp_path, monkeypatch, streams, accum):
+def test_rows_split_over_cpu_streams_train_like_one_stream(tmp_path, monkeypatch, streams, accum,
+                                                          native):
     """mlxgpt/cpu/parallel.py: the batch's rows split over CPU streams (3 streams: rows of 3, 3
-    and 2) reach the losses, weights and validation loss of one stream, within 1e-5."""
+    and 2) reach the losses, weights and validation loss of one stream, within 1e-5; the same
+    for the native pass's worker threads."""
+    monkeypatch.setenv(NATIVE_ENV, native)
     results = {}
     for n in (1, streams):
         monkeypatch.setenv(parallel.STREAMS_ENV, str(n))
@@ -191,11 +196,14 @@ def test_rows_split_over_cpu_streams_train_like_one_stream(tmp_path, monkeypatch
                                    err_msg=k)
 
 
-def test_masked_loss_split_over_streams_weights_rows_by_their_tokens(monkeypatch):
-    """Rows with different numbers of counted tokens: the streams' parts are token-weighted, so
-    the loss, gradient norm and gradients are the whole batch's. Plain SGD with lr 1 makes the
-    update the (clipped) gradient itself: compared within 1e-6 (gradients are ~3e-2). AdamW
-    would magnify rounding in gradients near its eps to differences up to lr."""
+@pytest.mark.parametrize("native", ["0", "1"], ids=["mlx-streams", "native-workers"])
+def test_masked_loss_split_over_streams_weights_rows_by_their_tokens(monkeypatch, native):
+    """Rows with different numbers of counted tokens: the streams' (or native workers') parts
+    are token-weighted, so the loss, gradient norm and gradients are the whole batch's. Plain
+    SGD with lr 1 makes the update the (clipped) gradient itself: compared within 1e-6
+    (gradients are ~3e-2). AdamW would magnify rounding in gradients near its eps to
+    differences up to lr."""
+    monkeypatch.setenv(NATIVE_ENV, native)
     rng = np.random.default_rng(0)
     x, y = mx.array(rng.integers(0, 64, size=(4, 32))), mx.array(rng.integers(0, 64, size=(4, 32)))
     mask = mx.array((np.arange(32)[None, :] < np.array([[32], [3], [20], [1]])).astype(np.float32))
@@ -206,7 +214,10 @@ def test_masked_loss_split_over_streams_weights_rows_by_their_tokens(monkeypatch
         before = dict(tree_flatten(model.parameters()))
         cfg = TrainConfig(steps=10, warmup=0)
         stepper = Stepper(model, lm_loss, optim.SGD(learning_rate=1.0), cfg, world())
-        assert len(stepper.streams) == (n if n > 1 else 0)
+        if native == "1":
+            assert stepper.native.net.workers == n and not stepper.streams
+        else:
+            assert len(stepper.streams) == (n if n > 1 else 0)
         loss, count, norm = stepper.step([(x, y, mask)])
         after = dict(tree_flatten(model.parameters()))
         out[n] = (loss.item(), count.item(), norm.item(),
@@ -299,7 +310,7 @@ def test_one_step_matches_pytorch(tmp_path):
     """
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from _hf_helpers import random_hf_model, save_hf_checkpoint
+    from _hf_helpers import hf_name, is_conv1d, random_hf_model, save_hf_checkpoint
 
     from mlxgpt.checkpoints.hf import load_hf
 
@@ -353,14 +364,6 @@ def test_one_step_matches_pytorch(tmp_path):
             v = v.T
         ref = hf_params[hf_name(k)].detach().numpy()
         np.testing.assert_allclose(v, ref, rtol=0, atol=5e-6, err_msg=k)
-
-
-def is_conv1d(name: str) -> bool:
-    return any(name.endswith(f"{m}.weight") for m in ("c_attn", "c_proj", "c_fc"))
-
-
-def hf_name(name: str) -> str:
-    return "transformer." + name
 
 
 def test_fast_cpu_math_matches_exact_functions():

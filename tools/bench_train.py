@@ -295,7 +295,7 @@ def _profile_parts(name: str, dropout: float, steps: int,
         "whole step": lambda: mx.eval(stepper.step([(x, y)]), stepper.state),
     }
     out = []
-    with parallel.blas_threads(stepper.streams):  # the BLAS as training sets it, for every part
+    with parallel.blas_threads(stepper.split):  # the BLAS as training sets it, for every part
         for label, f in parts.items():
             f()
             f()

@@ -4,7 +4,8 @@
 with one micro-batch on one process and one stream, loss, gradients, clipping and the AdamW
 update are one compiled function; otherwise a compiled micro-step accumulates token-weighted
 gradients and a compiled update sums them (across streams and ranks) and applies them. On the
-CPU each micro-batch's rows are split over one stream per core (:mod:`mlxgpt.cpu.parallel`).
+CPU each micro-batch's rows are split over one stream per core (:mod:`mlxgpt.cpu.parallel`), or,
+where it applies, the gradients come from one native C pass (:mod:`.native_pass`).
 :class:`Evaluator` gives the token-weighted mean loss over any batches (the training loop's
 validation and ``mlxgpt eval`` alike), split over the same streams.
 """
@@ -24,6 +25,7 @@ from ..core.backend import keep_freed_buffers
 from ..cpu.parallel import blas_threads, new_streams, on_streams, split_rows, stream_count
 from .config import TrainConfig
 from .distributed import Batch, all_sum_tree, shard, world
+from .native_pass import NativeGradients, native_unsupported
 
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (mean loss, n tokens)
 
@@ -32,7 +34,8 @@ class Stepper:
     """The compiled functions of one optimizer update, for one model and optimizer.
 
     Fast path (grad_accum 1, one process, one stream): loss, gradients, clipping and the AdamW
-    update in one compiled function. Otherwise: a compiled micro-step per stream that
+    update in one compiled function. Native path (the CPU, where :mod:`.native_pass` applies):
+    the loss and gradient sums from one C pass, then the compiled update. Otherwise: a compiled micro-step per stream that
     accumulates the gradient of its rows' summed loss (``n * grad``: the loss is scaled before
     differentiating, so no pass scales the gradients), and a compiled update that sums the
     streams' accumulators, all-sums across ranks and divides by the token count.
@@ -41,7 +44,11 @@ class Stepper:
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: optim.Optimizer,
                  cfg: TrainConfig, group: mx.distributed.Group):
         self.model, self.opt, self.cfg, self.group = model, opt, cfg, group
-        self.streams = new_streams(stream_count(group.size()))
+        workers = stream_count(group.size())
+        self.native = (NativeGradients(model, workers)
+                       if native_unsupported(model, loss_fn) is None else None)
+        self.streams = new_streams(workers) if self.native is None else []
+        self.split = workers > 1
         keep_freed_buffers()
         self.state = [model.state, opt.state, mx.random.state]
         value_grad = nn.value_and_grad(model, loss_fn)
@@ -82,7 +89,8 @@ class Stepper:
             return acc["loss"] / n, acc["n"], update(grads)
 
         wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if cfg.compile else None
-        self.fast = cfg.grad_accum == 1 and group.size() == 1 and not self.streams
+        self.fast = (cfg.grad_accum == 1 and group.size() == 1 and not self.streams
+                     and self.native is None)
         self._fused = wrap(fused) if wrap else fused
         micros = on_streams(micro, self.streams)
         self._micros = [wrap(m) for m in micros] if wrap else micros
@@ -97,7 +105,7 @@ class Stepper:
         Returns (mean loss, tokens, gradient norm before clipping), all ranks together,
         evaluated, with the model and optimizer state.
         """
-        with blas_threads(self.streams):
+        with blas_threads(self.split):
             out = self._fused(*batches[0]) if self.fast else self._accumulate(batches)
             mx.eval(out, self.state)
         return out
@@ -107,7 +115,10 @@ class Stepper:
 
     def accumulators(self, batches: Sequence[Batch]) -> list[dict[str, Any]]:
         """Each stream's loss sum, token count and gradient sum over its rows of ``batches``,
-        lazy: the step up to the update (``tools/bench_train.py --profile`` times it alone)."""
+        lazy: the step up to the update (``tools/bench_train.py --profile`` times it alone).
+        The native pass gives one, computed already."""
+        if self.native is not None:
+            return [self.native(batches)]
         accs: list[dict[str, Any]] = []
         for b in batches:
             for j, rows in enumerate(split_rows(b, len(self._micros))):
@@ -137,7 +148,7 @@ class Evaluator:
     def __call__(self, batches: Iterable[Batch]) -> tuple[float, int]:
         """(mean loss, tokens counted) over ``batches`` (global batches; each rank its rows)."""
         total = mx.zeros((2,))
-        with blas_threads(self.streams):
+        with blas_threads(bool(self.streams)):
             for batch in batches:
                 parts = split_rows(shard(batch, self.group), len(self._loss_sums))
                 sums = [f(*rows) for f, rows in zip(self._loss_sums, parts, strict=False)]

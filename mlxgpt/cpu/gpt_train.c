@@ -1,0 +1,422 @@
+/* GPT-2 forward and backward pass for training on the CPU, in one call.
+ *
+ * Why it exists: on MLX's CPU backend a small GPT's training step is dominated by per-operation
+ * costs (graph building, dispatch, allocation, strided copies, scalar reductions), not by its
+ * matrix products. Here the whole forward + backward of a batch is one C call: every product
+ * goes to the BLAS MLX uses (cblas_sgemm, handed in as a pointer), everything else is a
+ * contiguous loop the compiler vectorises. The optimizer update stays in MLX.
+ *
+ * Model (Hugging Face GPT-2; MLX layouts): Linear weights (out, in) row-major, biases (out);
+ * pre-LayerNorm blocks; causal attention scaled by 1/sqrt(D); tanh or erf GELU; head tied to wte
+ * or its own (V, C) matrix. Loss: the sum over positions of weight * cross-entropy.
+ * Shapes: B rows, T positions, N = B * T tokens, C width, H heads, D = C / H, F MLP width,
+ * V vocabulary, L layers.
+ *
+ * Parameters (and gradients) come as an array of pointers in this order: wte (V, C),
+ * wpe (P, C), then per layer ln_1.w, ln_1.b, c_attn.w (3C, C), c_attn.b, attn c_proj.w (C, C),
+ * c_proj.b, ln_2.w, ln_2.b, c_fc.w (F, C), c_fc.b, mlp c_proj.w (C, F), c_proj.b, then ln_f.w,
+ * ln_f.b and lm_head.w (V, C) when the head is not tied. Gradients are ADDED to (a caller
+ * accumulates micro-batches by not zeroing them).
+ *
+ * Built by mlxgpt/cpu/native.py with the system C compiler, once per machine.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+typedef void (*sgemm_fn)(int order, int ta, int tb, int m, int n, int k, float alpha,
+                         const float *a, int lda, const float *b, int ldb, float beta,
+                         float *c, int ldc);
+
+typedef struct {
+    int V, P, C, L, H, F;
+    int tied;       /* head is wte */
+    int gelu_tanh;  /* 1: tanh approximation (gelu_new), 0: erf */
+    float eps;
+} gpt_dims;
+
+#define PARAMS_PER_LAYER 12
+enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B, MPROJ_W,
+       MPROJ_B };
+
+static sgemm_fn gemm;
+
+/* C (m, n) = alpha * op(A) op(B) + beta * C, row-major, with leading dimensions. */
+static void mm(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+               const float *b, int ldb, float beta, float *c, int ldc) {
+    gemm(ROW_MAJOR, ta ? TRANS : NO_TRANS, tb ? TRANS : NO_TRANS, m, n, k, alpha, a, lda, b,
+         ldb, beta, c, ldc);
+}
+
+/* exp(x) for float32, vectorisable: 2^k * p(r), r = x - k ln2, Taylor degree 7 (relative error
+ * ~1e-7); 0 for x < -87 (never a subnormal: x86 computes with those many times slower). */
+static inline float fast_exp(float x) {
+    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } two_k;
+    two_k.i = ((int32_t)k + 127) << 23;
+    return x < -87.0f ? 0.0f : p * two_k.f;
+}
+
+/* tanh(u) = 1 - 2 / (exp(2u) + 1): absolute error ~1e-7, which is what GELU needs. */
+static inline float fast_tanh(float u) {
+    float e = fast_exp(2.0f * (u > 20.0f ? 20.0f : u));
+    return 1.0f - 2.0f / (e + 1.0f);
+}
+
+/* ------------------------------------------------------------------ pointwise pieces */
+
+/* y (n, out) = bias in every row, ready for a product to add onto (beta = 1). */
+static void fill_rows(float *y, const float *bias, size_t n, int out) {
+    for (size_t i = 0; i < n; i++) memcpy(y + i * out, bias, sizeof(float) * out);
+}
+
+static void add_rows(float *y, const float *bias, size_t n, int out) {
+    for (size_t i = 0; i < n; i++) {
+        float *r = y + i * out;
+        for (int j = 0; j < out; j++) r[j] += bias[j];
+    }
+}
+
+/* db (out) += column sums of dy (n, out). */
+static void col_sums(float *db, const float *dy, size_t n, int out) {
+    for (size_t i = 0; i < n; i++) {
+        const float *r = dy + i * out;
+        for (int j = 0; j < out; j++) db[j] += r[j];
+    }
+}
+
+static void layernorm(float *y, float *mean, float *rstd, const float *x, const float *w,
+                      const float *b, size_t n, int c, float eps) {
+    for (size_t i = 0; i < n; i++) {
+        const float *xi = x + i * c;
+        float m = 0.0f, v = 0.0f;
+        for (int j = 0; j < c; j++) m += xi[j];
+        m /= c;
+        for (int j = 0; j < c; j++) v += (xi[j] - m) * (xi[j] - m);
+        float s = 1.0f / sqrtf(v / c + eps);
+        float *yi = y + i * c;
+        for (int j = 0; j < c; j++) yi[j] = (xi[j] - m) * s * w[j] + b[j];
+        mean[i] = m;
+        rstd[i] = s;
+    }
+}
+
+/* dx += d LayerNorm / dx . dy; dw, db += their gradients. */
+static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *mean, const float *rstd, const float *w, size_t n,
+                               int c) {
+    for (size_t i = 0; i < n; i++) {
+        const float *xi = x + i * c, *gi = dy + i * c;
+        float m = mean[i], s = rstd[i], sum_g = 0.0f, sum_gx = 0.0f;
+        for (int j = 0; j < c; j++) {
+            float xhat = (xi[j] - m) * s, g = gi[j] * w[j];
+            sum_g += g;
+            sum_gx += g * xhat;
+            dw[j] += gi[j] * xhat;
+            db[j] += gi[j];
+        }
+        sum_g /= c;
+        sum_gx /= c;
+        float *dxi = dx + i * c;
+        for (int j = 0; j < c; j++) {
+            float xhat = (xi[j] - m) * s;
+            dxi[j] += (gi[j] * w[j] - sum_g - xhat * sum_gx) * s;
+        }
+    }
+}
+
+#define SQRT_2_OVER_PI 0.7978845608028654f
+
+static void gelu(float *y, const float *x, size_t n, int tanh_form) {
+    if (tanh_form) {
+        for (size_t i = 0; i < n; i++) {
+            float v = x[i];
+            y[i] = 0.5f * v * (1.0f + fast_tanh(SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
+        }
+    } else {
+        for (size_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678f));
+    }
+}
+
+/* g *= GELU'(x), in place. */
+static void gelu_backward(float *g, const float *x, size_t n, int tanh_form) {
+    if (tanh_form) {
+        for (size_t i = 0; i < n; i++) {
+            float v = x[i], v2 = v * v;
+            float t = fast_tanh(SQRT_2_OVER_PI * (v + 0.044715f * v2 * v));
+            g[i] *= 0.5f * (1.0f + t) +
+                    0.5f * v * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 0.134145f * v2);
+        }
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            float v = x[i];
+            g[i] *= 0.5f * (1.0f + erff(v * 0.70710678f)) +
+                    v * expf(-0.5f * v * v) * 0.3989422804014327f;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ attention */
+
+/* Causal softmax of each row of s (T, T) in place, scores already scaled; lse (T) keeps each
+ * row's log-sum-exp for the backward pass. */
+static void causal_softmax(float *s, float *lse, int t) {
+    for (int i = 0; i < t; i++) {
+        float *r = s + (size_t)i * t, m = r[0], sum = 0.0f;
+        for (int j = 1; j <= i; j++) m = r[j] > m ? r[j] : m;
+        for (int j = 0; j <= i; j++) {
+            r[j] = fast_exp(r[j] - m);
+            sum += r[j];
+        }
+        float inv = 1.0f / sum;
+        for (int j = 0; j <= i; j++) r[j] *= inv;
+        for (int j = i + 1; j < t; j++) r[j] = 0.0f;
+        lse[i] = m + logf(sum);
+    }
+}
+
+/* y (N, C) from qkv (N, 3C), head by head; p is (T, T) scratch; lse (B, H, T). */
+static void attention(float *y, float *lse, const float *qkv, float *p, int b_rows, int t,
+                      int c, int h) {
+    int d = c / h;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int b = 0; b < b_rows; b++) {
+        for (int hd = 0; hd < h; hd++) {
+            const float *q = qkv + (size_t)b * t * 3 * c + hd * d, *k = q + c, *v = q + 2 * c;
+            mm(0, 1, t, t, d, scale, q, 3 * c, k, 3 * c, 0.0f, p, t);
+            causal_softmax(p, lse + ((size_t)b * h + hd) * t, t);
+            mm(0, 0, t, d, t, 1.0f, p, t, v, 3 * c, 0.0f, y + (size_t)b * t * c + hd * d, c);
+        }
+    }
+}
+
+/* dqkv (N, 3C) = gradient of qkv given dy (N, C); p, dp (T, T) scratch. The probabilities are
+ * recomputed from q, k and the saved log-sum-exp (T x T per head is not kept). */
+static void attention_backward(float *dqkv, const float *dy, const float *qkv, const float *lse,
+                               float *p, float *dp, int b_rows, int t, int c, int h) {
+    int d = c / h;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int b = 0; b < b_rows; b++) {
+        for (int hd = 0; hd < h; hd++) {
+            size_t row0 = (size_t)b * t;
+            const float *q = qkv + row0 * 3 * c + hd * d, *k = q + c, *v = q + 2 * c;
+            const float *g = dy + row0 * c + hd * d, *l = lse + ((size_t)b * h + hd) * t;
+            float *dq = dqkv + row0 * 3 * c + hd * d, *dk = dq + c, *dv = dq + 2 * c;
+            mm(0, 1, t, t, d, scale, q, 3 * c, k, 3 * c, 0.0f, p, t);
+            for (int i = 0; i < t; i++) {
+                float *r = p + (size_t)i * t;
+                for (int j = 0; j <= i; j++) r[j] = fast_exp(r[j] - l[i]);
+                for (int j = i + 1; j < t; j++) r[j] = 0.0f;
+            }
+            mm(0, 1, t, t, d, 1.0f, g, c, v, 3 * c, 0.0f, dp, t);  /* dP = dY V^T */
+            mm(1, 0, t, d, t, 1.0f, p, t, g, c, 0.0f, dv, 3 * c);  /* dV = P^T dY */
+            for (int i = 0; i < t; i++) {  /* dS = P * (dP - rowsum(P * dP)) * scale */
+                float *pr = p + (size_t)i * t, *dr = dp + (size_t)i * t, dot = 0.0f;
+                for (int j = 0; j <= i; j++) dot += pr[j] * dr[j];
+                for (int j = 0; j <= i; j++) dr[j] = pr[j] * (dr[j] - dot) * scale;
+                for (int j = i + 1; j < t; j++) dr[j] = 0.0f;
+            }
+            mm(0, 0, t, d, t, 1.0f, dp, t, k, 3 * c, 0.0f, dq, 3 * c);  /* dQ = dS K */
+            mm(1, 0, t, d, t, 1.0f, dp, t, q, 3 * c, 0.0f, dk, 3 * c);  /* dK = dS^T Q */
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ workspace */
+
+typedef struct {
+    float *res, *ln1, *mean1, *rstd1, *qkv, *lse, *atty, *mid, *ln2, *mean2, *rstd2, *fch, *gel;
+} layer_acts;
+
+typedef struct {
+    layer_acts layer;   /* layer 0's; layer l's are at + l * per_layer */
+    size_t per_layer;   /* floats per layer */
+    float *final_res, *lnf, *meanf, *rstdf;
+    float *dres, *dln, *dqkv, *datty, *dfch, *p, *dp, *logits;
+    int chunk_rows;     /* rows of logits made at a time */
+} workspace;
+
+static size_t ce_chunk_rows(int v, size_t n) {
+    size_t rows = ((size_t)1 << 22) / (size_t)v;  /* 16 MB of logits at a time */
+    if (rows < 1) rows = 1;
+    return rows < n ? rows : n;
+}
+
+/* Floats of workspace a call with b_rows x t tokens needs. */
+size_t gpt_workspace_floats(const gpt_dims *d, int b_rows, int t) {
+    size_t n = (size_t)b_rows * t, c = d->C, f = d->F;
+    size_t per_layer = n * (c + c + 3 * c + c + c + c + 2 * f) + 4 * n + (size_t)b_rows * d->H * t;
+    size_t rest = n * (2 * c) + 2 * n + n * (c + c + 3 * c + c + f) + 2 * (size_t)t * t +
+                  ce_chunk_rows(d->V, n) * d->V;
+    return per_layer * d->L + rest;
+}
+
+static workspace carve(const gpt_dims *d, float *w, int b_rows, int t) {
+    size_t n = (size_t)b_rows * t, c = d->C, f = d->F;
+    workspace s;
+    float *at = w;
+#define TAKE(field, count) (field = at, at += (count))
+    TAKE(s.layer.res, n * c);
+    TAKE(s.layer.ln1, n * c);
+    TAKE(s.layer.mean1, n);
+    TAKE(s.layer.rstd1, n);
+    TAKE(s.layer.qkv, n * 3 * c);
+    TAKE(s.layer.lse, (size_t)b_rows * d->H * t);
+    TAKE(s.layer.atty, n * c);
+    TAKE(s.layer.mid, n * c);
+    TAKE(s.layer.ln2, n * c);
+    TAKE(s.layer.mean2, n);
+    TAKE(s.layer.rstd2, n);
+    TAKE(s.layer.fch, n * f);
+    TAKE(s.layer.gel, n * f);
+    s.per_layer = (size_t)(at - w);
+    at = w + s.per_layer * d->L;
+    TAKE(s.final_res, n * c);
+    TAKE(s.lnf, n * c);
+    TAKE(s.meanf, n);
+    TAKE(s.rstdf, n);
+    TAKE(s.dres, n * c);
+    TAKE(s.dln, n * c);
+    TAKE(s.dqkv, n * 3 * c);
+    TAKE(s.datty, n * c);
+    TAKE(s.dfch, n * f);
+    TAKE(s.p, (size_t)t * t);
+    TAKE(s.dp, (size_t)t * t);
+    s.chunk_rows = (int)ce_chunk_rows(d->V, n);
+    TAKE(s.logits, (size_t)s.chunk_rows * d->V);
+#undef TAKE
+    return s;
+}
+
+static layer_acts layer_at(const workspace *s, int l) {
+    size_t o = s->per_layer * l;
+    layer_acts a = s->layer;
+    float **f = (float **)&a;
+    for (size_t i = 0; i < sizeof(layer_acts) / sizeof(float *); i++) f[i] += o;
+    return a;
+}
+
+/* ------------------------------------------------------------------ the pass */
+
+void gpt_set_sgemm(sgemm_fn f) { gemm = f; }
+
+/* Forward (and, when grads is not NULL, backward) over inputs/targets (b_rows, t). weights
+ * (b_rows * t) says how much each position's cross-entropy counts (NULL: 1 each). Returns the
+ * weighted sum of cross-entropies; *count gets the sum of the weights. */
+double gpt_forward_backward(const gpt_dims *d, float *const *params, float *const *grads,
+                            const int32_t *inputs, const int32_t *targets, const float *weights,
+                            int b_rows, int t, float *work, double *count) {
+    const int C = d->C, F = d->F, V = d->V, L = d->L, H = d->H;
+    const size_t n = (size_t)b_rows * t;
+    workspace s = carve(d, work, b_rows, t);
+    const float *wte = params[0], *wpe = params[1];
+    float *const *lp = params + 2;
+    const float *lnf_w = params[2 + PARAMS_PER_LAYER * L], *lnf_b = params[3 + PARAMS_PER_LAYER * L];
+    const float *head = d->tied ? wte : params[4 + PARAMS_PER_LAYER * L];
+
+    /* forward */
+    for (size_t i = 0; i < n; i++) {
+        const float *e = wte + (size_t)inputs[i] * C, *pe = wpe + (size_t)(i % t) * C;
+        float *x = s.layer.res + i * C;
+        for (int j = 0; j < C; j++) x[j] = e[j] + pe[j];
+    }
+    for (int l = 0; l < L; l++) {
+        layer_acts a = layer_at(&s, l);
+        float *const *w = lp + PARAMS_PER_LAYER * l;
+        float *out = l + 1 < L ? layer_at(&s, l + 1).res : s.final_res;
+        layernorm(a.ln1, a.mean1, a.rstd1, a.res, w[LN1_W], w[LN1_B], n, C, d->eps);
+        fill_rows(a.qkv, w[ATTN_B], n, 3 * C);
+        mm(0, 1, n, 3 * C, C, 1.0f, a.ln1, C, w[ATTN_W], C, 1.0f, a.qkv, 3 * C);
+        attention(a.atty, a.lse, a.qkv, s.p, b_rows, t, C, H);
+        memcpy(a.mid, a.res, sizeof(float) * n * C);  /* residual: the product adds onto it */
+        add_rows(a.mid, w[APROJ_B], n, C);
+        mm(0, 1, n, C, C, 1.0f, a.atty, C, w[APROJ_W], C, 1.0f, a.mid, C);
+        layernorm(a.ln2, a.mean2, a.rstd2, a.mid, w[LN2_W], w[LN2_B], n, C, d->eps);
+        fill_rows(a.fch, w[FC_B], n, F);
+        mm(0, 1, n, F, C, 1.0f, a.ln2, C, w[FC_W], C, 1.0f, a.fch, F);
+        gelu(a.gel, a.fch, n * F, d->gelu_tanh);
+        memcpy(out, a.mid, sizeof(float) * n * C);
+        add_rows(out, w[MPROJ_B], n, C);
+        mm(0, 1, n, C, F, 1.0f, a.gel, F, w[MPROJ_W], F, 1.0f, out, C);
+    }
+    layernorm(s.lnf, s.meanf, s.rstdf, s.final_res, lnf_w, lnf_b, n, C, d->eps);
+
+    /* loss, and d loss / d lnf into dln, a chunk of rows at a time */
+    double loss = 0.0, counted = 0.0;
+    for (size_t r0 = 0; r0 < n; r0 += s.chunk_rows) {
+        int rows = (int)(n - r0 < (size_t)s.chunk_rows ? n - r0 : (size_t)s.chunk_rows);
+        mm(0, 1, rows, V, C, 1.0f, s.lnf + r0 * C, C, head, C, 0.0f, s.logits, V);
+        for (int i = 0; i < rows; i++) {
+            float *z = s.logits + (size_t)i * V, m = z[0], sum = 0.0f;
+            float wgt = weights ? weights[r0 + i] : 1.0f;
+            int tg = targets[r0 + i];
+            for (int j = 1; j < V; j++) m = z[j] > m ? z[j] : m;
+            for (int j = 0; j < V; j++) sum += fast_exp(z[j] - m);
+            float lse = m + logf(sum);
+            loss += (double)wgt * (lse - z[tg]);
+            counted += wgt;
+            if (grads) {  /* d ce / d z = softmax - onehot, times the position's weight */
+                for (int j = 0; j < V; j++) z[j] = wgt * fast_exp(z[j] - lse);
+                z[tg] -= wgt;
+            }
+        }
+        if (grads) {
+            float *dhead = d->tied ? grads[0] : grads[4 + PARAMS_PER_LAYER * L];
+            mm(0, 0, rows, C, V, 1.0f, s.logits, V, head, C, 0.0f, s.dln + r0 * C, C);
+            mm(1, 0, V, C, rows, 1.0f, s.logits, V, s.lnf + r0 * C, C, 1.0f, dhead, C);
+        }
+    }
+    *count = counted;
+    if (!grads) return loss;
+
+    /* backward */
+    float *const *gl = grads + 2;
+    memset(s.dres, 0, sizeof(float) * n * C);
+    layernorm_backward(s.dres, grads[2 + PARAMS_PER_LAYER * L], grads[3 + PARAMS_PER_LAYER * L],
+                       s.dln, s.final_res, s.meanf, s.rstdf, lnf_w, n, C);
+    for (int l = L - 1; l >= 0; l--) {
+        layer_acts a = layer_at(&s, l);
+        float *const *w = lp + PARAMS_PER_LAYER * l, *const *g = gl + PARAMS_PER_LAYER * l;
+        /* out = mid + gel @ Wm^T + bm */
+        col_sums(g[MPROJ_B], s.dres, n, C);
+        mm(1, 0, C, F, n, 1.0f, s.dres, C, a.gel, F, 1.0f, g[MPROJ_W], F);
+        mm(0, 0, n, F, C, 1.0f, s.dres, C, w[MPROJ_W], F, 0.0f, s.dfch, F);
+        gelu_backward(s.dfch, a.fch, n * F, d->gelu_tanh);
+        col_sums(g[FC_B], s.dfch, n, F);
+        mm(1, 0, F, C, n, 1.0f, s.dfch, F, a.ln2, C, 1.0f, g[FC_W], C);
+        mm(0, 0, n, C, F, 1.0f, s.dfch, F, w[FC_W], C, 0.0f, s.dln, C);
+        layernorm_backward(s.dres, g[LN2_W], g[LN2_B], s.dln, a.mid, a.mean2, a.rstd2, w[LN2_W],
+                           n, C);
+        /* mid = res + atty @ Wp^T + bp */
+        col_sums(g[APROJ_B], s.dres, n, C);
+        mm(1, 0, C, C, n, 1.0f, s.dres, C, a.atty, C, 1.0f, g[APROJ_W], C);
+        mm(0, 0, n, C, C, 1.0f, s.dres, C, w[APROJ_W], C, 0.0f, s.datty, C);
+        attention_backward(s.dqkv, s.datty, a.qkv, a.lse, s.p, s.dp, b_rows, t, C, H);
+        col_sums(g[ATTN_B], s.dqkv, n, 3 * C);
+        mm(1, 0, 3 * C, C, n, 1.0f, s.dqkv, 3 * C, a.ln1, C, 1.0f, g[ATTN_W], C);
+        mm(0, 0, n, C, 3 * C, 1.0f, s.dqkv, 3 * C, w[ATTN_W], C, 0.0f, s.dln, C);
+        layernorm_backward(s.dres, g[LN1_W], g[LN1_B], s.dln, a.res, a.mean1, a.rstd1, w[LN1_W],
+                           n, C);
+    }
+    for (size_t i = 0; i < n; i++) {  /* embeddings: scatter-add */
+        float *de = grads[0] + (size_t)inputs[i] * C, *dpe = grads[1] + (size_t)(i % t) * C;
+        const float *gi = s.dres + i * C;
+        for (int j = 0; j < C; j++) {
+            de[j] += gi[j];
+            dpe[j] += gi[j];
+        }
+    }
+    return loss;
+}

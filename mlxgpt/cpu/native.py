@@ -1,0 +1,266 @@
+"""The native training pass: ``gpt_train.c`` built with the system C compiler, called by ctypes.
+
+Why: see the C file's header. MLX's CPU backend spends most of a small GPT's training step on
+per-operation work; one C call for the whole forward + backward pass, with its products on the
+BLAS MLX loaded, takes that away. It is built once per machine (a few seconds, the first time
+a model trains here) into the cache folder, keyed by the source, the compiler and the CPU, and
+used only where it applies (:func:`unavailable_reason`); everything else trains through MLX.
+
+Parallelism: :meth:`NativeGPT.run` splits a batch's rows over one thread per core, each with its
+own workspace and gradient buffers and the BLAS on one thread; ctypes releases the GIL for the
+call, so the threads run at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomicio import locked
+from ..cachedir import cache_root
+
+SOURCE = Path(__file__).with_name("gpt_train.c")
+PER_LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+             "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+             "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+COMPILER_ENV = "CC"
+_SGEMM = ctypes.CFUNCTYPE(None, *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_void_p,
+                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                          ctypes.c_void_p, ctypes.c_int)
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("V", ctypes.c_int), ("P", ctypes.c_int), ("C", ctypes.c_int),
+                ("L", ctypes.c_int), ("H", ctypes.c_int), ("F", ctypes.c_int),
+                ("tied", ctypes.c_int), ("gelu_tanh", ctypes.c_int), ("eps", ctypes.c_float)]
+
+
+class BuildError(RuntimeError):
+    """The C source could not be compiled here (no compiler, or it failed)."""
+
+
+def _compiler() -> str | None:
+    return os.environ.get(COMPILER_ENV) or shutil.which("cc") or shutil.which("gcc") \
+        or shutil.which("clang")
+
+
+def _flag_sets() -> list[list[str]]:
+    base = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
+    # -march=native: the library is built on the machine it runs on (the key names the CPU)
+    return [base + ["-march=native"], base]
+
+
+def _key(cc: str) -> str:
+    from .blas import cpu_flags, cpu_model
+
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), repr(_flag_sets()).encode(),
+                 cpu_model().encode(),
+                 " ".join(sorted(cpu_flags())).encode(), sys.platform.encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def library_path() -> Path:
+    """The compiled library, built on first use (under a lock: processes started together build
+    it once). Raises :class:`BuildError` when it cannot be built."""
+    cc = _compiler()
+    if cc is None:
+        raise BuildError("no C compiler found (set CC, or install gcc/clang)")
+    folder = cache_root() / "native"
+    target = folder / f"gpt_train-{_key(cc)}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(folder / "build.lock"):
+        if target.exists():
+            return target
+        errors = []
+        for flags in _flag_sets():
+            fd, tmp = tempfile.mkstemp(prefix=".gpt_train-", suffix=".so", dir=folder)
+            os.close(fd)
+            out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            os.unlink(tmp)
+            errors.append(out.stderr.strip().splitlines()[-1:] or ["failed"])
+        raise BuildError(f"{cc} could not build {SOURCE.name}: {errors[-1][0]}")
+
+
+def _sgemm_address() -> int | None:
+    """cblas_sgemm of the BLAS MLX computes with: the library mlxgpt preloaded, Accelerate on
+    macOS, else the BLAS library MLX itself linked (found among the process's mapped files)."""
+    from . import blas
+
+    if blas._handle is not None:
+        return ctypes.cast(blas._handle.cblas_sgemm, ctypes.c_void_p).value
+    if sys.platform == "darwin":
+        lib = ctypes.CDLL("/System/Library/Frameworks/Accelerate.framework/Accelerate")
+        return ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for path in dict.fromkeys(line.split()[-1] for line in maps if "blas" in line.lower()):
+        try:
+            return ctypes.cast(ctypes.CDLL(path).cblas_sgemm, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library_path()))
+    address = _sgemm_address()
+    if address is None:
+        raise BuildError("no BLAS with cblas_sgemm found in this process")
+    lib.gpt_set_sgemm.argtypes = [ctypes.c_void_p]
+    lib.gpt_set_sgemm(address)
+    lib.gpt_workspace_floats.restype = ctypes.c_size_t
+    lib.gpt_workspace_floats.argtypes = [ctypes.POINTER(Dims), ctypes.c_int, ctypes.c_int]
+    lib.gpt_forward_backward.restype = ctypes.c_double
+    lib.gpt_forward_backward.argtypes = [
+        ctypes.POINTER(Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_double)]
+    return lib
+
+
+def build_error() -> str | None:
+    """Why the native pass cannot be loaded here, or None when it can."""
+    try:
+        _library()
+    except (BuildError, OSError) as e:
+        return str(e)
+    return None
+
+
+def parameter_names(n_layer: int, tied: bool) -> list[str]:
+    """The model's parameter names in the order the C code takes them."""
+    names = ["wte.weight", "wpe.weight"]
+    names += [f"h.{i}.{p}" for i in range(n_layer) for p in PER_LAYER]
+    names += ["ln_f.weight", "ln_f.bias"] + ([] if tied else ["lm_head.weight"])
+    return names
+
+
+def _pointers(arrays: Sequence[np.ndarray]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+
+
+class NativeGPT:
+    """Forward + backward passes of one GPT configuration on ``workers`` threads.
+
+    ``run`` takes the parameters (name -> float32 array) and batches of
+    (inputs, targets[, weights]); it returns the weighted cross-entropy sum, the weight sum and,
+    unless ``grads`` is False, the gradient of the sum as one flat float32 array (views per
+    parameter: :meth:`unflatten`)."""
+
+    def __init__(self, cfg: Any, workers: int):
+        self.lib = _library()
+        self.tied = bool(cfg.tie_word_embeddings)
+        self.dims = Dims(V=cfg.vocab_size, P=cfg.n_positions, C=cfg.n_embd, L=cfg.n_layer,
+                         H=cfg.n_head, F=cfg.hidden_dim, tied=int(self.tied),
+                         gelu_tanh=int(cfg.activation_function != "gelu"),
+                         eps=cfg.layer_norm_epsilon)
+        self.names = parameter_names(cfg.n_layer, self.tied)
+        self.workers = max(1, workers)
+        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._work: dict[tuple[int, int, int], np.ndarray] = {}
+        self._grads: list[np.ndarray] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Views of ``flat`` per parameter name."""
+        out, at = {}, 0
+        for name in self.names:
+            size = int(np.prod(self.shapes[name]))
+            out[name] = flat[at:at + size].reshape(self.shapes[name])
+            at += size
+        return out
+
+    def _workspace(self, worker: int, rows: int, t: int) -> np.ndarray:
+        key = (worker, rows, t)
+        if key not in self._work:
+            floats = self.lib.gpt_workspace_floats(ctypes.byref(self.dims), rows, t)
+            self._work[key] = np.empty(floats, np.float32)
+        return self._work[key]
+
+    def run(self, params: Mapping[str, np.ndarray], batches: Sequence[Sequence[np.ndarray]],
+            grads: bool = True) -> tuple[float, float, np.ndarray | None]:
+        # a copy only where a weight is not float32 row-major already (a transposed view)
+        arrays = [np.ascontiguousarray(params[n], np.float32) for n in self.names]
+        self.shapes = {n: a.shape for n, a in zip(self.names, arrays, strict=True)}
+        p_ptrs = _pointers(arrays)
+        total = sum(a.size for a in arrays)
+        if grads:
+            if not self._grads or self._grads[0].size != total:
+                self._grads = [np.empty(total, np.float32) for _ in range(self.workers)]
+            for g in self._grads:
+                g.fill(0.0)
+        # every micro-batch's rows cut into one piece per worker; a worker runs its pieces in turn
+        jobs: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(self.workers)]
+        for batch in batches:
+            for ids in batch[:2]:
+                if ids.size and (ids.min() < 0 or ids.max() >= self.dims.V):
+                    raise ValueError(f"token ids must be in [0, {self.dims.V})")
+            rows = batch[0].shape[0]
+            parts = min(self.workers, rows)
+            bounds = [rows * i // parts for i in range(parts + 1)]
+            for w, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+                jobs[w].append(tuple(np.ascontiguousarray(a[lo:hi]) for a in batch))
+
+        def work(w: int) -> tuple[float, float]:
+            g_ptrs = None
+            if grads:
+                views = self.unflatten(self._grads[w])
+                g_ptrs = _pointers([views[n] for n in self.names])
+            loss = count = 0.0
+            for piece in jobs[w]:
+                inputs = np.ascontiguousarray(piece[0], np.int32)
+                targets = np.ascontiguousarray(piece[1], np.int32)
+                weights = (np.ascontiguousarray(piece[2], np.float32) if len(piece) > 2
+                           and piece[2] is not None else None)
+                rows, t = inputs.shape
+                ws = self._workspace(w, rows, t)
+                c = ctypes.c_double()
+                loss += self.lib.gpt_forward_backward(
+                    ctypes.byref(self.dims), p_ptrs, g_ptrs, inputs.ctypes.data,
+                    targets.ctypes.data, None if weights is None else weights.ctypes.data,
+                    rows, t, ws.ctypes.data, ctypes.byref(c))
+                count += c.value
+            return loss, count
+
+        if self.pool is None:
+            results = [work(0)]
+        else:
+            results = list(self.pool.map(work, range(self.workers)))
+        loss = sum(r[0] for r in results)
+        count = sum(r[1] for r in results)
+        if not grads:
+            return loss, count, None
+        flat = self._grads[0]
+        for g in self._grads[1:]:
+            np.add(flat, g, out=flat)
+        return loss, count, flat

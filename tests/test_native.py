@@ -1,0 +1,189 @@
+"""The native training pass (mlxgpt/cpu/gpt_train.c): gradients against the reference, where it
+applies, and what happens where it cannot be built.
+
+Tolerances (float32 throughout): loss 1e-5 relative; every gradient 2e-5 x that tensor's
+largest gradient (as tests/test_train.py's MLX step against PyTorch). The C code's exp and tanh
+are polynomial (~1e-7 relative); the rest is float32 rounding in another order.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import make_tiny_model
+from mlx.utils import tree_flatten
+
+from mlxgpt.cpu import native
+from mlxgpt.errors import MlxgptError
+from mlxgpt.training.config import TrainConfig
+from mlxgpt.training.distributed import world
+from mlxgpt.training.loss import lm_loss
+from mlxgpt.training.native_pass import NATIVE_ENV, native_unsupported
+from mlxgpt.training.optim import make_optimizer
+from mlxgpt.training.step import Stepper
+
+def host_params(model) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"tie_word_embeddings": False},
+    {"activation_function": "gelu", "n_inner": 40},
+], ids=["tied-tanh", "untied", "erf-gelu-n_inner"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gradients_match_transformers(tmp_path, config, workers):
+    """Loss and every gradient of the native pass against transformers' GPT2LMHeadModel on the
+    same weights and batch (odd sizes: 3 heads of 16, 5 rows split over the workers)."""
+    torch = pytest.importorskip("torch")
+    from _hf_helpers import hf_name, is_conv1d, random_hf_model, save_hf_checkpoint
+
+    from mlxgpt.checkpoints.hf import load_hf
+
+    V = 101
+    hf = random_hf_model({"n_layer": 2, "n_embd": 48, "n_head": 3, "vocab_size": V,
+                          "n_positions": 32, **config})
+    model, _ = load_hf(save_hf_checkpoint(hf, tmp_path / "hf"))
+    rows = np.random.default_rng(0).integers(0, V, size=(5, 30))
+    x, y = rows[:, :-1].astype(np.int32), rows[:, 1:].astype(np.int32)
+
+    out = hf(torch.from_numpy(x.astype(np.int64)))
+    ref_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V),
+                                                 torch.from_numpy(y.astype(np.int64)).reshape(-1))
+    ref_loss.backward()
+    ref_grads = {n: p.grad.detach().numpy() for n, p in hf.named_parameters()}
+
+    net = native.NativeGPT(model.config, workers)
+    loss_sum, count, flat = net.run(host_params(model), [(x, y)])
+    assert count == x.size
+    assert loss_sum / count == pytest.approx(ref_loss.item(), rel=1e-5)
+    grads = net.unflatten(flat)
+    assert set(grads) == {k for k, _ in tree_flatten(model.parameters())}
+    for k, g in grads.items():
+        ref = ref_grads[hf_name(k)]
+        g = g / count
+        if is_conv1d(k):
+            g = g.T
+        scale = max(np.abs(ref).max(), 1e-8)
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2e-5 * scale, err_msg=k)
+
+
+def test_weighted_positions_and_accumulation_match_mlx():
+    """A mask (positions counted or not) and two micro-batches accumulated in one call give
+    MLX's token-weighted loss and gradient sums; the forward-only call gives the same loss."""
+    model = make_tiny_model(3)
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(2):
+        rows = rng.integers(0, 257, size=(3, 17)).astype(np.int32)
+        mask = (rng.random((3, 16)) < 0.7).astype(np.float32)
+        batches.append((rows[:, :-1], rows[:, 1:], mask))
+
+    def summed(m, x, y, w):
+        loss, n = lm_loss(m, x, y, w)
+        return loss * n
+
+    ref_loss, ref = 0.0, None
+    for b in batches:
+        loss, g = nn.value_and_grad(model, summed)(model, *map(mx.array, b))
+        ref_loss += loss.item()
+        g = {k: np.array(v) for k, v in tree_flatten(g)}
+        ref = g if ref is None else {k: ref[k] + g[k] for k in g}
+    net = native.NativeGPT(model.config, 2)
+    loss_sum, count, flat = net.run(host_params(model), batches)
+    assert count == sum(b[2].sum() for b in batches)
+    assert loss_sum == pytest.approx(ref_loss, rel=1e-5)
+    for k, g in net.unflatten(flat).items():
+        np.testing.assert_allclose(g, ref[k], rtol=0, atol=2e-5 * np.abs(ref[k]).max(),
+                                   err_msg=k)
+    fwd_loss, fwd_count, none = net.run(host_params(model), batches, grads=False)
+    assert none is None and fwd_count == count
+    assert fwd_loss == pytest.approx(loss_sum, rel=1e-6)
+
+
+def test_token_ids_out_of_range_are_refused():
+    model = make_tiny_model()
+    net = native.NativeGPT(model.config, 1)
+    x = np.zeros((2, 8), np.int32)
+    with pytest.raises(ValueError, match="token ids"):
+        net.run(host_params(model), [(x, x + 257)])
+
+
+def _stepper(model, **cfg):
+    cfg = TrainConfig(steps=10, lr=1e-3, min_lr=1e-3, warmup=0, **cfg)
+    opt = make_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    return Stepper(model, lm_loss, opt, cfg, world())
+
+
+def test_training_steps_match_mlx_graph(monkeypatch):
+    """Optimizer updates (two micro-batches each, clipping on) through the native pass and
+    through MLX's graph from the same weights: the same losses and gradient norms over five
+    steps (2e-5 relative), the same weights after the first (5e-6 absolute at lr 1e-3; later
+    steps drift further as Adam's m / sqrt(v) magnifies rounding in near-zero gradients). The
+    key biases are left out of the weights: their gradient is zero but for rounding (softmax
+    ignores a score added to every key), which Adam's first step turns into +-lr."""
+    rng = np.random.default_rng(2)
+    data = [[tuple(mx.array(a) for a in (r[:, :-1], r[:, 1:]))
+             for r in rng.integers(0, 257, size=(2, 4, 33)).astype(np.int32)]
+            for _ in range(5)]
+    runs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(NATIVE_ENV, setting)
+        model = make_tiny_model(4)
+        model.train()
+        stepper = _stepper(model, grad_accum=2, grad_clip=0.5)
+        assert (stepper.native is not None) == (setting == "1")
+        losses, first = [], None
+        for batches in data:
+            loss, n, norm = stepper.step(batches)
+            losses.append((loss.item(), n.item(), norm.item()))
+            first = first or host_params(model)
+        runs[setting] = (losses, first)
+    (native_losses, native_w), (graph_losses, graph_w) = runs["1"], runs["0"]
+    np.testing.assert_allclose(native_losses, graph_losses, rtol=2e-5)
+    C = 32
+    for k in graph_w:
+        a, b = native_w[k], graph_w[k]
+        if k.endswith("c_attn.bias"):
+            a, b = np.delete(a, np.s_[C:2 * C]), np.delete(b, np.s_[C:2 * C])
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-6, err_msg=k)
+
+
+def test_where_the_native_pass_applies(monkeypatch, tiny_model):
+    monkeypatch.delenv(NATIVE_ENV, raising=False)
+    assert native_unsupported(tiny_model(), lm_loss) is None
+    assert "dropout" in native_unsupported(tiny_model(dropout=0.1), lm_loss)
+    assert "language-model loss" in native_unsupported(tiny_model(), lambda m, x, y: None)
+    frozen = tiny_model()
+    frozen.ln_f.freeze()
+    assert "frozen" in native_unsupported(frozen, lm_loss)
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    assert native_unsupported(tiny_model(), lm_loss) == f"{NATIVE_ENV}=0"
+    monkeypatch.setenv(NATIVE_ENV, "1")
+    with pytest.raises(MlxgptError, match="dropout"):
+        native_unsupported(tiny_model(dropout=0.1), lm_loss)
+    monkeypatch.setenv(NATIVE_ENV, "yes")
+    with pytest.raises(MlxgptError, match="must be 0 or 1"):
+        native_unsupported(tiny_model(), lm_loss)
+
+
+def test_no_compiler_falls_back_to_mlx(monkeypatch, tmp_path, tiny_model):
+    """Without a working C compiler the native pass reports why, and training takes MLX's
+    graph (nothing half-built is left in the cache)."""
+    monkeypatch.delenv(NATIVE_ENV, raising=False)
+    monkeypatch.setenv("MLXGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    native.library_path.cache_clear()
+    native._library.cache_clear()
+    try:
+        assert "could not build" in native.build_error()
+        assert "could not build" in native_unsupported(tiny_model(), lm_loss)
+        model = tiny_model()
+        assert _stepper(model).native is None
+        assert not [p for p in (tmp_path / "native").iterdir() if p.suffix == ".so"]
+    finally:
+        native.library_path.cache_clear()
+        native._library.cache_clear()
