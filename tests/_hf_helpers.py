@@ -148,7 +148,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def is_conv1d(name: str) -> bool:
-    """Whether mlxgpt parameter ``name`` is a Conv1D weight in Hugging Face's layout (transposed)."""
+    """Whether mlxgpt parameter ``name`` is a Conv1D weight (transposed in Hugging Face's)."""
     return any(name.endswith(f"{m}.weight") for m in ("c_attn", "c_proj", "c_fc"))
 
 

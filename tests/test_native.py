@@ -24,6 +24,7 @@ from mlxgpt.training.native_pass import NATIVE_ENV, native_unsupported
 from mlxgpt.training.optim import make_optimizer
 from mlxgpt.training.step import Stepper
 
+
 def host_params(model) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
 

@@ -35,10 +35,11 @@ class Stepper:
 
     Fast path (grad_accum 1, one process, one stream): loss, gradients, clipping and the AdamW
     update in one compiled function. Native path (the CPU, where :mod:`.native_pass` applies):
-    the loss and gradient sums from one C pass, then the compiled update. Otherwise: a compiled micro-step per stream that
-    accumulates the gradient of its rows' summed loss (``n * grad``: the loss is scaled before
-    differentiating, so no pass scales the gradients), and a compiled update that sums the
-    streams' accumulators, all-sums across ranks and divides by the token count.
+    the loss and gradient sums from one C pass, then the compiled update. Otherwise: a compiled
+    micro-step per stream that accumulates the gradient of its rows' summed loss (``n * grad``:
+    the loss is scaled before differentiating, so no pass scales the gradients), and a compiled
+    update that sums the streams' accumulators, all-sums across ranks and divides by the token
+    count.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: optim.Optimizer,
