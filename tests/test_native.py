@@ -123,7 +123,8 @@ def test_training_steps_match_mlx_graph(monkeypatch):
     """Optimizer updates (two micro-batches each, clipping on) through the native pass and
     through MLX's graph from the same weights: the same losses and gradient norms over five
     steps (2e-5 relative), the same weights after the first (5e-6 absolute at lr 1e-3; later
-    steps drift further as Adam's m / sqrt(v) magnifies rounding in near-zero gradients). The
+    steps drift further as Adam's m / sqrt(v) magnifies rounding in near-zero gradients), and
+    the same optimizer state (step count, learning rate, moments) after it. The
     key biases are left out of the weights: their gradient is zero but for rounding (softmax
     ignores a score added to every key), which Adam's first step turns into +-lr."""
     rng = np.random.default_rng(2)
@@ -141,10 +142,13 @@ def test_training_steps_match_mlx_graph(monkeypatch):
         for batches in data:
             loss, n, norm = stepper.step(batches)
             losses.append((loss.item(), n.item(), norm.item()))
-            first = first or host_params(model)
+            if first is None:
+                first = {**host_params(model), **{f"opt.{k}": np.array(v) for k, v in
+                                                  tree_flatten(stepper.opt.state)}}
         runs[setting] = (losses, first)
     (native_losses, native_w), (graph_losses, graph_w) = runs["1"], runs["0"]
     np.testing.assert_allclose(native_losses, graph_losses, rtol=2e-5)
+    assert set(native_w) == set(graph_w)  # the optimizer state (step, lr, m, v) as MLX keeps it
     C = 32
     for k in graph_w:
         a, b = native_w[k], graph_w[k]

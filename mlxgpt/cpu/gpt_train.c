@@ -420,3 +420,60 @@ double gpt_forward_backward(const gpt_dims *d, float *const *params, float *cons
     }
     return loss;
 }
+
+/* ------------------------------------------------------------------ the update */
+
+/* Sum of squares of x * scale, in 16 float lanes (vectorised) added up in double. */
+static double sum_squares(const float *x, size_t n, float scale) {
+    float lane[16] = {0};
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) lane[j] += (x[i + j] * scale) * (x[i + j] * scale);
+    double total = 0.0;
+    for (int j = 0; j < 16; j++) total += lane[j];
+    for (; i < n; i++) total += (double)(x[i] * scale) * (x[i] * scale);
+    return total;
+}
+
+static void adamw_tensor(size_t size, const float *restrict p0, const float *restrict m0,
+                         const float *restrict v0, const float *restrict g0, float *restrict p1,
+                         float *restrict m1, float *restrict v1, float g_scale, float keep,
+                         float b1, float b2, float eps, float c1, float c2) {
+    for (size_t j = 0; j < size; j++) {
+        float g = g0[j] * g_scale;
+        float mj = b1 * m0[j] + (1.0f - b1) * g;
+        float vj = b2 * v0[j] + (1.0f - b2) * (g * g);
+        m1[j] = mj;
+        v1[j] = vj;
+        p1[j] = p0[j] * keep - (c1 * mj) / (sqrtf(vj) * c2 + eps);
+    }
+}
+
+/* One AdamW step over `count` tensors, in MLX's order of operations (bias-corrected, as
+ * PyTorch's): g = grad * inv_n, clipped to a total norm of `clip` (when > 0); p *= 1 - lr * wd
+ * (wd only where decay[i]); m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+ * p -= c1 m / (sqrt(v) c2 + eps) with c1 = lr / (1 - b1^t), c2 = 1 / sqrt(1 - b2^t).
+ * grad is flat (the tensors one after another); the new p, m and v go to the flat out_*.
+ * Returns the norm of g before clipping. */
+double gpt_adamw(int count, const int64_t *sizes, const int32_t *decay,
+                 const float *const *param, const float *const *m, const float *const *v,
+                 const float *grad, float inv_n, float clip, float lr, float wd, float b1,
+                 float b2, float eps, float c1, float c2, float *out_p, float *out_m,
+                 float *out_v) {
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += (size_t)sizes[i];
+    double norm = sqrt(sum_squares(grad, total, inv_n));
+    float scale = 1.0f;
+    if (clip > 0.0f) {
+        scale = clip / ((float)norm + 1e-6f);
+        scale = scale < 1.0f ? scale : 1.0f;
+    }
+    size_t at = 0;
+    for (int i = 0; i < count; i++) {
+        adamw_tensor((size_t)sizes[i], param[i], m[i], v[i], grad + at, out_p + at, out_m + at,
+                     out_v + at, inv_n * scale, 1.0f - lr * (decay[i] ? wd : 0.0f), b1, b2, eps,
+                     c1, c2);
+        at += (size_t)sizes[i];
+    }
+    return norm;
+}

@@ -140,6 +140,9 @@ def _library() -> ctypes.CDLL:
     lib.gpt_set_sgemm(address)
     lib.gpt_workspace_floats.restype = ctypes.c_size_t
     lib.gpt_workspace_floats.argtypes = [ctypes.POINTER(Dims), ctypes.c_int, ctypes.c_int]
+    lib.gpt_adamw.restype = ctypes.c_double
+    lib.gpt_adamw.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 6, *[ctypes.c_float] * 9,
+                              *[ctypes.c_void_p] * 3]
     lib.gpt_forward_backward.restype = ctypes.c_double
     lib.gpt_forward_backward.argtypes = [
         ctypes.POINTER(Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -264,3 +267,41 @@ class NativeGPT:
         for g in self._grads[1:]:
             np.add(flat, g, out=flat)
         return loss, count, flat
+
+
+class NativeAdamW:
+    """One AdamW step (PyTorch's bias-corrected form, MLX's order of operations) with gradient
+    clipping over a model's tensors, in one C call (``gpt_adamw`` in the C file).
+
+    ``step`` reads the weights and moments (any float32 arrays) and the flat gradient sum, and
+    returns the new weights and moments as flat arrays (views per tensor: ``split``), kept until
+    the next call, and the gradient norm before clipping."""
+
+    def __init__(self, sizes: Sequence[int], decay: Sequence[bool]):
+        self.lib = _library()
+        self.sizes = np.asarray(sizes, np.int64)
+        self.decay = np.asarray(decay, np.int32)
+        self.out = np.empty((3, int(self.sizes.sum())), np.float32)  # weights, m, v
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        """``flat`` cut into the tensors (1-D views)."""
+        return np.split(flat, np.cumsum(self.sizes)[:-1])
+
+    def step(self, params: Sequence[np.ndarray], m: Sequence[np.ndarray],
+             v: Sequence[np.ndarray], grad_sum: np.ndarray, count: float, *, clip: float,
+             lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+             t: int) -> float:
+        b1, b2 = (np.float32(b) for b in betas)
+        c1 = np.float32(lr) / (np.float32(1) - b1 ** np.float32(t))
+        c2 = np.float32(1) / np.sqrt(np.float32(1) - b2 ** np.float32(t))
+        n = len(self.sizes)
+        if not len(params) == len(m) == len(v) == n or grad_sum.size != self.out.shape[1]:
+            raise ValueError("AdamW step: the tensors do not match the sizes given")
+        keep = [np.ascontiguousarray(a, np.float32) for group in (params, m, v) for a in group]
+        if [a.size for a in keep] != list(self.sizes) * 3:
+            raise ValueError("AdamW step: the tensors do not match the sizes given")
+        p_ptr, m_ptr, v_ptr = (_pointers(keep[i * n:(i + 1) * n]) for i in range(3))
+        return self.lib.gpt_adamw(
+            n, self.sizes.ctypes.data, self.decay.ctypes.data, p_ptr, m_ptr, v_ptr,
+            grad_sum.ctypes.data, 1.0 / max(count, 1.0), clip, lr, weight_decay, b1, b2, eps,
+            c1, c2, *(self.out[i].ctypes.data for i in range(3)))

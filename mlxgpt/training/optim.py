@@ -35,13 +35,25 @@ def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
     return schedule
 
 
+class GPTAdamW(optim.MultiOptimizer):
+    """AdamW (bias-corrected, like PyTorch's) on :func:`lr_schedule`; no weight decay on
+    biases, norms and other 1-D parameters (``optimizers[0]``), ``cfg.weight_decay`` on the rest
+    (``optimizers[1]``). Keeps the config it was made from, so that another implementation of
+    the same update (:mod:`mlxgpt.training.native_pass`) can take over its state."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.schedule = lr_schedule(cfg)
+        betas = [cfg.beta1, cfg.beta2]
+        no_decay = optim.AdamW(self.schedule, betas=betas, weight_decay=0.0, bias_correction=True)
+        decay = optim.AdamW(self.schedule, betas=betas, weight_decay=cfg.weight_decay,
+                            bias_correction=True)
+        super().__init__([no_decay, decay], filters=[lambda path, p: p.ndim < 2])
+
+
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
-    """AdamW (bias-corrected, like PyTorch's); no weight decay on biases, norms and other 1-D."""
-    sched = lr_schedule(cfg)
-    betas = [cfg.beta1, cfg.beta2]
-    no_decay = optim.AdamW(sched, betas=betas, weight_decay=0.0, bias_correction=True)
-    decay = optim.AdamW(sched, betas=betas, weight_decay=cfg.weight_decay, bias_correction=True)
-    return optim.MultiOptimizer([no_decay, decay], filters=[lambda path, p: p.ndim < 2])
+    """The training optimizer: :class:`GPTAdamW`."""
+    return GPTAdamW(cfg)
 
 
 def save_optimizer(opt: optim.Optimizer, path: Path) -> None:

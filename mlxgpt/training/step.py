@@ -25,7 +25,7 @@ from ..core.backend import keep_freed_buffers
 from ..cpu.parallel import blas_threads, new_streams, on_streams, split_rows, stream_count
 from .config import TrainConfig
 from .distributed import Batch, all_sum_tree, shard, world
-from .native_pass import NativeGradients, native_unsupported
+from .native_pass import NativeGradients, native_unsupported, native_update_for
 
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (mean loss, n tokens)
 
@@ -35,7 +35,8 @@ class Stepper:
 
     Fast path (grad_accum 1, one process, one stream): loss, gradients, clipping and the AdamW
     update in one compiled function. Native path (the CPU, where :mod:`.native_pass` applies):
-    the loss and gradient sums from one C pass, then the compiled update. Otherwise: a compiled
+    the loss and gradient sums from one C pass, then the AdamW update in C too (for
+    :class:`~.optim.GPTAdamW`; another optimizer: the compiled update). Otherwise: a compiled
     micro-step per stream that accumulates the gradient of its rows' summed loss (``n * grad``:
     the loss is scaled before differentiating, so no pass scales the gradients), and a compiled
     update that sums the streams' accumulators, all-sums across ranks and divides by the token
@@ -48,6 +49,8 @@ class Stepper:
         workers = stream_count(group.size())
         self.native = (NativeGradients(model, workers)
                        if native_unsupported(model, loss_fn) is None else None)
+        self.native_update = (None if self.native is None else native_update_for(
+            self.native, opt, cfg.grad_clip, group))
         self.streams = new_streams(workers) if self.native is None else []
         self.split = workers > 1
         keep_freed_buffers()
@@ -107,7 +110,10 @@ class Stepper:
         evaluated, with the model and optimizer state.
         """
         with blas_threads(self.split):
-            out = self._fused(*batches[0]) if self.fast else self._accumulate(batches)
+            if self.native_update is not None:
+                out = self.native_update(*self.native.sums(batches))
+            else:
+                out = self._fused(*batches[0]) if self.fast else self._accumulate(batches)
             mx.eval(out, self.state)
         return out
 
