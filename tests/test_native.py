@@ -192,3 +192,32 @@ def test_no_compiler_falls_back_to_mlx(monkeypatch, tmp_path, tiny_model):
     finally:
         native.library_path.cache_clear()
         native._library.cache_clear()
+
+
+def test_evaluation_through_the_native_forward_matches_mlx(monkeypatch):
+    """Evaluator (validation, ``mlxgpt eval``) takes the native forward where it applies, a
+    dropout model included (evaluation has none): the same mean loss and count as MLX's."""
+    from mlxgpt.training.step import Evaluator
+
+    rng = np.random.default_rng(5)
+    batches = [tuple(mx.array(a) for a in (r[:, :-1], r[:, 1:]))
+               for r in rng.integers(0, 257, size=(3, 5, 21)).astype(np.int32)]
+    for config in ({}, {"dropout": 0.2}):
+        model = make_tiny_model(6, **config)
+        out = {}
+        for setting in ("1", "0"):
+            monkeypatch.setenv(NATIVE_ENV, setting)
+            ev = Evaluator(model, lm_loss)
+            assert (ev.native is not None) == (setting == "1")
+            out[setting] = ev(batches)
+        assert out["1"][1] == out["0"][1] == 3 * 5 * 20
+        assert out["1"][0] == pytest.approx(out["0"][0], rel=1e-5)
+
+
+def test_info_names_the_training_pass(cli_ok, monkeypatch):
+    monkeypatch.delenv(NATIVE_ENV, raising=False)
+    line = next(x for x in cli_ok("info").output.splitlines() if x.startswith("train pass"))
+    assert "native C pass" in line and str(native.library_path()) in line
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    line = next(x for x in cli_ok("info").output.splitlines() if x.startswith("train pass"))
+    assert line.endswith(f"MLX's graph ({NATIVE_ENV}=0)")

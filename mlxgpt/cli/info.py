@@ -35,6 +35,9 @@ def info() -> None:
         click.echo(f"training    {streams} CPU stream{'s' * (streams > 1)} "
                    f"({'rows of each batch split over them, ' if streams > 1 else ''}"
                    f"{parallel.STREAMS_ENV} overrides)")
+        from mlxgpt.training.native_pass import native_report
+
+        click.echo(f"train pass  {native_report()}")
 
 
 def _cuda() -> bool:

@@ -63,6 +63,7 @@ from ..core.backend import compute_setup
 from ..errors import MlxgptError
 from .config import TrainConfig, TrainResult
 from .distributed import Batch, check_ranks_agree, rank0_echo, shard, step_seed, world
+from .native_pass import native_unsupported
 from .optim import OPTIMIZER_FILE, load_optimizer, lr_schedule, make_optimizer
 from .progress import Progress, StopFlag
 from .runlog import LOG_FILE, PLOT_FILE, JsonlLog, plot_losses
@@ -133,6 +134,8 @@ class _Run:
         self.resumed = False
         self.window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since logged
         self.compute = compute_setup(getattr(model, "kernels", None))
+        # the native C pass or MLX's graph (they round differently; =1 without it: an error here)
+        self.compute["train_pass"] = ("mlx" if native_unsupported(model, loss_fn) else "native")
 
     @property
     def micro_index(self) -> int:

@@ -31,35 +31,52 @@ from .optim import GPTAdamW
 NATIVE_ENV = "MLXGPT_NATIVE_TRAINING"  # 0: MLX's graph always; 1: the native pass or an error
 
 
-def native_unsupported(model: nn.Module, loss_fn: Callable[..., Any]) -> str | None:
-    """Why training ``model`` on ``loss_fn`` cannot use the native pass here (None: it can)."""
+def native_unsupported(model: nn.Module, loss_fn: Callable[..., Any], *,
+                       training: bool = True) -> str | None:
+    """Why training ``model`` on ``loss_fn`` (or, with ``training`` False, evaluating that
+    loss) cannot use the native pass here (None: it can)."""
     setting = os.environ.get(NATIVE_ENV, "")
     if setting not in ("", "0", "1"):
         raise MlxgptError(f"{NATIVE_ENV} must be 0 or 1, not {setting!r}")
     if setting == "0":
         return f"{NATIVE_ENV}=0"
-    reason = _reason(model, loss_fn)
-    if reason and setting == "1":
+    reason = _reason(model, loss_fn, training)
+    if reason and setting == "1" and training:
         raise MlxgptError(f"{NATIVE_ENV}=1, but the native training pass cannot run: {reason}")
     return reason
 
 
-def _reason(model: nn.Module, loss_fn: Callable[..., Any]) -> str | None:
+def _reason(model: nn.Module, loss_fn: Callable[..., Any], training: bool) -> str | None:
     if not on_cpu():
         return "MLX computes on a GPU"
     if loss_fn is not lm_loss or type(model) is not GPT:
         return "it trains a plain GPT on the language-model loss only"
     cfg = model.config
-    if cfg.dropout > 0:
+    if training and cfg.dropout > 0:
         return "the model uses dropout"
     names = native.parameter_names(cfg.n_layer, cfg.tie_word_embeddings)
     params = dict(tree_flatten(model.parameters()))
     trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
-    if sorted(params) != sorted(names) or sorted(trainable) != sorted(names):
+    if sorted(params) != sorted(names) or (training and sorted(trainable) != sorted(names)):
         return "the model has other or frozen parameters (LoRA, quantized layers)"
     if any(v.dtype != mx.float32 for v in params.values()):
         return "the weights are not float32"
     return native.build_error()
+
+
+def native_report() -> str:
+    """What ``mlxgpt info`` says of the training pass on this machine."""
+    if not on_cpu():
+        return "MLX's graph (GPU)"
+    setting = os.environ.get(NATIVE_ENV, "")
+    if setting == "0":
+        return f"MLX's graph ({NATIVE_ENV}=0)"
+    error = native.build_error()
+    if error:
+        return f"MLX's graph (the native pass cannot be built here: {error})"
+    return (f"native C pass for float32 GPTs without dropout ({native.library_path()}; "
+            f"LoRA, classifiers and dropout train through MLX's graph; {NATIVE_ENV}=0 for it "
+            f"always)")
 
 
 def _slot(tree: Any, name: str) -> tuple[Any, str]:
@@ -83,12 +100,14 @@ class NativeGradients:
         """The model's weights in the native pass's order."""
         return [holder[key] for holder, key in self.slots]
 
-    def sums(self, batches: Sequence[Sequence[mx.array]]) -> tuple[float, float, np.ndarray]:
-        """(loss sum, token count, flat gradient sum) over this process's ``batches``."""
+    def sums(self, batches: Sequence[Sequence[mx.array]],
+             grads: bool = True) -> tuple[float, float, np.ndarray | None]:
+        """(loss sum, token count, flat gradient sum or None) over this process's
+        ``batches``."""
         # zero-copy views of the (evaluated) weights and batches
         params = dict(zip(self.net.names, map(np.asarray, self.weights()), strict=True))
         host = [tuple(np.asarray(a) for a in b) for b in batches]
-        return self.net.run(params, host)
+        return self.net.run(params, host, grads)
 
     def __call__(self, batches: Sequence[Sequence[mx.array]]) -> dict[str, Any]:
         """The sums as the accumulator MLX's compiled update takes."""

@@ -7,7 +7,8 @@ gradients and a compiled update sums them (across streams and ranks) and applies
 CPU each micro-batch's rows are split over one stream per core (:mod:`mlxgpt.cpu.parallel`), or,
 where it applies, the gradients come from one native C pass (:mod:`.native_pass`).
 :class:`Evaluator` gives the token-weighted mean loss over any batches (the training loop's
-validation and ``mlxgpt eval`` alike), split over the same streams.
+validation and ``mlxgpt eval`` alike), split over the same streams (or by the native pass's
+forward where it applies).
 """
 
 from __future__ import annotations
@@ -142,7 +143,11 @@ class Evaluator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, compile: bool = True,
                  group: mx.distributed.Group | None = None):
         self.group = group or world()
-        self.streams = new_streams(stream_count(self.group.size()))
+        workers = stream_count(self.group.size())
+        self.split = workers > 1
+        self.native = (NativeGradients(model, workers) if native_unsupported(
+            model, loss_fn, training=False) is None else None)
+        self.streams = new_streams(workers) if self.native is None else []
 
         def loss_sum(*batch: mx.array) -> mx.array:
             loss, n = loss_fn(model, *batch)
@@ -155,8 +160,12 @@ class Evaluator:
     def __call__(self, batches: Iterable[Batch]) -> tuple[float, int]:
         """(mean loss, tokens counted) over ``batches`` (global batches; each rank its rows)."""
         total = mx.zeros((2,))
-        with blas_threads(bool(self.streams)):
+        with blas_threads(self.split):
             for batch in batches:
+                if self.native is not None:
+                    loss, n, _ = self.native.sums([shard(batch, self.group)], grads=False)
+                    total = total + mx.array([loss, n])
+                    continue
                 parts = split_rows(shard(batch, self.group), len(self._loss_sums))
                 sums = [f(*rows) for f, rows in zip(self._loss_sums, parts, strict=False)]
                 total = total + sum(sums[1:], sums[0])
