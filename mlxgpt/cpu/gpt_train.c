@@ -35,7 +35,16 @@ typedef struct {
     int tied;       /* head is wte */
     int gelu_tanh;  /* 1: tanh approximation (gelu_new), 0: erf */
     float eps;
+    float dropout;  /* residual and embedding dropout rate (0: none) */
 } gpt_dims;
+
+/* Where a batch piece sits, for dropout masks that do not depend on how rows are split:
+ * element e of token (row, pos) at site s (0: embeddings, 1 + 2l: layer l's attention output,
+ * 2 + 2l: its MLP output) is kept when hash(seed, s, (row * T + pos) * C + e) >= rate * 2^32. */
+typedef struct {
+    uint32_t seed;
+    int64_t row0;   /* the piece's first row in the whole batch */
+} gpt_piece;
 
 #define PARAMS_PER_LAYER 12
 enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B, MPROJ_W,
@@ -77,9 +86,36 @@ static inline float fast_tanh(float u) {
 
 /* ------------------------------------------------------------------ pointwise pieces */
 
+/* A 32-bit integer hash with good avalanche (Chris Wellons' lowbias32), vectorisable. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+/* y = x * keep / (1 - rate) for n elements starting at global element `first` of `site`. */
+static void dropout(float *y, const float *x, size_t n, const gpt_piece *pc,
+                    uint32_t site, uint64_t first, float rate) {
+    const uint32_t base = mix32(pc->seed ^ mix32(site * 0x9e3779b9U + 0x632be5abU));
+    const uint32_t threshold = (uint32_t)((double)rate * 4294967296.0);
+    const float scale = 1.0f / (1.0f - rate);
+    const uint32_t start = (uint32_t)first;  /* wraps only past 4G elements per site */
+    for (size_t i = 0; i < n; i++)
+        y[i] = mix32(base + start + (uint32_t)i) >= threshold ? x[i] * scale : 0.0f;
+}
+
 /* y (n, out) = bias in every row, ready for a product to add onto (beta = 1). */
 static void fill_rows(float *y, const float *bias, size_t n, int out) {
     for (size_t i = 0; i < n; i++) memcpy(y + i * out, bias, sizeof(float) * out);
+}
+
+/* y = a + b, n elements. */
+static void add_arrays(float *restrict y, const float *restrict a, const float *restrict b,
+                       size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
 static void add_rows(float *y, const float *bias, size_t n, int out) {
@@ -244,7 +280,7 @@ typedef struct {
     layer_acts layer;   /* layer 0's; layer l's are at + l * per_layer */
     size_t per_layer;   /* floats per layer */
     float *final_res, *lnf, *meanf, *rstdf;
-    float *dres, *dln, *dqkv, *datty, *dfch, *p, *dp, *logits;
+    float *dres, *dln, *dqkv, *datty, *dfch, *drop, *p, *dp, *logits;
     int chunk_rows;     /* rows of logits made at a time */
 } workspace;
 
@@ -254,11 +290,21 @@ static size_t ce_chunk_rows(int v, size_t n) {
     return rows < n ? rows : n;
 }
 
+/* The dropout mask of `site` for n elements from global element `first` (1 kept, 0 dropped),
+ * as the pass draws it: for tests that rebuild the pass elsewhere. */
+void gpt_dropout_mask(float *out, size_t n, uint32_t seed, uint32_t site, uint64_t first,
+                      float rate) {
+    gpt_piece pc = {seed, 0};
+    for (size_t i = 0; i < n; i++) out[i] = 1.0f;
+    dropout(out, out, n, &pc, site, first, rate);
+    for (size_t i = 0; i < n; i++) out[i] = out[i] != 0.0f ? 1.0f : 0.0f;
+}
+
 /* Floats of workspace a call with b_rows x t tokens needs. */
 size_t gpt_workspace_floats(const gpt_dims *d, int b_rows, int t) {
     size_t n = (size_t)b_rows * t, c = d->C, f = d->F;
     size_t per_layer = n * (c + c + 3 * c + c + c + c + 2 * f) + 4 * n + (size_t)b_rows * d->H * t;
-    size_t rest = n * (2 * c) + 2 * n + n * (c + c + 3 * c + c + f) + 2 * (size_t)t * t +
+    size_t rest = n * (2 * c) + 2 * n + n * (c + c + 3 * c + c + f + c) + 2 * (size_t)t * t +
                   ce_chunk_rows(d->V, n) * d->V;
     return per_layer * d->L + rest;
 }
@@ -292,6 +338,7 @@ static workspace carve(const gpt_dims *d, float *w, int b_rows, int t) {
     TAKE(s.dqkv, n * 3 * c);
     TAKE(s.datty, n * c);
     TAKE(s.dfch, n * f);
+    TAKE(s.drop, n * c);
     TAKE(s.p, (size_t)t * t);
     TAKE(s.dp, (size_t)t * t);
     s.chunk_rows = (int)ce_chunk_rows(d->V, n);
@@ -313,11 +360,13 @@ static layer_acts layer_at(const workspace *s, int l) {
 void gpt_set_sgemm(sgemm_fn f) { gemm = f; }
 
 /* Forward (and, when grads is not NULL, backward) over inputs/targets (b_rows, t). weights
- * (b_rows * t) says how much each position's cross-entropy counts (NULL: 1 each). Returns the
- * weighted sum of cross-entropies; *count gets the sum of the weights. */
+ * (b_rows * t) says how much each position's cross-entropy counts (NULL: 1 each); piece places
+ * the rows for dropout's masks (d->dropout > 0). Returns the weighted sum of cross-entropies;
+ * *count gets the sum of the weights. */
 double gpt_forward_backward(const gpt_dims *d, float *const *params, float *const *grads,
                             const int32_t *inputs, const int32_t *targets, const float *weights,
-                            int b_rows, int t, float *work, double *count) {
+                            int b_rows, int t, const gpt_piece *piece, float *work,
+                            double *count) {
     const int C = d->C, F = d->F, V = d->V, L = d->L, H = d->H;
     const size_t n = (size_t)b_rows * t;
     workspace s = carve(d, work, b_rows, t);
@@ -332,6 +381,9 @@ double gpt_forward_backward(const gpt_dims *d, float *const *params, float *cons
         float *x = s.layer.res + i * C;
         for (int j = 0; j < C; j++) x[j] = e[j] + pe[j];
     }
+    const float rate = d->dropout;
+    const uint64_t first = (uint64_t)piece->row0 * t * C;  /* the piece's first element */
+    if (rate > 0.0f) dropout(s.layer.res, s.layer.res, n * C, piece, 0, first, rate);
     for (int l = 0; l < L; l++) {
         layer_acts a = layer_at(&s, l);
         float *const *w = lp + PARAMS_PER_LAYER * l;
@@ -340,16 +392,30 @@ double gpt_forward_backward(const gpt_dims *d, float *const *params, float *cons
         fill_rows(a.qkv, w[ATTN_B], n, 3 * C);
         mm(0, 1, n, 3 * C, C, 1.0f, a.ln1, C, w[ATTN_W], C, 1.0f, a.qkv, 3 * C);
         attention(a.atty, a.lse, a.qkv, s.p, b_rows, t, C, H);
-        memcpy(a.mid, a.res, sizeof(float) * n * C);  /* residual: the product adds onto it */
-        add_rows(a.mid, w[APROJ_B], n, C);
-        mm(0, 1, n, C, C, 1.0f, a.atty, C, w[APROJ_W], C, 1.0f, a.mid, C);
+        if (rate > 0.0f) {  /* mid = res + dropout(atty @ Wp^T + bp) */
+            fill_rows(s.drop, w[APROJ_B], n, C);
+            mm(0, 1, n, C, C, 1.0f, a.atty, C, w[APROJ_W], C, 1.0f, s.drop, C);
+            dropout(s.drop, s.drop, n * C, piece, 1 + 2 * l, first, rate);
+            add_arrays(a.mid, a.res, s.drop, n * C);
+        } else {  /* the residual first: the product adds onto it */
+            memcpy(a.mid, a.res, sizeof(float) * n * C);
+            add_rows(a.mid, w[APROJ_B], n, C);
+            mm(0, 1, n, C, C, 1.0f, a.atty, C, w[APROJ_W], C, 1.0f, a.mid, C);
+        }
         layernorm(a.ln2, a.mean2, a.rstd2, a.mid, w[LN2_W], w[LN2_B], n, C, d->eps);
         fill_rows(a.fch, w[FC_B], n, F);
         mm(0, 1, n, F, C, 1.0f, a.ln2, C, w[FC_W], C, 1.0f, a.fch, F);
         gelu(a.gel, a.fch, n * F, d->gelu_tanh);
-        memcpy(out, a.mid, sizeof(float) * n * C);
-        add_rows(out, w[MPROJ_B], n, C);
-        mm(0, 1, n, C, F, 1.0f, a.gel, F, w[MPROJ_W], F, 1.0f, out, C);
+        if (rate > 0.0f) {
+            fill_rows(s.drop, w[MPROJ_B], n, C);
+            mm(0, 1, n, C, F, 1.0f, a.gel, F, w[MPROJ_W], F, 1.0f, s.drop, C);
+            dropout(s.drop, s.drop, n * C, piece, 2 + 2 * l, first, rate);
+            add_arrays(out, a.mid, s.drop, n * C);
+        } else {
+            memcpy(out, a.mid, sizeof(float) * n * C);
+            add_rows(out, w[MPROJ_B], n, C);
+            mm(0, 1, n, C, F, 1.0f, a.gel, F, w[MPROJ_W], F, 1.0f, out, C);
+        }
     }
     layernorm(s.lnf, s.meanf, s.rstdf, s.final_res, lnf_w, lnf_b, n, C, d->eps);
 
@@ -389,20 +455,30 @@ double gpt_forward_backward(const gpt_dims *d, float *const *params, float *cons
     for (int l = L - 1; l >= 0; l--) {
         layer_acts a = layer_at(&s, l);
         float *const *w = lp + PARAMS_PER_LAYER * l, *const *g = gl + PARAMS_PER_LAYER * l;
-        /* out = mid + gel @ Wm^T + bm */
-        col_sums(g[MPROJ_B], s.dres, n, C);
-        mm(1, 0, C, F, n, 1.0f, s.dres, C, a.gel, F, 1.0f, g[MPROJ_W], F);
-        mm(0, 0, n, F, C, 1.0f, s.dres, C, w[MPROJ_W], F, 0.0f, s.dfch, F);
+        /* out = mid + dropout(gel @ Wm^T + bm): dm is dres through the same mask */
+        const float *dm = s.dres;
+        if (rate > 0.0f) {
+            dropout(s.drop, s.dres, n * C, piece, 2 + 2 * l, first, rate);
+            dm = s.drop;
+        }
+        col_sums(g[MPROJ_B], dm, n, C);
+        mm(1, 0, C, F, n, 1.0f, dm, C, a.gel, F, 1.0f, g[MPROJ_W], F);
+        mm(0, 0, n, F, C, 1.0f, dm, C, w[MPROJ_W], F, 0.0f, s.dfch, F);
         gelu_backward(s.dfch, a.fch, n * F, d->gelu_tanh);
         col_sums(g[FC_B], s.dfch, n, F);
         mm(1, 0, F, C, n, 1.0f, s.dfch, F, a.ln2, C, 1.0f, g[FC_W], C);
         mm(0, 0, n, C, F, 1.0f, s.dfch, F, w[FC_W], C, 0.0f, s.dln, C);
         layernorm_backward(s.dres, g[LN2_W], g[LN2_B], s.dln, a.mid, a.mean2, a.rstd2, w[LN2_W],
                            n, C);
-        /* mid = res + atty @ Wp^T + bp */
-        col_sums(g[APROJ_B], s.dres, n, C);
-        mm(1, 0, C, C, n, 1.0f, s.dres, C, a.atty, C, 1.0f, g[APROJ_W], C);
-        mm(0, 0, n, C, C, 1.0f, s.dres, C, w[APROJ_W], C, 0.0f, s.datty, C);
+        /* mid = res + dropout(atty @ Wp^T + bp) */
+        const float *da = s.dres;
+        if (rate > 0.0f) {
+            dropout(s.drop, s.dres, n * C, piece, 1 + 2 * l, first, rate);
+            da = s.drop;
+        }
+        col_sums(g[APROJ_B], da, n, C);
+        mm(1, 0, C, C, n, 1.0f, da, C, a.atty, C, 1.0f, g[APROJ_W], C);
+        mm(0, 0, n, C, C, 1.0f, da, C, w[APROJ_W], C, 0.0f, s.datty, C);
         attention_backward(s.dqkv, s.datty, a.qkv, a.lse, s.p, s.dp, b_rows, t, C, H);
         col_sums(g[ATTN_B], s.dqkv, n, 3 * C);
         mm(1, 0, 3 * C, C, n, 1.0f, s.dqkv, 3 * C, a.ln1, C, 1.0f, g[ATTN_W], C);
@@ -410,6 +486,7 @@ double gpt_forward_backward(const gpt_dims *d, float *const *params, float *cons
         layernorm_backward(s.dres, g[LN1_W], g[LN1_B], s.dln, a.res, a.mean1, a.rstd1, w[LN1_W],
                            n, C);
     }
+    if (rate > 0.0f) dropout(s.dres, s.dres, n * C, piece, 0, first, rate);
     for (size_t i = 0; i < n; i++) {  /* embeddings: scatter-add */
         float *de = grads[0] + (size_t)inputs[i] * C, *dpe = grads[1] + (size_t)(i % t) * C;
         const float *gi = s.dres + i * C;

@@ -44,7 +44,14 @@ _SGEMM = ctypes.CFUNCTYPE(None, *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_vo
 class Dims(ctypes.Structure):
     _fields_ = [("V", ctypes.c_int), ("P", ctypes.c_int), ("C", ctypes.c_int),
                 ("L", ctypes.c_int), ("H", ctypes.c_int), ("F", ctypes.c_int),
-                ("tied", ctypes.c_int), ("gelu_tanh", ctypes.c_int), ("eps", ctypes.c_float)]
+                ("tied", ctypes.c_int), ("gelu_tanh", ctypes.c_int), ("eps", ctypes.c_float),
+                ("dropout", ctypes.c_float)]
+
+
+class Piece(ctypes.Structure):
+    """Where a batch piece sits (its micro-batch's dropout seed, its first row there)."""
+
+    _fields_ = [("seed", ctypes.c_uint32), ("row0", ctypes.c_int64)]
 
 
 class BuildError(RuntimeError):
@@ -146,8 +153,10 @@ def _library() -> ctypes.CDLL:
     lib.gpt_forward_backward.restype = ctypes.c_double
     lib.gpt_forward_backward.argtypes = [
         ctypes.POINTER(Dims), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Piece), ctypes.c_void_p,
         ctypes.POINTER(ctypes.c_double)]
+    lib.gpt_dropout_mask.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32,
+                                     ctypes.c_uint32, ctypes.c_uint64, ctypes.c_float]
     return lib
 
 
@@ -211,7 +220,11 @@ class NativeGPT:
         return self._work[key]
 
     def run(self, params: Mapping[str, np.ndarray], batches: Sequence[Sequence[np.ndarray]],
-            grads: bool = True) -> tuple[float, float, np.ndarray | None]:
+            grads: bool = True, *, dropout: float = 0.0,
+            seed: int = 0) -> tuple[float, float, np.ndarray | None]:
+        """Micro-batch ``k`` draws its dropout masks (rate ``dropout``) from ``seed + k``; a
+        mask depends on the row's place in its micro-batch, not on how rows are split."""
+        self.dims.dropout = dropout
         # a copy only where a weight is not float32 row-major already (a transposed view)
         arrays = [np.ascontiguousarray(params[n], np.float32) for n in self.names]
         self.shapes = {n: a.shape for n, a in zip(self.names, arrays, strict=True)}
@@ -223,8 +236,8 @@ class NativeGPT:
             for g in self._grads:
                 g.fill(0.0)
         # every micro-batch's rows cut into one piece per worker; a worker runs its pieces in turn
-        jobs: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(self.workers)]
-        for batch in batches:
+        jobs: list[list[tuple[Piece, tuple[np.ndarray, ...]]]] = [[] for _ in range(self.workers)]
+        for k, batch in enumerate(batches):
             for ids in batch[:2]:
                 if ids.size and (ids.min() < 0 or ids.max() >= self.dims.V):
                     raise ValueError(f"token ids must be in [0, {self.dims.V})")
@@ -232,7 +245,8 @@ class NativeGPT:
             parts = min(self.workers, rows)
             bounds = [rows * i // parts for i in range(parts + 1)]
             for w, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
-                jobs[w].append(tuple(np.ascontiguousarray(a[lo:hi]) for a in batch))
+                piece = Piece(seed=(seed + k) & 0xFFFFFFFF, row0=lo)
+                jobs[w].append((piece, tuple(np.ascontiguousarray(a[lo:hi]) for a in batch)))
 
         def work(w: int) -> tuple[float, float]:
             g_ptrs = None
@@ -240,7 +254,7 @@ class NativeGPT:
                 views = self.unflatten(self._grads[w])
                 g_ptrs = _pointers([views[n] for n in self.names])
             loss = count = 0.0
-            for piece in jobs[w]:
+            for where, piece in jobs[w]:
                 inputs = np.ascontiguousarray(piece[0], np.int32)
                 targets = np.ascontiguousarray(piece[1], np.int32)
                 weights = (np.ascontiguousarray(piece[2], np.float32) if len(piece) > 2
@@ -251,7 +265,7 @@ class NativeGPT:
                 loss += self.lib.gpt_forward_backward(
                     ctypes.byref(self.dims), p_ptrs, g_ptrs, inputs.ctypes.data,
                     targets.ctypes.data, None if weights is None else weights.ctypes.data,
-                    rows, t, ws.ctypes.data, ctypes.byref(c))
+                    rows, t, ctypes.byref(where), ws.ctypes.data, ctypes.byref(c))
                 count += c.value
             return loss, count
 
@@ -267,6 +281,15 @@ class NativeGPT:
         for g in self._grads[1:]:
             np.add(flat, g, out=flat)
         return loss, count, flat
+
+
+def dropout_mask(shape: tuple[int, ...], seed: int, site: int, rate: float) -> np.ndarray:
+    """The keep mask (1.0 kept, 0.0 dropped) the pass draws at ``site`` (0: embeddings,
+    1 + 2l: layer l's attention output, 2 + 2l: its MLP output) of a micro-batch of ``shape``
+    (B, T, C) with ``seed``."""
+    out = np.empty(shape, np.float32)
+    _library().gpt_dropout_mask(out.ctypes.data, out.size, seed & 0xFFFFFFFF, site, 0, rate)
+    return out
 
 
 class NativeAdamW:

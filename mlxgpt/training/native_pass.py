@@ -4,9 +4,10 @@ Where it applies (:func:`native_unsupported` says why not), :class:`mlxgpt.train
 takes a step's loss sum, token count and gradient sum from one native forward + backward pass
 over the step's micro-batches (the rows split over one thread per core) instead of MLX's graph,
 and applies them with the same compiled clip + AdamW update. It applies to full-model training
-of a float32 GPT with the language-model loss and no dropout, on the CPU: ``mlxgpt pretrain``
-and full fine-tuning. LoRA, classifiers, quantized or frozen weights, dropout and GPUs train
-through MLX's graph. ``MLXGPT_NATIVE_TRAINING=0`` turns it off, ``=1`` makes its absence an
+of a float32 GPT with the language-model loss, on the CPU: ``mlxgpt pretrain`` and full
+fine-tuning (dropout masks come from the C code's own counter-based hash, seeded from MLX's
+random state). LoRA, classifiers, quantized or frozen weights and GPUs train through MLX's
+graph. ``MLXGPT_NATIVE_TRAINING=0`` turns it off, ``=1`` makes its absence an
 error.
 """
 
@@ -52,8 +53,6 @@ def _reason(model: nn.Module, loss_fn: Callable[..., Any], training: bool) -> st
     if loss_fn is not lm_loss or type(model) is not GPT:
         return "it trains a plain GPT on the language-model loss only"
     cfg = model.config
-    if training and cfg.dropout > 0:
-        return "the model uses dropout"
     names = native.parameter_names(cfg.n_layer, cfg.tie_word_embeddings)
     params = dict(tree_flatten(model.parameters()))
     trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
@@ -74,9 +73,8 @@ def native_report() -> str:
     error = native.build_error()
     if error:
         return f"MLX's graph (the native pass cannot be built here: {error})"
-    return (f"native C pass for float32 GPTs without dropout ({native.library_path()}; "
-            f"LoRA, classifiers and dropout train through MLX's graph; {NATIVE_ENV}=0 for it "
-            f"always)")
+    return (f"native C pass for float32 GPTs ({native.library_path()}; LoRA and classifiers "
+            f"train through MLX's graph; {NATIVE_ENV}=0 for it always)")
 
 
 def _slot(tree: Any, name: str) -> tuple[Any, str]:
@@ -107,7 +105,10 @@ class NativeGradients:
         # zero-copy views of the (evaluated) weights and batches
         params = dict(zip(self.net.names, map(np.asarray, self.weights()), strict=True))
         host = [tuple(np.asarray(a) for a in b) for b in batches]
-        return self.net.run(params, host, grads)
+        rate = self.model.config.dropout if grads and self.model.training else 0.0
+        # masks from MLX's random state, which the training loop seeds per step (exact resume)
+        seed = mx.random.randint(0, 2**31 - 1, ()).item() if rate > 0 else 0
+        return self.net.run(params, host, grads, dropout=rate, seed=seed)
 
     def __call__(self, batches: Sequence[Sequence[mx.array]]) -> dict[str, Any]:
         """The sums as the accumulator MLX's compiled update takes."""
