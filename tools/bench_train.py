@@ -1,9 +1,11 @@
-"""Training speed: mlxgpt's compiled step vs a PyTorch CPU implementation of the same model.
+"""Training speed: mlxgpt's training step vs a PyTorch CPU implementation of the same model.
 
 Both sides train the same GPT-2 architecture (biases, tied embeddings, tanh GELU, pre-LN) from
 the same initial weights on the same batches: forward + backward + gradient clipping + AdamW
-(no decay on biases/norms). The MLX side is the exact step ``mlxgpt pretrain`` runs
-(:class:`mlxgpt.training.step.Stepper` with :func:`mlxgpt.training.loss.lm_loss`); the torch side
+(no decay on biases/norms). The mlxgpt side is the exact step ``mlxgpt pretrain`` runs
+(:class:`mlxgpt.training.step.Stepper` with :func:`mlxgpt.training.loss.lm_loss`: on the CPU the
+native C pass, :mod:`mlxgpt.training.native_pass`), and the same step through MLX's graph
+(``MLXGPT_NATIVE_TRAINING=0``) in the same run; the torch side
 is plain eager PyTorch (``F.scaled_dot_product_attention``, ``torch.optim.AdamW``). Timings are
 interleaved (MLX steps, torch steps, MLX steps, ...) so both see the same machine load; each
 figure is the median over rounds.
@@ -44,6 +46,7 @@ from mlxgpt.cpu import blas, parallel
 from mlxgpt.training.config import TrainConfig
 from mlxgpt.training.distributed import world
 from mlxgpt.training.loss import lm_loss
+from mlxgpt.training.native_pass import NATIVE_ENV
 from mlxgpt.training.optim import make_optimizer
 from mlxgpt.training.pretrain import init_weights
 from mlxgpt.training.step import Stepper
@@ -220,9 +223,12 @@ def run_worker(framework: str, name: str, steps: int, dropout: float, threads: i
             "tokens": rows.shape[1] * (rows.shape[2] - 1), "n_params": model.n_params}
 
 
-# name: (framework, torch threads, environment). "mlx-1stream": the step on one CPU stream, as
-# before mlxgpt split batches over the cores (mlxgpt/cpu/parallel.py), in the same run.
+# name: (framework, torch threads, environment). "mlx-1stream": the step on one core (one CPU
+# stream or native worker), as before mlxgpt split batches over the cores
+# (mlxgpt/cpu/parallel.py); "mlx-graph": the step through MLX's graph, without the native C
+# pass (mlxgpt/training/native_pass.py); both in the same run.
 VARIANTS = {"mlx": ("mlx", 0, {}), "mlx-1stream": ("mlx", 0, {parallel.STREAMS_ENV: "1"}),
+            "mlx-graph": ("mlx", 0, {NATIVE_ENV: "0"}),
             "torch-1t": ("torch", 1, {}), "torch-2t": ("torch", 2, {})}
 
 
@@ -258,12 +264,13 @@ def bench_config(name: str, steps: int, rounds: int, dropout: float) -> dict:
 
 
 def profile(name: str, steps: int) -> None:
-    """Time the pieces of MLX's step with each set of kernels (arithmetic-only and fused), all
-    with the BLAS set as training sets it (one thread per stream; BLIS packing)."""
+    """Time the pieces of MLX's graph step with each set of model kernels (arithmetic-only and
+    fused), and of the native pass's step, all with the BLAS set as training sets it (one
+    thread per stream or worker; BLIS packing)."""
     for kernels in (FUSED, ARITHMETIC):
         for dropout in (0.0, 0.2):
             for label, ms in _profile_parts(name, dropout, steps, kernels):
-                print(f"{name} kernels={kernels.name:10} dropout={dropout}: {label:29s} "
+                print(f"{name} kernels={kernels.name:10} dropout={dropout}: {label:34s} "
                       f"{ms:8.2f} ms")
 
 
@@ -282,18 +289,29 @@ def _profile_parts(name: str, dropout: float, steps: int,
     grads = vg(model, x, y)[1]
     mx.eval(grads)
     upd = mx.compile(lambda g: opt.update(model, g), inputs=state, outputs=state)
-    stepper = Stepper(model, lm_loss, opt, tcfg, world())
+    stepper = Stepper(model, lm_loss, opt, tcfg, world())  # the native pass where it applies
+    saved = os.environ.get(NATIVE_ENV)
+    os.environ[NATIVE_ENV] = "0"
+    graph = Stepper(model, lm_loss, opt, tcfg, world())
+    os.environ.pop(NATIVE_ENV) if saved is None else os.environ.update({NATIVE_ENV: saved})
 
-    def gradients_only() -> None:  # the step as it runs (every stream), without the update
-        mx.eval(stepper.accumulators([(x, y)]))
+    def gradients_only() -> None:  # MLX's step as it runs (every stream), without the update
+        mx.eval(graph.accumulators([(x, y)]))
 
     parts = {
-        "forward (one stream)": lambda: mx.eval(fwd(x, y)),
-        "forward+backward (one stream)": lambda: mx.eval(fwd_bwd(x, y)),
-        "AdamW update (one stream)": lambda: (upd(grads), mx.eval(state)),
-        "step without the update": gradients_only,
-        "whole step": lambda: mx.eval(stepper.step([(x, y)]), stepper.state),
+        "graph: forward (one stream)": lambda: mx.eval(fwd(x, y)),
+        "graph: forward+backward (1 stream)": lambda: mx.eval(fwd_bwd(x, y)),
+        "graph: AdamW update (one stream)": lambda: (upd(grads), mx.eval(state)),
+        "graph: step without the update": gradients_only,
+        "graph: whole step": lambda: mx.eval(graph.step([(x, y)]), graph.state),
     }
+    if stepper.native is not None:
+        sums = stepper.native.sums([(x, y)])
+        parts["native: forward+backward"] = lambda: stepper.native.sums([(x, y)])
+        if stepper.native_update is not None:
+            parts["native: AdamW update"] = lambda: mx.eval(stepper.native_update(*sums),
+                                                            stepper.state)
+        parts["native: whole step"] = lambda: mx.eval(stepper.step([(x, y)]), stepper.state)
     out = []
     with parallel.blas_threads(stepper.split):  # the BLAS as training sets it, for every part
         for label, f in parts.items():
@@ -340,9 +358,10 @@ def main() -> None:
     peak = max(peak_m, peak_t)
     print(f"sgemm 2048^3: mlx {peak_m / 1e9:.0f} GFLOP/s, torch {peak_t / 1e9:.0f} GFLOP/s "
           f"(MFU is against the best)")
-    print("| config | tokens/step | MLX tok/s | MLX one stream | torch 1 thread | "
-          "torch 2 threads | MLX / best torch | MLX MFU | best torch MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | tokens/step | mlxgpt tok/s | mlxgpt one core | MLX graph | torch 1 thread | "
+          "torch 2 threads | mlxgpt / best torch | MLX graph / best torch | mlxgpt MFU | "
+          "best torch MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cfg = r["cfg"]
         fpt = flops_per_token(cfg, r["n_params"])
@@ -351,8 +370,9 @@ def main() -> None:
         label = (f"{r['name']} {cfg.n_layer}/{cfg.n_head}/{cfg.n_embd} T{cfg.n_positions} "
                  f"B{r['tokens'] // cfg.n_positions}")
         print(f"| {label} | {r['tokens']} | {tok_s['mlx']:,.0f} | {tok_s['mlx-1stream']:,.0f} | "
-              f"{tok_s['torch-1t']:,.0f} | "
+              f"{tok_s['mlx-graph']:,.0f} | {tok_s['torch-1t']:,.0f} | "
               f"{tok_s['torch-2t']:,.0f} | {tok_s['mlx'] / best:.2f}x | "
+              f"{tok_s['mlx-graph'] / best:.2f}x | "
               f"{tok_s['mlx'] * fpt / peak:.1%} | {best * fpt / peak:.1%} |")
     for r in rows:
         losses = ", ".join(f"{v} {x:.5f}" for v, x in r["first_loss"].items())
