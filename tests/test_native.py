@@ -192,6 +192,8 @@ def test_training_steps_match_mlx_graph(monkeypatch):
             if first is None:
                 first = {**host_params(model), **{f"opt.{k}": np.array(v) for k, v in
                                                   tree_flatten(stepper.opt.state)}}
+        # the pass's buffers count in the peak memory a run reports (none without it)
+        assert (stepper.host_bytes() > 0) == (setting == "1")
         runs[setting] = (losses, first)
     (native_losses, native_w), (graph_losses, graph_w) = runs["1"], runs["0"]
     np.testing.assert_allclose(native_losses, graph_losses, rtol=2e-5)
@@ -212,6 +214,9 @@ def test_where_the_native_pass_applies(monkeypatch, tiny_model):
     frozen = tiny_model()
     frozen.ln_f.freeze()
     assert "frozen" in native_unsupported(frozen, lm_loss)
+    from mlxgpt.training.finetune import grad_checkpoint
+
+    assert "grad-checkpoint" in native_unsupported(grad_checkpoint(tiny_model()), lm_loss)
     monkeypatch.setenv(NATIVE_ENV, "0")
     assert native_unsupported(tiny_model(), lm_loss) == f"{NATIVE_ENV}=0"
     monkeypatch.setenv(NATIVE_ENV, "1")

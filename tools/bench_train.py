@@ -223,10 +223,11 @@ def run_worker(framework: str, name: str, steps: int, dropout: float, threads: i
             "tokens": rows.shape[1] * (rows.shape[2] - 1), "n_params": model.n_params}
 
 
-# name: (framework, torch threads, environment). "mlx-1stream": the step on one core (one CPU
-# stream or native worker), as before mlxgpt split batches over the cores
-# (mlxgpt/cpu/parallel.py); "mlx-graph": the step through MLX's graph, without the native C
-# pass (mlxgpt/training/native_pass.py); both in the same run.
+# name: (framework, torch threads, environment). "mlx-1stream": the batch not split over the
+# cores (one native worker or CPU stream; the BLAS's threads as training sets them: BLIS one,
+# OpenBLAS all), as before mlxgpt split batches (mlxgpt/cpu/parallel.py); "mlx-graph": the
+# step through MLX's graph, without the native C pass (mlxgpt/training/native_pass.py); both
+# in the same run.
 VARIANTS = {"mlx": ("mlx", 0, {}), "mlx-1stream": ("mlx", 0, {parallel.STREAMS_ENV: "1"}),
             "mlx-graph": ("mlx", 0, {NATIVE_ENV: "0"}),
             "torch-1t": ("torch", 1, {}), "torch-2t": ("torch", 2, {})}
@@ -358,7 +359,7 @@ def main() -> None:
     peak = max(peak_m, peak_t)
     print(f"sgemm 2048^3: mlx {peak_m / 1e9:.0f} GFLOP/s, torch {peak_t / 1e9:.0f} GFLOP/s "
           f"(MFU is against the best)")
-    print("| config | tokens/step | mlxgpt tok/s | mlxgpt one core | MLX graph | torch 1 thread | "
+    print("| config | tokens/step | mlxgpt tok/s | mlxgpt 1 worker | MLX graph | torch 1 thread | "
           "torch 2 threads | mlxgpt / best torch | MLX graph / best torch | mlxgpt MFU | "
           "best torch MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -203,6 +203,10 @@ class NativeGPT:
         self._grads: list[np.ndarray] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
 
+    def host_bytes(self) -> int:
+        """Bytes of workspace and gradient buffers held now (all workers)."""
+        return sum(a.nbytes for a in self._work.values()) + sum(g.nbytes for g in self._grads)
+
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Views of ``flat`` per parameter name."""
         out, at = {}, 0

@@ -57,5 +57,7 @@ class TrainResult:
     tokens: int = 0  # tokens trained on, all ranks, including before a resume
     elapsed: float = 0.0  # seconds of training, including before a resume
     interrupted: bool = False
-    peak_memory: int = 0  # bytes MLX held at most during a training step (this run)
+    # bytes held at most during a training step (this run): MLX's peak plus the native pass's
+    # buffers outside MLX
+    peak_memory: int = 0
     checkpoint: Path | None = None  # the last checkpoint written

@@ -196,7 +196,8 @@ class _Run:
         loss, ntok, gnorm = self.stepper.step(batches)
         mx.eval(loss, ntok, gnorm, self.stepper.state)
         # Kept per step: evaluation and samples (stream_generate) reset MLX's counter too.
-        self.result.peak_memory = max(self.result.peak_memory, mx.get_peak_memory())
+        self.result.peak_memory = max(self.result.peak_memory,
+                                      mx.get_peak_memory() + self.stepper.host_bytes())
         loss_v, ntok_v = loss.item(), int(ntok.item())
         r = self.result
         r.step += 1

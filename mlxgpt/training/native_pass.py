@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..core.backend import on_cpu
-from ..core.model import GPT
+from ..core.model import GPT, Block
 from ..cpu import native
 from ..errors import MlxgptError
 from .loss import lm_loss
@@ -52,6 +52,8 @@ def _reason(model: nn.Module, loss_fn: Callable[..., Any], training: bool) -> st
         return "MLX computes on a GPU"
     if loss_fn is not lm_loss or type(model) is not GPT:
         return "it trains a plain GPT on the language-model loss only"
+    if any(type(block) is not Block for block in model.h):
+        return "the blocks recompute their activations (--grad-checkpoint)"
     cfg = model.config
     names = native.parameter_names(cfg.n_layer, cfg.tie_word_embeddings)
     params = dict(tree_flatten(model.parameters()))
@@ -93,6 +95,10 @@ class NativeGradients:
         self.model = model
         self.net = native.NativeGPT(model.config, workers)
         self.slots = [_slot(model, n) for n in self.net.names]  # where each weight lives
+
+    def host_bytes(self) -> int:
+        """Memory the pass holds outside MLX (activations and gradients, all workers)."""
+        return self.net.host_bytes()
 
     def weights(self) -> list[mx.array]:
         """The model's weights in the native pass's order."""

@@ -118,6 +118,13 @@ class Stepper:
             mx.eval(out, self.state)
         return out
 
+    def host_bytes(self) -> int:
+        """Memory a step holds outside MLX's allocator (the native pass's buffers)."""
+        extra = self.native.host_bytes() if self.native is not None else 0
+        if self.native_update is not None:
+            extra += self.native_update.adamw.out.nbytes
+        return extra
+
     def _accumulate(self, batches: Sequence[Batch]) -> tuple[mx.array, mx.array, mx.array]:
         return self._apply(*self.accumulators(batches))
 
