@@ -173,6 +173,21 @@ static void layernorm_backward(float *dx, float *dw, float *db, const float *dy,
     }
 }
 
+/* y (n, out) = x (n, in) @ W^T + b, W (out, in). */
+static void linear(float *y, const float *x, const float *w, const float *b, size_t n, int in,
+                   int out) {
+    fill_rows(y, b, n, out);
+    mm(0, 1, n, out, in, 1.0f, x, in, w, in, 1.0f, y, out);
+}
+
+/* The gradients of y = x @ W^T + b: db += column sums of dy, dW += dy^T x, dx = dy W. */
+static void linear_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                            const float *w, size_t n, int in, int out) {
+    col_sums(db, dy, n, out);
+    mm(1, 0, out, in, n, 1.0f, dy, out, x, in, 1.0f, dw, in);
+    mm(0, 0, n, in, out, 1.0f, dy, out, w, in, 0.0f, dx, in);
+}
+
 #define SQRT_2_OVER_PI 0.7978845608028654f
 
 static void gelu(float *y, const float *x, size_t n, int tanh_form) {
@@ -355,6 +370,32 @@ static layer_acts layer_at(const workspace *s, int l) {
     return a;
 }
 
+/* out = res + dropout(x @ W^T + b) (C wide; dropout at `site` when the rate is > 0; scratch:
+ * (n, C) floats). Without dropout the product adds straight onto the residual. */
+static void residual_branch(float *out, const float *res, const float *x, const float *w,
+                            const float *b, size_t n, int in, int c, float *scratch,
+                            const gpt_piece *pc, uint32_t site, uint64_t first, float rate) {
+    if (rate > 0.0f) {
+        linear(scratch, x, w, b, n, in, c);
+        dropout(scratch, scratch, n * c, pc, site, first, rate);
+        add_arrays(out, res, scratch, n * c);
+    } else {
+        memcpy(out, res, sizeof(float) * n * c);
+        add_rows(out, b, n, c);
+        mm(0, 1, n, c, in, 1.0f, x, in, w, in, 1.0f, out, c);
+    }
+}
+
+/* The gradient reaching a residual branch's product: dres through the branch's dropout mask
+ * (into scratch), or dres itself without dropout. */
+static const float *branch_gradient(const float *dres, size_t n, float *scratch,
+                                    const gpt_piece *pc, uint32_t site, uint64_t first,
+                                    float rate) {
+    if (rate <= 0.0f) return dres;
+    dropout(scratch, dres, n, pc, site, first, rate);
+    return scratch;
+}
+
 /* ------------------------------------------------------------------ the pass */
 
 void gpt_set_sgemm(sgemm_fn f) { gemm = f; }
@@ -389,33 +430,15 @@ double gpt_forward_backward(const gpt_dims *d, float *const *params, float *cons
         float *const *w = lp + PARAMS_PER_LAYER * l;
         float *out = l + 1 < L ? layer_at(&s, l + 1).res : s.final_res;
         layernorm(a.ln1, a.mean1, a.rstd1, a.res, w[LN1_W], w[LN1_B], n, C, d->eps);
-        fill_rows(a.qkv, w[ATTN_B], n, 3 * C);
-        mm(0, 1, n, 3 * C, C, 1.0f, a.ln1, C, w[ATTN_W], C, 1.0f, a.qkv, 3 * C);
+        linear(a.qkv, a.ln1, w[ATTN_W], w[ATTN_B], n, C, 3 * C);
         attention(a.atty, a.lse, a.qkv, s.p, b_rows, t, C, H);
-        if (rate > 0.0f) {  /* mid = res + dropout(atty @ Wp^T + bp) */
-            fill_rows(s.drop, w[APROJ_B], n, C);
-            mm(0, 1, n, C, C, 1.0f, a.atty, C, w[APROJ_W], C, 1.0f, s.drop, C);
-            dropout(s.drop, s.drop, n * C, piece, 1 + 2 * l, first, rate);
-            add_arrays(a.mid, a.res, s.drop, n * C);
-        } else {  /* the residual first: the product adds onto it */
-            memcpy(a.mid, a.res, sizeof(float) * n * C);
-            add_rows(a.mid, w[APROJ_B], n, C);
-            mm(0, 1, n, C, C, 1.0f, a.atty, C, w[APROJ_W], C, 1.0f, a.mid, C);
-        }
+        residual_branch(a.mid, a.res, a.atty, w[APROJ_W], w[APROJ_B], n, C, C, s.drop, piece,
+                        1 + 2 * l, first, rate);
         layernorm(a.ln2, a.mean2, a.rstd2, a.mid, w[LN2_W], w[LN2_B], n, C, d->eps);
-        fill_rows(a.fch, w[FC_B], n, F);
-        mm(0, 1, n, F, C, 1.0f, a.ln2, C, w[FC_W], C, 1.0f, a.fch, F);
+        linear(a.fch, a.ln2, w[FC_W], w[FC_B], n, C, F);
         gelu(a.gel, a.fch, n * F, d->gelu_tanh);
-        if (rate > 0.0f) {
-            fill_rows(s.drop, w[MPROJ_B], n, C);
-            mm(0, 1, n, C, F, 1.0f, a.gel, F, w[MPROJ_W], F, 1.0f, s.drop, C);
-            dropout(s.drop, s.drop, n * C, piece, 2 + 2 * l, first, rate);
-            add_arrays(out, a.mid, s.drop, n * C);
-        } else {
-            memcpy(out, a.mid, sizeof(float) * n * C);
-            add_rows(out, w[MPROJ_B], n, C);
-            mm(0, 1, n, C, F, 1.0f, a.gel, F, w[MPROJ_W], F, 1.0f, out, C);
-        }
+        residual_branch(out, a.mid, a.gel, w[MPROJ_W], w[MPROJ_B], n, F, C, s.drop, piece,
+                        2 + 2 * l, first, rate);
     }
     layernorm(s.lnf, s.meanf, s.rstdf, s.final_res, lnf_w, lnf_b, n, C, d->eps);
 
@@ -455,34 +478,18 @@ double gpt_forward_backward(const gpt_dims *d, float *const *params, float *cons
     for (int l = L - 1; l >= 0; l--) {
         layer_acts a = layer_at(&s, l);
         float *const *w = lp + PARAMS_PER_LAYER * l, *const *g = gl + PARAMS_PER_LAYER * l;
-        /* out = mid + dropout(gel @ Wm^T + bm): dm is dres through the same mask */
-        const float *dm = s.dres;
-        if (rate > 0.0f) {
-            dropout(s.drop, s.dres, n * C, piece, 2 + 2 * l, first, rate);
-            dm = s.drop;
-        }
-        col_sums(g[MPROJ_B], dm, n, C);
-        mm(1, 0, C, F, n, 1.0f, dm, C, a.gel, F, 1.0f, g[MPROJ_W], F);
-        mm(0, 0, n, F, C, 1.0f, dm, C, w[MPROJ_W], F, 0.0f, s.dfch, F);
+        /* out = mid + dropout(gel @ Wm^T + bm); the residual passes dres on unchanged */
+        const float *dm = branch_gradient(s.dres, n * C, s.drop, piece, 2 + 2 * l, first, rate);
+        linear_backward(s.dfch, g[MPROJ_W], g[MPROJ_B], dm, a.gel, w[MPROJ_W], n, F, C);
         gelu_backward(s.dfch, a.fch, n * F, d->gelu_tanh);
-        col_sums(g[FC_B], s.dfch, n, F);
-        mm(1, 0, F, C, n, 1.0f, s.dfch, F, a.ln2, C, 1.0f, g[FC_W], C);
-        mm(0, 0, n, C, F, 1.0f, s.dfch, F, w[FC_W], C, 0.0f, s.dln, C);
+        linear_backward(s.dln, g[FC_W], g[FC_B], s.dfch, a.ln2, w[FC_W], n, C, F);
         layernorm_backward(s.dres, g[LN2_W], g[LN2_B], s.dln, a.mid, a.mean2, a.rstd2, w[LN2_W],
                            n, C);
         /* mid = res + dropout(atty @ Wp^T + bp) */
-        const float *da = s.dres;
-        if (rate > 0.0f) {
-            dropout(s.drop, s.dres, n * C, piece, 1 + 2 * l, first, rate);
-            da = s.drop;
-        }
-        col_sums(g[APROJ_B], da, n, C);
-        mm(1, 0, C, C, n, 1.0f, da, C, a.atty, C, 1.0f, g[APROJ_W], C);
-        mm(0, 0, n, C, C, 1.0f, da, C, w[APROJ_W], C, 0.0f, s.datty, C);
+        const float *da = branch_gradient(s.dres, n * C, s.drop, piece, 1 + 2 * l, first, rate);
+        linear_backward(s.datty, g[APROJ_W], g[APROJ_B], da, a.atty, w[APROJ_W], n, C, C);
         attention_backward(s.dqkv, s.datty, a.qkv, a.lse, s.p, s.dp, b_rows, t, C, H);
-        col_sums(g[ATTN_B], s.dqkv, n, 3 * C);
-        mm(1, 0, 3 * C, C, n, 1.0f, s.dqkv, 3 * C, a.ln1, C, 1.0f, g[ATTN_W], C);
-        mm(0, 0, n, C, 3 * C, 1.0f, s.dqkv, 3 * C, w[ATTN_W], C, 0.0f, s.dln, C);
+        linear_backward(s.dln, g[ATTN_W], g[ATTN_B], s.dqkv, a.ln1, w[ATTN_W], n, C, 3 * C);
         layernorm_backward(s.dres, g[LN1_W], g[LN1_B], s.dln, a.res, a.mean1, a.rstd1, w[LN1_W],
                            n, C);
     }
