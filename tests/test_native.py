@@ -234,7 +234,7 @@ def test_no_compiler_falls_back_to_mlx(monkeypatch, tmp_path, tiny_model):
     monkeypatch.setenv("MLXGPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")
     native.library_path.cache_clear()
-    native._library.cache_clear()
+    native._loaded.cache_clear()
     try:
         assert "could not build" in native.build_error()
         assert "could not build" in native_unsupported(tiny_model(), lm_loss)
@@ -243,7 +243,7 @@ def test_no_compiler_falls_back_to_mlx(monkeypatch, tmp_path, tiny_model):
         assert not [p for p in (tmp_path / "native").iterdir() if p.suffix == ".so"]
     finally:
         native.library_path.cache_clear()
-        native._library.cache_clear()
+        native._loaded.cache_clear()
 
 
 def test_evaluation_through_the_native_forward_matches_mlx(monkeypatch):

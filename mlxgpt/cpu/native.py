@@ -138,7 +138,23 @@ def _sgemm_address() -> int | None:
 
 
 @functools.cache
+def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
+    """The library, or why it cannot be had (tried once per process: a failing compiler is
+    not run again for every model that trains)."""
+    try:
+        return _load(), None
+    except (BuildError, OSError) as e:
+        return None, str(e)
+
+
 def _library() -> ctypes.CDLL:
+    lib, error = _loaded()
+    if lib is None:
+        raise BuildError(error)
+    return lib
+
+
+def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library_path()))
     address = _sgemm_address()
     if address is None:
@@ -162,11 +178,7 @@ def _library() -> ctypes.CDLL:
 
 def build_error() -> str | None:
     """Why the native pass cannot be loaded here, or None when it can."""
-    try:
-        _library()
-    except (BuildError, OSError) as e:
-        return str(e)
-    return None
+    return _loaded()[1]
 
 
 def parameter_names(n_layer: int, tied: bool) -> list[str]:

@@ -174,7 +174,7 @@ class _Run:
         mx.eval(self.model.parameters(), self.opt.state)
         self.stepper = Stepper(self.model, self.loss_fn, self.opt, self.cfg, self.group)
         self.evaluator = Evaluator(self.model, self.loss_fn, compile=self.cfg.compile,
-                                   group=self.group)
+                                   group=self.group, native=self.stepper.native)
         if self.rank0:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)

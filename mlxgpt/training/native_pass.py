@@ -1,9 +1,11 @@
-"""Gradients from the native C pass (:mod:`mlxgpt.cpu.native`) for the training step on the CPU.
+"""The native C pass (:mod:`mlxgpt.cpu.native`) as the training step on the CPU.
 
 Where it applies (:func:`native_unsupported` says why not), :class:`mlxgpt.training.step.Stepper`
 takes a step's loss sum, token count and gradient sum from one native forward + backward pass
 over the step's micro-batches (the rows split over one thread per core) instead of MLX's graph,
-and applies them with the same compiled clip + AdamW update. It applies to full-model training
+and applies them with the native clip + AdamW update (:class:`NativeUpdate`; MLX's compiled
+update for another optimizer); :class:`~mlxgpt.training.step.Evaluator` takes the pass's
+forward. It applies to full-model training
 of a float32 GPT with the language-model loss, on the CPU: ``mlxgpt pretrain`` and full
 fine-tuning (dropout masks come from the C code's own counter-based hash, seeded from MLX's
 random state). LoRA, classifiers, quantized or frozen weights and GPUs train through MLX's

@@ -148,12 +148,16 @@ class Evaluator:
     """Token-weighted mean loss of ``loss_fn`` over batches, every rank's shard together."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, compile: bool = True,
-                 group: mx.distributed.Group | None = None):
+                 group: mx.distributed.Group | None = None,
+                 native: NativeGradients | None = None):
+        """``native``: a training Stepper's pass, to share its buffers (else one of its own
+        where the pass applies)."""
         self.group = group or world()
         workers = stream_count(self.group.size())
         self.split = workers > 1
-        self.native = (NativeGradients(model, workers) if native_unsupported(
-            model, loss_fn, training=False) is None else None)
+        if native is None and native_unsupported(model, loss_fn, training=False) is None:
+            native = NativeGradients(model, workers)
+        self.native = native
         self.streams = new_streams(workers) if self.native is None else []
 
         def loss_sum(*batch: mx.array) -> mx.array:
