@@ -211,7 +211,7 @@ class NativeGPT:
         self.names = parameter_names(cfg.n_layer, self.tied)
         self.workers = max(1, workers)
         self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
-        self._work: dict[tuple[int, int, int], np.ndarray] = {}
+        self._work: dict[int, np.ndarray] = {}  # per worker, grown to the largest piece seen
         self._grads: list[np.ndarray] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
 
@@ -229,11 +229,13 @@ class NativeGPT:
         return out
 
     def _workspace(self, worker: int, rows: int, t: int) -> np.ndarray:
-        key = (worker, rows, t)
-        if key not in self._work:
-            floats = self.lib.gpt_workspace_floats(ctypes.byref(self.dims), rows, t)
-            self._work[key] = np.empty(floats, np.float32)
-        return self._work[key]
+        """The worker's buffer, large enough for a piece of ``rows`` x ``t`` (one per worker,
+        reused by smaller pieces: batches padded to varying lengths do not pile up buffers)."""
+        floats = self.lib.gpt_workspace_floats(ctypes.byref(self.dims), rows, t)
+        if worker not in self._work or self._work[worker].size < floats:
+            self._work.pop(worker, None)  # the old buffer goes before the larger one comes
+            self._work[worker] = np.empty(floats, np.float32)
+        return self._work[worker]
 
     def run(self, params: Mapping[str, np.ndarray], batches: Sequence[Sequence[np.ndarray]],
             grads: bool = True, *, dropout: float = 0.0,
