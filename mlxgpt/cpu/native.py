@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ import numpy as np
 
 from ..atomicio import locked
 from ..cachedir import cache_root
+from .parallel import split_rows
 
 SOURCE = Path(__file__).with_name("gpt_train.c")
 PER_LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -189,6 +191,17 @@ def parameter_names(n_layer: int, tied: bool) -> list[str]:
     return names
 
 
+def parameter_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape (MLX layouts: Linear weights (out, in)), in the C code's order."""
+    C, F, V = cfg.n_embd, cfg.hidden_dim, cfg.vocab_size
+    layer = dict(zip(PER_LAYER, [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,),
+                                 (F, C), (F,), (C, F), (C,)], strict=True))
+    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.n_positions, C),
+              "ln_f.weight": (C,), "ln_f.bias": (C,), "lm_head.weight": (V, C)}
+    return {n: layer[n.split(".", 2)[2]] if n.startswith("h.") else shapes[n]
+            for n in parameter_names(cfg.n_layer, cfg.tie_word_embeddings)}
+
+
 def _pointers(arrays: Sequence[np.ndarray]) -> ctypes.Array:
     return (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
 
@@ -208,25 +221,35 @@ class NativeGPT:
                          H=cfg.n_head, F=cfg.hidden_dim, tied=int(self.tied),
                          gelu_tanh=int(cfg.activation_function != "gelu"),
                          eps=cfg.layer_norm_epsilon)
-        self.names = parameter_names(cfg.n_layer, self.tied)
+        self.shapes = parameter_shapes(cfg)
+        self.names = list(self.shapes)
+        self.sizes = [math.prod(s) for s in self.shapes.values()]  # elements per parameter
         self.workers = max(1, workers)
         self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         self._work: dict[int, np.ndarray] = {}  # per worker, grown to the largest piece seen
-        self._grads: list[np.ndarray] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        # per worker: a flat gradient buffer and the C array of pointers to its tensors (made
+        # on the first pass with gradients: evaluation needs none)
+        self._grads: list[tuple[np.ndarray, ctypes.Array]] = []
 
     def host_bytes(self) -> int:
         """Bytes of workspace and gradient buffers held now (all workers)."""
-        return sum(a.nbytes for a in self._work.values()) + sum(g.nbytes for g in self._grads)
+        return (sum(a.nbytes for a in self._work.values())
+                + sum(g.nbytes for g, _ in self._grads))
 
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """Views of ``flat`` per parameter name."""
+        """Views of ``flat`` (the parameters one after another) per parameter name."""
         out, at = {}, 0
-        for name in self.names:
-            size = int(np.prod(self.shapes[name]))
-            out[name] = flat[at:at + size].reshape(self.shapes[name])
+        for (name, shape), size in zip(self.shapes.items(), self.sizes, strict=True):
+            out[name] = flat[at:at + size].reshape(shape)
             at += size
         return out
+
+    def _grad_buffers(self) -> list[tuple[np.ndarray, ctypes.Array]]:
+        if not self._grads:
+            for _ in range(self.workers):
+                flat = np.empty(sum(self.sizes), np.float32)
+                self._grads.append((flat, _pointers(list(self.unflatten(flat).values()))))
+        return self._grads
 
     def _workspace(self, worker: int, rows: int, t: int) -> np.ndarray:
         """The worker's buffer, large enough for a piece of ``rows`` x ``t`` (one per worker,
@@ -245,38 +268,33 @@ class NativeGPT:
         self.dims.dropout = dropout
         # a copy only where a weight is not float32 row-major already (a transposed view)
         arrays = [np.ascontiguousarray(params[n], np.float32) for n in self.names]
-        self.shapes = {n: a.shape for n, a in zip(self.names, arrays, strict=True)}
+        if [a.shape for a in arrays] != list(self.shapes.values()):
+            raise ValueError("the weights do not have this configuration's shapes")
         p_ptrs = _pointers(arrays)
-        total = sum(a.size for a in arrays)
-        if grads:
-            if not self._grads or self._grads[0].size != total:
-                self._grads = [np.empty(total, np.float32) for _ in range(self.workers)]
-            for g in self._grads:
-                g.fill(0.0)
+        buffers = self._grad_buffers() if grads else []
+        for flat, _ in buffers:
+            flat.fill(0.0)
         # every micro-batch's rows cut into one piece per worker; a worker runs its pieces in turn
-        jobs: list[list[tuple[Piece, tuple[np.ndarray, ...]]]] = [[] for _ in range(self.workers)]
+        jobs: list[list[tuple[Piece, tuple[np.ndarray | None, ...]]]] = [
+            [] for _ in range(self.workers)]
         for k, batch in enumerate(batches):
             for ids in batch[:2]:
                 if ids.size and (ids.min() < 0 or ids.max() >= self.dims.V):
                     raise ValueError(f"token ids must be in [0, {self.dims.V})")
-            rows = batch[0].shape[0]
-            parts = min(self.workers, rows)
-            bounds = [rows * i // parts for i in range(parts + 1)]
-            for w, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
-                piece = Piece(seed=(seed + k) & 0xFFFFFFFF, row0=lo)
-                jobs[w].append((piece, tuple(np.ascontiguousarray(a[lo:hi]) for a in batch)))
+            row0 = 0
+            for w, part in enumerate(split_rows(batch, self.workers)):
+                inputs, targets = (np.ascontiguousarray(a, np.int32) for a in part[:2])
+                weights = part[2] if len(part) > 2 else None
+                if weights is not None:
+                    weights = np.ascontiguousarray(weights, np.float32)
+                piece = Piece(seed=(seed + k) & 0xFFFFFFFF, row0=row0)
+                jobs[w].append((piece, (inputs, targets, weights)))
+                row0 += inputs.shape[0]
 
         def work(w: int) -> tuple[float, float]:
-            g_ptrs = None
-            if grads:
-                views = self.unflatten(self._grads[w])
-                g_ptrs = _pointers([views[n] for n in self.names])
+            g_ptrs = buffers[w][1] if grads else None
             loss = count = 0.0
-            for where, piece in jobs[w]:
-                inputs = np.ascontiguousarray(piece[0], np.int32)
-                targets = np.ascontiguousarray(piece[1], np.int32)
-                weights = (np.ascontiguousarray(piece[2], np.float32) if len(piece) > 2
-                           and piece[2] is not None else None)
+            for where, (inputs, targets, weights) in jobs[w]:
                 rows, t = inputs.shape
                 ws = self._workspace(w, rows, t)
                 c = ctypes.c_double()
@@ -295,8 +313,8 @@ class NativeGPT:
         count = sum(r[1] for r in results)
         if not grads:
             return loss, count, None
-        flat = self._grads[0]
-        for g in self._grads[1:]:
+        flat = buffers[0][0]
+        for g, _ in buffers[1:]:
             np.add(flat, g, out=flat)
         return loss, count, flat
 
@@ -314,19 +332,15 @@ class NativeAdamW:
     """One AdamW step (PyTorch's bias-corrected form, MLX's order of operations) with gradient
     clipping over a model's tensors, in one C call (``gpt_adamw`` in the C file).
 
-    ``step`` reads the weights and moments (any float32 arrays) and the flat gradient sum, and
-    returns the new weights and moments as flat arrays (views per tensor: ``split``), kept until
-    the next call, and the gradient norm before clipping."""
+    ``step`` reads the weights and moments (any float32 arrays) and the flat gradient sum,
+    writes the new weights, m and v to the rows of ``out`` (flat, the tensors one after another,
+    kept until the next call) and returns the gradient norm before clipping."""
 
     def __init__(self, sizes: Sequence[int], decay: Sequence[bool]):
         self.lib = _library()
         self.sizes = np.asarray(sizes, np.int64)
         self.decay = np.asarray(decay, np.int32)
         self.out = np.empty((3, int(self.sizes.sum())), np.float32)  # weights, m, v
-
-    def split(self, flat: np.ndarray) -> list[np.ndarray]:
-        """``flat`` cut into the tensors (1-D views)."""
-        return np.split(flat, np.cumsum(self.sizes)[:-1])
 
     def step(self, params: Sequence[np.ndarray], m: Sequence[np.ndarray],
              v: Sequence[np.ndarray], grad_sum: np.ndarray, count: float, *, clip: float,

@@ -137,16 +137,13 @@ class NativeUpdate:
     def __init__(self, grads: NativeGradients, opt: GPTAdamW, clip: float,
                  group: mx.distributed.Group):
         self.grads, self.opt, self.clip, self.group = grads, opt, clip, group
-        names = grads.net.names
-        self.shapes = [w.shape for w in grads.weights()]
+        net = grads.net
         # make_optimizer's filter: 1-D parameters go to optimizers[0] (no decay)
-        self.sub = [0 if len(s) < 2 else 1 for s in self.shapes]
-        self.adamw = native.NativeAdamW([int(np.prod(s)) for s in self.shapes],
-                                        [k == 1 for k in self.sub])
+        self.sub = [0 if len(s) < 2 else 1 for s in net.shapes.values()]
+        self.adamw = native.NativeAdamW(net.sizes, [k == 1 for k in self.sub])
         # the new weights, m and v: views of the C call's output, one per tensor
-        self.out = [[a.reshape(s) for a, s in zip(self.adamw.split(row), self.shapes,
-                                                   strict=True)] for row in self.adamw.out]
-        self._names = names
+        self.out = [list(net.unflatten(row).values()) for row in self.adamw.out]
+        self._names = net.names
         self._states: list[Any] = []
         self._moments: list[dict[str, mx.array]] = []
 
