@@ -25,12 +25,13 @@ parallel.configure()  # before MLX's first evaluation; see mlxgpt/cpu/parallel.p
 from mlxgpt.checkpoints.load import load, load_classifier  # noqa: E402
 from mlxgpt.core.classifier import GPTClassifier  # noqa: E402
 from mlxgpt.core.config import GPTConfig  # noqa: E402
-from mlxgpt.core.model import GPT  # noqa: E402
+from mlxgpt.core.llama import LlamaConfig  # noqa: E402
+from mlxgpt.core.model import GPT, Llama  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
 from mlxgpt.generation.batch import batch_generate  # noqa: E402
 from mlxgpt.generation.generate import generate, stream_generate  # noqa: E402
 
-__all__ = ["GPT", "GPTClassifier", "GPTConfig", "MlxgptError", "batch_generate", "classify",
+__all__ = ["GPT", "Llama", "LlamaConfig", "GPTClassifier", "GPTConfig", "MlxgptError", "batch_generate", "classify",
            "generate", "load", "load_classifier", "stream_generate"]
 
 

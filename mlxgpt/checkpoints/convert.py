@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..core.classifier import GPTClassifier
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from . import folder as mlx_folder
@@ -48,7 +48,7 @@ class Summary:
 
 
 def _read_source(source: str | os.PathLike, revision: str | None,
-                 dtype: mx.Dtype | None) -> tuple[GPT, Tokenizer, GPTClassifier | None]:
+                 dtype: mx.Dtype | None) -> tuple[Model, Tokenizer, GPTClassifier | None]:
     """(model, tokenizer, classifier or None) from a GGUF file or a Hugging Face source."""
     if is_gguf(source) or (str(source).endswith(".gguf") and not Path(source).is_dir()):
         if revision is not None:

@@ -1,9 +1,11 @@
 """Model folders on disk: ``config.json`` + ``model.safetensors`` + the tokenizer's files.
 
-Weights are stored with a ``model.`` key prefix in MLX layout (Linear ``(out, in)``), the layout
-mlx-lm uses for GPT-2, so mlx-lm can load an mlxgpt folder as it is. ``config.json`` holds the
-Hugging Face GPT-2 keys, ``quantization: {group_size, bits}`` when quantized, and an ``mlxgpt``
-section (format version, tokenizer description). Every write is atomic (:mod:`.files`).
+Weights are stored in MLX layout (Linear ``(out, in)``) under mlx-lm's names (each family's
+``weight_prefix``: ``model.h.0...`` for GPT-2, Hugging Face's own ``model.layers.0...`` for
+Llama), so mlx-lm can load an mlxgpt folder as it is. ``config.json`` holds the family's Hugging
+Face keys, ``quantization`` when quantized (mlx-lm's form: ``{group_size, bits}`` for most layers,
+and ``{"<module path>": {group_size, bits}}`` for those that differ), and an ``mlxgpt`` section
+(format version, tokenizer description). Every write is atomic (:mod:`.files`).
 This module reads and writes mlxgpt's own format only; Hugging Face folders are :mod:`.hf`'s.
 
 A classifier folder (:class:`~mlxgpt.core.classifier.GPTClassifier`) is a model folder (its
@@ -24,8 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..core.classifier import GPTClassifier
-from ..core.config import GPTConfig
-from ..core.model import GPT
+from ..core.model import FAMILIES, Model, ModelConfig, build, config_from_dict
 from ..errors import MlxgptError
 from .files import atomic_dir, read_json
 from .quantize import float_dtype, quantize_as_stored
@@ -33,7 +34,7 @@ from .quantize import float_dtype, quantize_as_stored
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
-KEY_PREFIX = "model."
+KEY_PREFIX = "model."  # GPT-2's weight_prefix (the adapters' too)
 HEAD_WEIGHTS = "classifier.safetensors"
 HEAD_CONFIG = "classifier.json"
 HEAD_FORMAT = "mlxgpt-classifier"
@@ -61,14 +62,14 @@ def load_safetensors(path: Path) -> dict[str, mx.array]:
         raise MlxgptError(f"{path}: cannot read weights ({e})") from None
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """A weights file's tensors under the model's own names (the ``model.`` prefix removed)."""
-    return {k.removeprefix(KEY_PREFIX): v for k, v in load_safetensors(path).items()}
+def read_weights(path: Path, prefix: str = KEY_PREFIX) -> dict[str, mx.array]:
+    """A weights file's tensors under the model's own names (the family's prefix removed)."""
+    return {k.removeprefix(prefix): v for k, v in load_safetensors(path).items()}
 
 
 def restore_weights(model: nn.Module, folder: Path) -> None:
     """Load a model folder's weights into ``model`` (same shape, checked), e.g. on resume."""
-    weights = read_weights(Path(folder) / WEIGHTS_FILE)
+    weights = read_weights(Path(folder) / WEIGHTS_FILE, model.weight_prefix)
     check_weights(model, weights, str(Path(folder) / WEIGHTS_FILE))
     model.load_weights(list(weights.items()))
 
@@ -105,13 +106,13 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -
 
 
 def build_model(
-    cfg: GPTConfig,
+    cfg: ModelConfig,
     weights: dict[str, mx.array],
-    quantization: dict[str, int] | None = None,
+    quantization: dict[str, Any] | None = None,
     source: str = "weights",
-) -> GPT:
-    """A GPT with the given (unprefixed, MLX-layout) weights, quantized layers where stored."""
-    model = GPT(cfg)
+) -> Model:
+    """A model with the given (unprefixed, MLX-layout) weights, quantized layers where stored."""
+    model = build(cfg)
     if quantization:
         quantize_as_stored(model, weights, quantization)
     check_weights(model, weights, source)
@@ -121,14 +122,14 @@ def build_model(
     return model
 
 
-def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> GPT:
+def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> Model:
     """Load an mlxgpt model folder. ``dtype`` casts floating weights (not quantized ones)."""
     folder = Path(path)
     if not folder.is_dir():
         raise MlxgptError(f"{folder}: not a model folder")
     raw = read_json(folder / CONFIG_FILE)
-    cfg = GPTConfig.from_dict(raw)
-    weights = read_weights(folder / WEIGHTS_FILE)
+    cfg = config_from_dict(raw)
+    weights = read_weights(folder / WEIGHTS_FILE, FAMILIES[cfg.model_type][1].weight_prefix)
     quant = raw.get("quantization")
     if dtype is not None:
         # Quantized weights are integers and keep their layout; float tensors are cast.
@@ -140,12 +141,12 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> GPT:
 
 
 def save_model(
-    model: GPT,
+    model: Model,
     out_dir: str | os.PathLike,
     tokenizer: Any = None,
     *,
     force: bool = False,
-    quantization: dict[str, int] | None = None,
+    quantization: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and its tokenizer's files) as a model folder, atomically."""
@@ -155,11 +156,11 @@ def save_model(
 
 
 def write_model_files(
-    model: GPT,
+    model: Model,
     folder: Path,
     tokenizer: Any = None,
     *,
-    quantization: dict[str, int] | None = None,
+    quantization: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write config, weights and tokenizer into an existing (temporary) folder."""
@@ -172,7 +173,7 @@ def write_model_files(
     cfg["mlxgpt"] = meta
     if quantization:
         cfg["quantization"] = dict(quantization)
-    weights = {KEY_PREFIX + k: v for k, v in tree_flatten(model.parameters())}
+    weights = {model.weight_prefix + k: v for k, v in tree_flatten(model.parameters())}
     first = next(iter(weights.values()))
     cfg["torch_dtype"] = str(first.dtype).removeprefix("mlx.core.")
     mx.save_safetensors(str(folder / WEIGHTS_FILE), weights, metadata={"format": "mlx"})

@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..core.config import TANH_GELU, GPTConfig
-from ..core.model import GPT
+from ..core.gpt2 import GPT
 from ..errors import MlxgptError
 from ..tokenizers import EOT, GPT2_PATTERN, IdTokenizer, Tokenizer
 from ..tokenizers.hf_files import from_hf, to_hf

@@ -1,4 +1,7 @@
-"""Hugging Face GPT-2 folders <-> mlxgpt models.
+"""Hugging Face GPT-2 and Llama folders <-> mlxgpt models.
+
+Llama checkpoints (``LlamaForCausalLM``) carry mlxgpt's own names and layout: reading one is a
+key copy (a tied head's ``lm_head.weight`` dropped). For GPT-2:
 
 In: ``config.json`` with ``model.safetensors``, sharded safetensors
 (``model.safetensors.index.json``) or ``pytorch_model.bin`` (read by :mod:`.torch_pickle`, never
@@ -24,7 +27,8 @@ import mlx.core as mx
 
 from ..core.classifier import GPTClassifier
 from ..core.config import GPTConfig
-from ..core.model import GPT
+from ..core.llama import LlamaConfig
+from ..core.model import Model, ModelConfig
 from ..errors import MlxgptError, warn
 from ..tokenizers import (
     IdTokenizer,
@@ -82,14 +86,17 @@ def _read_sharded(folder: Path, index_name: str, read) -> dict[str, mx.array]:
     return weights
 
 
-def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[GPTConfig, dict]:
-    """Hugging Face GPT-2 config + tensors -> GPTConfig + MLX-layout weights (unprefixed keys).
+def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[ModelConfig, dict]:
+    """Hugging Face config + tensors -> the family's config + MLX-layout weights (unprefixed
+    keys).
 
-    ``lm_head.weight`` equal to ``wte`` (or absent) means tied; a different one is kept as an
-    untied head, as ``transformers`` does.
+    GPT-2: ``lm_head.weight`` equal to ``wte`` (or absent) means tied; a different one is kept as
+    an untied head, as ``transformers`` does.
     """
     if not hf:
         raise MlxgptError("the weights file holds no tensors")
+    if isinstance(raw_cfg, dict) and raw_cfg.get("model_type") == "llama":
+        return _llama_from_hf(raw_cfg, hf)
     weights: dict[str, mx.array] = {}
     for key, value in hf.items():
         key = key.removeprefix("transformer.")
@@ -112,10 +119,23 @@ def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[GPTConf
     return cfg, weights
 
 
+def _llama_from_hf(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[LlamaConfig, dict]:
+    """A ``LlamaForCausalLM`` checkpoint: its keys are the model's; a tied head (the config's
+    ``tie_word_embeddings``, as transformers reads it) drops ``lm_head.weight``."""
+    cfg = LlamaConfig.from_dict(raw_cfg)
+    weights = {k: v for k, v in hf.items() if not k.endswith(".rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in weights:
+        raise MlxgptError("config unties the output head, but lm_head.weight is missing")
+    return cfg, weights
+
+
 def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
     """Cast floating tensors to ``dtype`` (None: the embedding's dtype; float64 -> float32)."""
     if dtype is None:
-        first = weights.get("wte.weight", next(iter(weights.values())))
+        first = weights.get("wte.weight", weights.get("model.embed_tokens.weight",
+                                                       next(iter(weights.values()))))
         dtype = first.dtype if first.dtype in mlx_folder.DTYPES.values() else mx.float32
     return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
             for k, v in weights.items()}
@@ -136,13 +156,13 @@ def hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_hf(folder: Path, dtype: mx.Dtype | None = None) -> tuple[GPT, Tokenizer]:
+def load_hf(folder: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
     """A Hugging Face GPT-2 folder -> (model, tokenizer), in memory."""
     model, tokenizer, _, _ = _load_hf(folder, dtype)
     return model, tokenizer
 
 
-def _load_hf(folder: Path, dtype: mx.Dtype | None) -> tuple[GPT, Tokenizer, dict, dict]:
+def _load_hf(folder: Path, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer, dict, dict]:
     """(model, tokenizer, raw config, raw tensors) of a Hugging Face GPT-2 folder."""
     if not (folder / "config.json").is_file():
         raise MlxgptError(f"{folder}: no config.json (not a model folder)")
@@ -192,8 +212,11 @@ def load_hf_classifier(folder: Path,
 # --------------------------------------------------------------------------- export
 
 
-def mlx_to_hf(model: GPT) -> dict[str, mx.array]:
-    """The model's weights under Hugging Face GPT2LMHeadModel keys and layout."""
+def mlx_to_hf(model: Model) -> dict[str, mx.array]:
+    """The model's weights under Hugging Face keys and layout (GPT2LMHeadModel's, or
+    LlamaForCausalLM's, which are the model's own)."""
+    if model.config.model_type == "llama":
+        return dequantized_weights(model)
     out = {}
     for key, value in dequantized_weights(model).items():
         if key.endswith(_CONV1D):
@@ -237,7 +260,8 @@ def export(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     else:
         model = mlx_folder.load_model(folder)
         weights, cfg = mlx_to_hf(model), model.config.to_dict()
-    cfg["torch_dtype"] = str(weights["transformer.wte.weight"].dtype).removeprefix("mlx.core.")
+    first = next(v for v in weights.values() if mx.issubdtype(v.dtype, mx.floating))
+    cfg["torch_dtype"] = str(first.dtype).removeprefix("mlx.core.")
     with atomic_dir(out, force=force) as tmp:
         mx.save_safetensors(str(tmp / SAFETENSORS), weights, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from ..core.backend import on_cpu
 from ..core.classifier import GPTClassifier
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer, load_tokenizer
 from . import folder as mlx_folder
@@ -34,7 +34,7 @@ def load(
     dtype: str | None = None,
     adapter: str | os.PathLike | None = None,
     revision: str | None = None,
-) -> tuple[GPT, Tokenizer]:
+) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer.
 
     ``dtype``: None/"auto" follows the device (see module doc); "float32", "float16" or

@@ -3,9 +3,17 @@
 MLX quantizes Linear and Embedding weights in groups along their input dimension
 (``nn.QuantizedLinear``/``nn.QuantizedEmbedding``: packed ``uint32`` weights plus per-group
 scales and biases). Everything in mlxgpt that looks through a quantized layer goes through here.
+
+A model's quantization is described as mlx-lm describes it in ``config.json``: ``{"group_size",
+"bits"}`` for most quantized layers, plus an entry ``"<module path>": {"group_size", "bits"}`` for
+each layer quantized otherwise (a GGUF file mixes Q8_0 and Q4_1, say); module paths are as
+stored, with the family's ``weight_prefix``.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,14 +52,32 @@ def quantize(model: nn.Module, bits: int,
 
 
 def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array],
-                       quantization: dict[str, int]) -> None:
-    """Quantize (in place) the layers that ``weights`` holds quantized: those with scales."""
-    nn.quantize(
-        model,
-        group_size=quantization.get("group_size", 64),
-        bits=quantization.get("bits", 4),
-        class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-    )
+                       quantization: dict[str, Any]) -> None:
+    """Quantize (in place) the layers that ``weights`` holds quantized (those with scales), each
+    as ``quantization`` says (see the module doc)."""
+    if not isinstance(quantization, dict):
+        raise MlxgptError(f"config: quantization must be an object, got {quantization!r}")
+    default = _layer_quant(quantization, "quantization", {"group_size": 64, "bits": 4})
+    prefix = getattr(model, "weight_prefix", "")
+
+    def predicate(path: str, m: nn.Module) -> bool | dict[str, int]:
+        if not hasattr(m, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        own = quantization.get(prefix + path)
+        return _layer_quant(own, f"quantization of {prefix + path}", default) if own else default
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def _layer_quant(d: Any, what: str, default: dict[str, int]) -> dict[str, int]:
+    """``{group_size, bits}`` from a config entry (missing keys from ``default``), checked."""
+    if not isinstance(d, dict):
+        raise MlxgptError(f"config: {what} must be an object, got {d!r}")
+    out = {k: d.get(k, default[k]) for k in ("group_size", "bits")}
+    if out["bits"] not in QUANT_BITS or out["group_size"] not in GROUP_SIZES:
+        raise MlxgptError(f"config: {what} has bits {out['bits']!r}, group size "
+                          f"{out['group_size']!r} (bits {QUANT_BITS}, groups {GROUP_SIZES})")
+    return out
 
 
 def check_quant_options(bits: int, group_size: int) -> None:
@@ -109,12 +135,20 @@ def dequantize(model: nn.Module) -> nn.Module:
     return model
 
 
-def model_quantization(model: nn.Module) -> dict[str, int] | None:
-    """``{"group_size", "bits"}`` of the first quantized layer, or None for a float model."""
-    for _, m in model.named_modules():
-        if isinstance(m, QUANTIZED):
-            return {"group_size": m.group_size, "bits": m.bits}
-    return None
+def model_quantization(model: nn.Module) -> dict[str, Any] | None:
+    """The model's quantization as ``config.json`` records it (the module doc), or None for a
+    float model: the most common ``{group_size, bits}``, and each layer that differs."""
+    layers = {p: (m.group_size, m.bits) for p, m in model.named_modules()
+              if isinstance(m, QUANTIZED)}
+    if not layers:
+        return None
+    (group, bits), _ = Counter(layers.values()).most_common(1)[0]
+    out: dict[str, Any] = {"group_size": group, "bits": bits}
+    prefix = getattr(model, "weight_prefix", "")
+    for path, (g, b) in sorted(layers.items()):
+        if (g, b) != (group, bits):
+            out[prefix + path] = {"group_size": g, "bits": b}
+    return out
 
 
 def logical_sizes(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from ..errors import MlxgptError
 from .backend import Kernels
 from .config import GPTConfig
-from .model import GPT
+from .gpt2 import GPT
 
 INIT_STD = 0.02  # GPT-2's initializer_range, what Hugging Face starts a new head with
 

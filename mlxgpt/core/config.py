@@ -18,7 +18,7 @@ _ACTIVATIONS = (*TANH_GELU, "gelu")
 
 # Hugging Face config keys that carry no meaning for inference/training here (bookkeeping,
 # generation defaults, the classification head) and are accepted as they are.
-_IGNORED_HF_KEYS = frozenset(
+HF_BOOKKEEPING = frozenset(
     """
     architectures model_type transformers_version torch_dtype dtype _name_or_path n_ctx use_cache
     initializer_range attn_pdrop embd_pdrop resid_pdrop summary_type summary_use_proj
@@ -84,6 +84,14 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @property
+    def n_kv_head(self) -> int:
+        return self.n_head
+
+    @property
+    def model_type(self) -> str:
+        return "gpt2"
+
+    @property
     def hidden_dim(self) -> int:
         return self.n_inner or 4 * self.n_embd
 
@@ -96,7 +104,7 @@ class GPTConfig:
         missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in d]
         if missing:
             raise MlxgptError(f"config: missing key(s) {', '.join(missing)}")
-        unknown = sorted(k for k in d if k not in names and k not in _IGNORED_HF_KEYS
+        unknown = sorted(k for k in d if k not in names and k not in HF_BOOKKEEPING
                          and k not in _REQUIRED_VALUES)
         if unknown:
             raise MlxgptError(f"config: unknown key(s) {', '.join(unknown)}")

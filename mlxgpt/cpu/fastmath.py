@@ -205,8 +205,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
     q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D). ``mask``: None, ``"causal"`` (query i
     sees keys up to i + S - T, so it is right after a KV cache too; see
     :func:`causal_attention`), a boolean array (True = attend) or an additive float array,
-    broadcastable to (B, H, T, S).
+    broadcastable to (B, H, T, S). Grouped-query attention: k and v may have fewer heads (H a
+    multiple of theirs), each shared by consecutive query heads, as the fused kernel takes them.
     """
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unknown mask {mask!r}")

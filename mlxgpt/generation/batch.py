@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .cache import STEP
@@ -101,7 +101,7 @@ class BatchCache:
         return self.keys, self.values, seen[:, None, :, :]
 
 
-def compiled_batch_step(model: GPT) -> Callable[..., tuple[mx.array, ...]]:
+def compiled_batch_step(model: Model) -> Callable[..., tuple[mx.array, ...]]:
     """(tokens (B, 1), offsets (B,), *buffers) -> (logits (B, V), *buffers). Traced once per
     (B, capacity)."""
 
@@ -168,7 +168,7 @@ class BatchGenerator:
     ...     for event in gen.step(): ...
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 16,
                  prefix_cache: int = 8):
         if max_batch < 1:
             raise MlxgptError(f"max_batch must be at least 1, got {max_batch}")
@@ -257,7 +257,7 @@ class BatchGenerator:
         self._read_group([rows[j] for j in group], [starts[j] for j in group])
 
     def _read_group(self, rows: list[_Row], starts: list[tuple[int, Any]]) -> None:
-        dtype = self.model.ln_f.weight.dtype  # the activations' dtype
+        dtype = self.model.final_norm.weight.dtype  # the activations' dtype
         cfg = self.model.config
         rests = [row.tokens[n:] for row, (n, _) in zip(rows, starts, strict=True)]
         span = max(len(r) for r in rests)
@@ -267,7 +267,7 @@ class BatchGenerator:
             parts = []
             for n, kv in starts:
                 known = kv[layer // 2][layer % 2][..., :n, :].astype(dtype) if n else None
-                pad = mx.zeros((1, cfg.n_head, cap - n, cfg.head_dim), dtype)
+                pad = mx.zeros((1, cfg.n_kv_head, cap - n, cfg.head_dim), dtype)
                 parts.append(pad if known is None else mx.concatenate([known, pad], axis=2))
             buffers.append(mx.concatenate(parts, axis=0))
         tokens = mx.array([r + [0] * (span - len(r)) for r in rests], mx.int32)  # (B, span)
@@ -458,7 +458,7 @@ def _round_up(n: int, limit: int) -> int:
 
 
 def batch_generate(
-    model: GPT,
+    model: Model,
     tokenizer: Tokenizer,
     prompts: Sequence[str | Sequence[int]],
     *,
@@ -474,7 +474,7 @@ def batch_generate(
 
 
 def stream_batch(
-    model: GPT,
+    model: Model,
     tokenizer: Tokenizer,
     prompts: Sequence[str | Sequence[int]],
     *,

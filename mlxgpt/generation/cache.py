@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..core.config import GPTConfig
-from ..core.model import GPT
+from ..core.model import Model, ModelConfig
 
 STEP = 64  # buffers grow in steps of this many positions (traced attention spans the buffer)
 
@@ -27,8 +26,8 @@ class KVCache:
         self.keys, self.values, self.offset = keys, values, offset
 
     @classmethod
-    def empty(cls, cfg: GPTConfig, batch: int = 1, dtype: mx.Dtype = mx.float32) -> KVCache:
-        shape = (batch, cfg.n_head, 0, cfg.head_dim)
+    def empty(cls, cfg: ModelConfig, batch: int = 1, dtype: mx.Dtype = mx.float32) -> KVCache:
+        shape = (batch, cfg.n_kv_head, 0, cfg.head_dim)
         return cls(mx.zeros(shape, dtype), mx.zeros(shape, dtype))
 
     @property
@@ -73,7 +72,7 @@ class KVCache:
         return self.keys, self.values, keys[None, :] <= queries[:, None]  # (t, capacity)
 
 
-def make_cache(model: GPT, batch: int = 1) -> list[KVCache]:
+def make_cache(model: Model, batch: int = 1) -> list[KVCache]:
     """An empty cache for every layer of ``model``, in the dtype of its activations."""
-    dtype = model.ln_f.weight.dtype
-    return [KVCache.empty(model.config, batch, dtype) for _ in model.h]
+    dtype = model.final_norm.weight.dtype
+    return [KVCache.empty(model.config, batch, dtype) for _ in model.layers]

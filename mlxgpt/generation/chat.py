@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..checkpoints.files import atomic_write_text
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import Context
@@ -44,8 +44,8 @@ class ChatSession:
     draft keeps its own cache too.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ChatSettings | None = None,
-                 system: str | None = None, *, draft_model: GPT | str | None = None,
+    def __init__(self, model: Model, tokenizer: Tokenizer, settings: ChatSettings | None = None,
+                 system: str | None = None, *, draft_model: Model | str | None = None,
                  draft_tokens: int | str = DEFAULT_DRAFT_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ChatSettings()

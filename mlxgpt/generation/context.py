@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from .cache import KVCache, make_cache
 
@@ -21,7 +21,7 @@ PAD_TO = 64  # prompt chunks are padded to a multiple of this: few shapes to tra
 SHORT_READ = 16  # generation reads up to this many new prompt tokens unpadded (Context.sync)
 
 
-def compiled_forward(model: GPT, every: bool = False) -> Callable[..., tuple[mx.array, ...]]:
+def compiled_forward(model: Model, every: bool = False) -> Callable[..., tuple[mx.array, ...]]:
     """(tokens (1, T), offset (), last (), *buffers) -> (logits (1, V) at position ``last``,
     *buffers): the model reading T tokens after ``offset`` cached ones. Traced once per
     (T, buffer size); decoding uses T = 1. With ``every`` the logits are those of every
@@ -43,7 +43,7 @@ def compiled_forward(model: GPT, every: bool = False) -> Callable[..., tuple[mx.
 class Context:
     """The token ids a model has read and their keys/values; batch size 1."""
 
-    def __init__(self, model: GPT, prefill_step: int = PREFILL_STEP):
+    def __init__(self, model: Model, prefill_step: int = PREFILL_STEP):
         self.model = model
         self.n_positions = model.config.n_positions
         self.prefill_step = prefill_step

@@ -10,7 +10,7 @@ Three layers, each usable on its own:
   stream decoder, stop at ``<|endoftext|>`` or at stop strings (a partial match is held back, so
   a stop string never leaks), and report speed and memory.
 
-Context limit: GPT-2 learned ``n_positions`` absolute positions. With ``context="slide"`` (the
+Context limit: Model-2 learned ``n_positions`` absolute positions. With ``context="slide"`` (the
 default) a sequence that would pass it is cut to its most recent ``window_keep`` tokens (half the
 context unless given), which are read again from position 0, and generation goes on; with
 ``context="stop"`` generation ends with finish reason ``"length"``.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import PREFILL_STEP, SHORT_READ, Context, common_prefix
@@ -202,7 +202,7 @@ class StopMatcher:
 
 
 def stream_generate(
-    model: GPT,
+    model: Model,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     *,
@@ -215,7 +215,7 @@ def stream_generate(
     logprobs: bool = False,
     ctx: Context | None = None,
     prefill_step: int = PREFILL_STEP,
-    draft_model: GPT | str | None = None,
+    draft_model: Model | str | None = None,
     draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
     draft_ctx: Context | None = None,
     prompt_cache: PromptCache | str | os.PathLike | None = None,
@@ -328,6 +328,6 @@ def format_rate(tps: float | None, digits: int = 1) -> str:
     return "- tok/s" if tps is None else f"{tps:.{digits}f} tok/s"
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
     """The generated text (without the prompt). Keyword arguments as :func:`stream_generate`."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..checkpoints.files import atomic_save_safetensors
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .cache import KVCache
@@ -42,7 +42,7 @@ VERSION = 1
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 
 
-def architecture(model: GPT) -> dict:
+def architecture(model: Model) -> dict:
     """The config fields that decide what the model computes (not dropout)."""
     d = asdict(model.config)
     d.pop("dropout", None)
@@ -68,7 +68,7 @@ class PromptCache:
 # --------------------------------------------------------------------------- making and saving
 
 
-def make_prompt_cache(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], *,
+def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], *,
                       source: str = "", prefill_step: int = PREFILL_STEP) -> PromptCache:
     """Read ``prompt`` (text or ids) with ``model``; its cache, labelled with the model's
     identity (``source`` names the model in messages)."""
@@ -111,7 +111,7 @@ def save_prompt_cache(cache: PromptCache, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- loading
 
 
-def load_prompt_cache(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> PromptCache:
+def load_prompt_cache(path: str | os.PathLike, model: Model, tokenizer: Tokenizer) -> PromptCache:
     """Read a cache file and check that ``model`` and ``tokenizer`` made it (one-line errors
     for another model, another tokenizer, or a file that is not a whole prompt cache)."""
     path = Path(path)
@@ -142,7 +142,7 @@ def _read_tokens(path: Path, arrays: dict[str, mx.array], meta: dict[str, str]) 
 
 
 def _read_kv(path: Path, arrays: dict[str, mx.array],
-             model: GPT) -> list[tuple[mx.array, mx.array]]:
+             model: Model) -> list[tuple[mx.array, mx.array]]:
     kv = []
     for i in range(model.config.n_layer):
         k, v = arrays.get(f"keys.{i}"), arrays.get(f"values.{i}")
@@ -153,7 +153,7 @@ def _read_kv(path: Path, arrays: dict[str, mx.array],
     return kv
 
 
-def check_prompt_cache(cache: PromptCache, model: GPT, tokenizer: Tokenizer,
+def check_prompt_cache(cache: PromptCache, model: Model, tokenizer: Tokenizer,
                        name: str = "the prompt cache") -> None:
     """Refuse a cache that ``model`` with ``tokenizer`` did not make (see the module doc)."""
     made_by = cache.meta.get("model") or "another model"
@@ -176,25 +176,25 @@ def check_prompt_cache(cache: PromptCache, model: GPT, tokenizer: Tokenizer,
         raise MlxgptError(f"{name}: {n} cached tokens do not fit the model's context")
     if not all(0 <= t < cfg.vocab_size for t in cache.tokens):
         raise MlxgptError(f"{name}: token ids outside the vocabulary (damaged file)")
-    want = (1, cfg.n_head, n, cfg.head_dim)
+    want = (1, cfg.n_kv_head, n, cfg.head_dim)
     for k, v in cache.kv:
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise MlxgptError(f"{name}: keys/values of shape {tuple(k.shape)}, expected {want} "
                               "(damaged file)")
     worst = fingerprint_difference(cache, model)
     tol = max(TOLERANCE.get(cache.meta.get("dtype", ""), TOLERANCE["bfloat16"]),
-              TOLERANCE.get(dtype_name(model.ln_f.weight), TOLERANCE["bfloat16"]))
+              TOLERANCE.get(dtype_name(model.final_norm.weight), TOLERANCE["bfloat16"]))
     if not worst <= tol:  # also catches NaN
         raise MlxgptError(f"{name} was made by another model ({made_by}): this model's keys "
                           f"and values differ from the file's (relative difference "
                           f"{worst:.2g} > {tol:g})")
 
 
-def fingerprint_difference(cache: PromptCache, model: GPT) -> float:
+def fingerprint_difference(cache: PromptCache, model: Model) -> float:
     """Read the last cached token again after the others; the largest relative difference
     between its keys/values and the file's, over layers."""
     n = len(cache)
-    dtype = model.ln_f.weight.dtype
+    dtype = model.final_norm.weight.dtype
     caches = [KVCache(k[..., : n - 1, :].astype(dtype), v[..., : n - 1, :].astype(dtype), n - 1)
               for k, v in cache.kv]
     model.hidden(mx.array([cache.tokens[-1:]], mx.int32), caches)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import SHORT_READ, Context
@@ -60,7 +60,7 @@ class DraftStats:
 # --------------------------------------------------------------------------- the draft model
 
 
-def check_draft(model: GPT, draft: GPT, tokenizer: Tokenizer | None = None,
+def check_draft(model: Model, draft: Model, tokenizer: Tokenizer | None = None,
                 draft_tokenizer: Tokenizer | None = None) -> None:
     """Refuse a draft that does not share the model's vocabulary (and tokenizer, when given)."""
     v, dv = model.config.vocab_size, draft.config.vocab_size
@@ -73,7 +73,7 @@ def check_draft(model: GPT, draft: GPT, tokenizer: Tokenizer | None = None,
                           "the model's tokenizer")
 
 
-def load_draft(ref: str, model: GPT, tokenizer: Tokenizer, dtype: str | None = None) -> GPT:
+def load_draft(ref: str, model: Model, tokenizer: Tokenizer, dtype: str | None = None) -> Model:
     """Load the draft model ``ref`` (as :func:`mlxgpt.load` does) for ``model``, refusing one with
     another tokenizer; prepared for fast decoding (it is used for nothing else)."""
     from ..checkpoints.load import load

@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..core.model import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..generation.batch import BatchGenerator, SequenceRequest
 from ..tokenizers import Tokenizer
@@ -53,7 +53,7 @@ class Handle:
 class Engine:
     """Owns the model and a :class:`BatchGenerator`; runs it on its own thread."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16,
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 16,
                  max_queue: int = 64, prefix_cache: int = 8):
         self.generator = BatchGenerator(model, tokenizer, max_batch, prefix_cache)
         self.max_queue = max_queue

@@ -33,7 +33,7 @@ from ..checkpoints import folder as mlx_folder
 from ..checkpoints.files import check_writable
 from ..checkpoints.load import load
 from ..checkpoints.quantize import model_quantization, quantize
-from ..core.model import GPT, Block
+from ..core.gpt2 import GPT, Block
 from ..data.examples import Batches, encode_records, find_splits, record_kind
 from ..errors import MlxgptError
 from .config import TrainConfig, TrainResult

@@ -34,7 +34,7 @@ from ..checkpoints.files import atomic_save_safetensors, atomic_write_text, read
 from ..checkpoints.folder import KEY_PREFIX, read_weights
 from ..checkpoints.quantize import dense_weight, dequantize, linear_dims, logical_sizes
 from ..core.config import GPTConfig
-from ..core.model import GPT
+from ..core.model import Model
 from ..core.modules import get_module, set_module
 from ..errors import MlxgptError
 
@@ -200,7 +200,7 @@ def base_identity(cfg: GPTConfig, path: str | os.PathLike | None = None,
 # --------------------------------------------------------------------------- apply / count
 
 
-def apply_lora(model: GPT, cfg: LoRAConfig, seed: int = 0) -> GPT:
+def apply_lora(model: Model, cfg: LoRAConfig, seed: int = 0) -> Model:
     """Wrap the chosen linear layers in LoRA layers and freeze everything else (in place).
 
     The ``A`` matrices are drawn from ``seed`` alone, so the same call gives the same adapter.
@@ -286,7 +286,7 @@ def adapter_config_dict(cfg: LoRAConfig, n_layer: int) -> dict[str, Any]:
     return d
 
 
-def save_adapter(model: GPT, adapter_dir: str | os.PathLike, cfg: LoRAConfig) -> Path:
+def save_adapter(model: Model, adapter_dir: str | os.PathLike, cfg: LoRAConfig) -> Path:
     """Write ``adapters.safetensors`` and ``adapter_config.json`` (each atomically)."""
     out = Path(adapter_dir)
     try:
@@ -342,7 +342,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     raise MlxgptError(f"{src}: not a LoRA adapter config (format {d.get('format')!r})")
 
 
-def check_fits(cfg: LoRAConfig, model: GPT, source: str) -> None:
+def check_fits(cfg: LoRAConfig, model: Model, source: str) -> None:
     """Refuse an adapter whose recorded base has other shapes than ``model``."""
     want = (cfg.base or {}).get("config")
     if not want:
@@ -356,7 +356,7 @@ def check_fits(cfg: LoRAConfig, model: GPT, source: str) -> None:
         raise MlxgptError(f"{source}: adapter{hint} does not fit this model: {detail}")
 
 
-def load_adapter(model: GPT, adapter_dir: str | os.PathLike) -> GPT:
+def load_adapter(model: Model, adapter_dir: str | os.PathLike) -> Model:
     """Add the adapter in ``adapter_dir`` to ``model`` (in place; also returned), in eval mode."""
     folder = Path(adapter_dir)
     cfg = read_adapter_config(folder)
@@ -387,7 +387,7 @@ def load_adapter(model: GPT, adapter_dir: str | os.PathLike) -> GPT:
 # --------------------------------------------------------------------------- fuse
 
 
-def fuse(model: GPT, requantize: bool = False) -> GPT:
+def fuse(model: Model, requantize: bool = False) -> Model:
     """Fold every LoRA update into its base layer (in place; also returned).
 
     By default the result is a plain float model: quantized layers (adapted or not) are

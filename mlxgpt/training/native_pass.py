@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..core.backend import on_cpu
-from ..core.model import GPT, Block
+from ..core.gpt2 import GPT, Block
 from ..cpu import native
 from ..errors import MlxgptError
 from .loss import lm_loss

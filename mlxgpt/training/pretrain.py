@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 from ..checkpoints import folder as mlx_folder
 from ..checkpoints.files import atomic_dir, atomic_write_text, check_writable, read_json
 from ..core.config import GPTConfig
-from ..core.model import GPT
+from ..core.gpt2 import GPT
 from ..data.corpus import TokenBatches, read_corpus, split_tokens, tokenize_corpus, train_tokenizer
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer, byte_tokenizer, gpt2_tokenizer, tokenizer_from_hf_folder
