@@ -11,6 +11,13 @@ from typing import Any
 from ..errors import MlxgptError
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM's: every digit on its own (Hugging Face's Digits(individual_digits) before GPT-2's split,
+# llama.cpp's "smollm"), as one regex: no space joins a digit, and whitespace before a digit
+# ends as it ends before the end of the text.
+SMOLLM_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+# Llama 3's (llama.cpp's "llama-bpe"; tiktoken's cl100k split).
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 EOT = "<|endoftext|>"
@@ -72,7 +79,9 @@ class Tokenizer:
 
     name: str
     vocab_size: int
-    eot_id: int | None = None
+    eot_id: int | None = None  # where generation ends: end of text, or a chat model's end of turn
+    chat_template: str | None = None  # Jinja (Hugging Face's chat_template), see chat_template.py
+    bos_id: int | None = None  # the template's bos_token (not added to encoded text)
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Text -> ids. With ``allow_special=False`` "<|endoftext|>" is ordinary text."""

@@ -58,13 +58,14 @@ class BPETokenizer(Tokenizer):
             tik_special = {s: len(ranks) + k for k, s in enumerate(self.special_tokens)}
             specials = np.array(list(self.special_tokens.values()), dtype=np.int64)
             self._rank_to_id = np.concatenate([np.asarray(token_ids, np.int64), specials])
-            rank_ids = ((int(token_ids[r]), b) for b, r in ranks.items())
+            rank_ids = ((int(token_ids[r]), b) for b, r in ranks.items() if token_ids[r] >= 0)
         try:
             self._enc = tiktoken.Encoding(
                 name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=tik_special
             )
         except Exception as e:  # a bad regex or colliding ranks
             raise MlxgptError(f"cannot build the {name} tokenizer: {e}") from None
+        self._drops = self._rank_to_id is not None and bool((self._rank_to_id < 0).any())
         table: dict[int, bytes] = dict(rank_ids)
         table.update(extra_tokens or {})
         table.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
@@ -79,16 +80,18 @@ class BPETokenizer(Tokenizer):
             ranks = self._enc.encode(text, allowed_special="all")
         else:
             ranks = self._enc.encode_ordinary(text)
+        return self._ids(ranks)
+
+    def _ids(self, ranks: list[int]) -> list[int]:
         if self._rank_to_id is None:
             return ranks
-        return self._rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
+        ids = self._rank_to_id[np.asarray(ranks, dtype=np.int64)]
+        return (ids[ids >= 0] if self._drops else ids).tolist()  # -1: a byte with no token
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # tiktoken releases the GIL: the texts are encoded on every core at once.
         batch = self._enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-        if self._rank_to_id is None:
-            return batch
-        return [self._rank_to_id[np.asarray(r, dtype=np.int64)].tolist() for r in batch]
+        return [self._ids(r) for r in batch]
 
     def token_bytes(self, token_id: int) -> bytes:
         b = self._id_bytes[token_id] if 0 <= token_id < self.vocab_size else None

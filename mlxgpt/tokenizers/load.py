@@ -32,9 +32,14 @@ def build_bpe(
         else:
             by_bytes[b] = i
     single = sorted((i, b) for b, i in by_bytes.items() if len(b) == 1)
-    if len(single) != 256:
-        raise MlxgptError(f"{source}: the vocabulary lacks {256 - len(single)} of the 256 bytes")
+    if len(single) < 128:
+        raise MlxgptError(f"{source}: the vocabulary lacks {256 - len(single)} of the 256 bytes "
+                          "(not a byte-level BPE)")
     ranks = {b: r for r, (_, b) in enumerate(single)}
+    # Bytes the vocabulary lacks (SmolLM2's has no 0x04 nor 0xF5..0xFF) get ranks that map to
+    # no id: Hugging Face and llama.cpp drop such bytes, and so does encode.
+    for b in range(256):
+        ranks.setdefault(bytes((b,)), len(ranks))
     merge_bytes = []
     for n, (a, b) in enumerate(merges, 1):
         ab, bb = from_hf(a), from_hf(b)
@@ -47,7 +52,7 @@ def build_bpe(
             extra[i] = b
     token_ids = np.empty(len(ranks), np.int64)
     for b, r in ranks.items():
-        token_ids[r] = by_bytes[b]
+        token_ids[r] = by_bytes.get(b, -1)
     identity = bool((token_ids == np.arange(len(ranks))).all())
     if identity and not extra and pattern == GPT2_PATTERN:
         # Recognise the well-known vocabularies and share their (cached) tokenizers.
