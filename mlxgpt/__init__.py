@@ -1,4 +1,4 @@
-"""mlxgpt: run, fine-tune and train GPT (GPT-2 family) models on MLX.
+"""mlxgpt: run, fine-tune and train GPT models (the GPT-2 and Llama families) on MLX.
 
     >>> from mlxgpt import load, generate, stream_generate
     >>> model, tokenizer = load("path/to/model")   # an mlxgpt or Hugging Face folder, or a hub id
@@ -31,8 +31,8 @@ from mlxgpt.errors import MlxgptError  # noqa: E402
 from mlxgpt.generation.batch import batch_generate  # noqa: E402
 from mlxgpt.generation.generate import generate, stream_generate  # noqa: E402
 
-__all__ = ["GPT", "Llama", "LlamaConfig", "GPTClassifier", "GPTConfig", "MlxgptError", "batch_generate", "classify",
-           "generate", "load", "load_classifier", "stream_generate"]
+__all__ = ["GPT", "GPTClassifier", "GPTConfig", "Llama", "LlamaConfig", "MlxgptError",
+           "batch_generate", "classify", "generate", "load", "load_classifier", "stream_generate"]
 
 
 def __getattr__(name: str):

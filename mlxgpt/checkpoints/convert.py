@@ -17,9 +17,9 @@ from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from . import folder as mlx_folder
-from .gguf import is_gguf, read_gguf
+from .gguf import read_gguf
 from .hf import is_hf_classifier, load_hf, load_hf_classifier
-from .hub import resolve_source
+from .hub import is_gguf, resolve_source
 from .quantize import check_quant_options, float_dtype, quantize
 
 
@@ -55,6 +55,8 @@ def _read_source(source: str | os.PathLike, revision: str | None,
             raise MlxgptError(f"{source}: --revision applies to hub ids, not GGUF files")
         return *read_gguf(source, dtype), None
     folder = resolve_source(source, revision)
+    if folder.is_file():  # a known model fetched as GGUF
+        return *read_gguf(folder, dtype), None
     if mlx_folder.is_model_folder(folder):
         raise MlxgptError(f"{source}: already an mlxgpt model folder (load it as it is)")
     if is_hf_classifier(folder):

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..core.config import TANH_GELU, GPTConfig
 from ..core.gpt2 import GPT
+from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import EOT, GPT2_PATTERN, IdTokenizer, Tokenizer
 from ..tokenizers.hf_files import from_hf, to_hf
@@ -38,7 +39,6 @@ from ..tokenizers.load import build_bpe
 from .quantize import dequantized_weights, float_dtype
 
 ARCH = "gpt2"
-MAGIC = b"GGUF"
 DTYPES = ("f32", "f16", "q8_0")
 # Two control tokens: symbols start as single characters and nothing merges into this pair.
 INERT_MERGE = f"{EOT} {EOT}"
@@ -74,16 +74,6 @@ def tensor_names(n_layer: int) -> dict[str, str]:
             for leaf in ("weight", "bias"):
                 out[f"h.{i}.{path}.{leaf}"] = f"{name(member, i)}.{leaf}"
     return out
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    """True for an existing file that starts with GGUF's magic."""
-    p = Path(path)
-    try:
-        with p.open("rb") as f:
-            return p.is_file() and f.read(4) == MAGIC
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- writing
@@ -377,7 +367,23 @@ def gguf_tokenizer(reader: Any, path: Path) -> Tokenizer:
     return tok
 
 
-def read_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> tuple[GPT, Tokenizer]:
+def read_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+    """A GGUF file -> (model, tokenizer): ``llama`` files by :mod:`.gguf_llama`, GPT-2 ones
+    here."""
+    from .gguf_llama import load_gguf_file, read_llama_gguf
+
+    loaded = load_gguf_file(path)
+    arch = loaded[1].get("general.architecture")
+    if arch == "llama":
+        return read_llama_gguf(path, dtype, loaded=loaded)
+    if arch != ARCH:
+        raise MlxgptError(f"{path}: architecture {arch!r}; mlxgpt reads GGUF files of "
+                          f"architecture llama and {ARCH}")
+    return read_gpt2_gguf(path, dtype)
+
+
+def read_gpt2_gguf(path: str | os.PathLike,
+                   dtype: mx.Dtype | None = None) -> tuple[GPT, Tokenizer]:
     """A GPT-2 GGUF file -> (GPT, tokenizer). ``dtype`` None: float16 when every matrix is
     stored F16, else float32 (Q8_0 values are exact in float32, not in float16)."""
     from .folder import build_model

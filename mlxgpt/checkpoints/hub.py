@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import MlxgptError
+from .fetch import KNOWN, fetch
 from .folder import shipped_models
 
 SAFETENSORS = "model.safetensors"
@@ -17,21 +18,35 @@ TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for an existing file that starts with GGUF's magic."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return p.is_file() and f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder for ``source``: the folder itself, a shipped model's name, or a hub id's
+    """A local folder (or GGUF file) for ``source``: the folder or GGUF file itself, a shipped
+    model's name, a known model's name (fetched on first use, :mod:`.fetch`), or a hub id's
     snapshot in the HF cache."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_gguf(path):
         if revision:
-            raise MlxgptError(f"{source}: --revision applies to hub ids, not local folders")
+            raise MlxgptError(f"{source}: --revision applies to hub ids, not local files")
         return path
     if path.exists():
-        raise MlxgptError(f"{source}: expected a model folder, got a file")
+        raise MlxgptError(f"{source}: expected a model folder or a GGUF file, got another file")
     shipped = shipped_models().get(str(source))
     if shipped is not None:  # a model that ships with mlxgpt, by name ("english")
         return shipped
+    if str(source) in KNOWN and revision is None:  # a pretrained model mlxgpt fetches
+        return fetch(str(source))
     if not _HUB_ID.match(str(source)):
         raise MlxgptError(f"{source}: no such folder")
     return hub_snapshot(str(source), revision)

@@ -43,7 +43,11 @@ def load(
     """
     explicit = mlx_folder.parse_dtype(dtype)
     folder = resolve_source(path_or_hub_id, revision)
-    if mlx_folder.is_model_folder(folder):
+    if folder.is_file():  # a GGUF file
+        from .gguf import read_gguf
+
+        model, tokenizer = read_gguf(folder, explicit)
+    elif mlx_folder.is_model_folder(folder):
         model = mlx_folder.load_model(folder, explicit)
         tokenizer = load_tokenizer(folder, mlx_folder.read_folder_meta(folder).get("tokenizer"))
     else:

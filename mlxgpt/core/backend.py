@@ -175,9 +175,10 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     run fastest with on this machine, measured once per process (see
     :mod:`mlxgpt.cpu.layout`; e.g. column blocks that reach BLAS's small-matrix kernel): same
     numbers, another layout. The model is for inference afterwards (its parameter names may
-    change: do not train or save it). Idempotent; returns the model.
+    change: do not train or save it). Idempotent; returns the model. GPT-2 only: the layouts
+    were measured for its shapes; other families keep MLX's layout.
     """
-    if on_cpu():
+    if on_cpu() and getattr(model.config, "model_type", "gpt2") == "gpt2":
         from ..cpu.layout import prepare_layouts
 
         prepare_layouts(model)

@@ -22,7 +22,14 @@ from .context import Context
 from .generate import GenerationResponse, stream_generate
 from .sample import SamplingSettings
 from .speculative import DEFAULT_DRAFT_TOKENS, check_draft, check_draft_tokens, load_draft
-from .transcript import ASSISTANT, STOPS, Message, render_message, render_transcript
+from .transcript import (
+    ASSISTANT,
+    STOPS,
+    Message,
+    chat_prompt,
+    render_message,
+    render_transcript,
+)
 
 
 @dataclass
@@ -62,6 +69,9 @@ class ChatSession:
         self.last: GenerationResponse | None = None  # the last reply's summary
         self.dropped = 0  # turns dropped to fit the context, over the session
         self._encoded: dict[tuple[str, str], list[int]] = {}
+        # The model's own chat template where it has one; else the transcript format.
+        self.templated = bool(tokenizer.chat_template)
+        self.stops = () if self.templated else STOPS
         self._reply_prompt = tokenizer.encode(f"{ASSISTANT}:")  # refuses an ids-only tokenizer
 
     # -- transcript
@@ -79,10 +89,14 @@ class ChatSession:
         return self._encoded[key]
 
     def prompt_ids(self) -> list[int]:
+        if self.templated:
+            return chat_prompt(self.tokenizer, self.transcript())[0]
         return self.transcript_ids() + self._reply_prompt
 
     def transcript_ids(self) -> list[int]:
         """The conversation so far as token ids (without the cue for the next reply)."""
+        if self.templated:
+            return chat_prompt(self.tokenizer, self.transcript(), False)[0]
         return [i for m in self.transcript() for i in self._ids(m)]
 
     def _fit(self) -> list[int]:
@@ -114,7 +128,7 @@ class ChatSession:
         parts: list[str] = []
         try:
             for r in stream_generate(
-                self.model, self.tokenizer, ids, ctx=self.ctx, stop=STOPS,
+                self.model, self.tokenizer, ids, ctx=self.ctx, stop=self.stops,
                 max_tokens=self.settings.max_tokens, sampling=self.settings.sampling,
                 draft_ctx=self.draft_ctx, draft_tokens=self.draft_tokens,
             ):

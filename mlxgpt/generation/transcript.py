@@ -1,4 +1,7 @@
-"""The chat transcript format: one definition, used by ``mlxgpt chat`` and by fine-tuning data.
+"""How a conversation becomes a prompt: the model's own chat template where it has one
+(:func:`chat_prompt`, :mod:`mlxgpt.tokenizers.chat_template`), else mlxgpt's transcript format.
+
+The transcript format: one definition, used by ``mlxgpt chat``, the server and fine-tuning data.
 
 It works with a base (not instruction-tuned) GPT-2, which has seen many dialogues written this
 way::
@@ -17,9 +20,11 @@ Fine-tuning data rendered with :func:`render_transcript` teaches a model to chat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..errors import MlxgptError
+from ..tokenizers import Tokenizer
+from ..tokenizers.chat_template import render_chat
 
 USER = "User"
 ASSISTANT = "Assistant"
@@ -56,3 +61,18 @@ def render_transcript(
     msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
     text = "".join(render_message(m) for m in msgs)
     return text + (f"{ASSISTANT}:" if add_generation_prompt else "")
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: Sequence[Message | dict],
+                add_generation_prompt: bool = True) -> tuple[list[int], tuple[str, ...]]:
+    """A conversation as prompt ids, and the stop strings that end a reply.
+
+    With a chat template the reply ends at the model's end-of-turn token (``eot_id``), so there
+    are no stop strings; with the transcript format it ends at the next speaker tag.
+    """
+    if tokenizer.chat_template:
+        msgs = [asdict(m) if isinstance(m, Message) else m for m in messages]
+        text = render_chat(tokenizer, msgs, add_generation_prompt)
+        return tokenizer.encode(text, allow_special=True), ()
+    text = render_transcript(messages, add_generation_prompt)
+    return tokenizer.encode(text), STOPS

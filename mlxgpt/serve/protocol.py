@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import MlxgptError
 from ..generation.batch import SequenceRequest, TokenEvent
 from ..generation.sample import SamplingSettings
-from ..generation.transcript import ROLES, STOPS, render_transcript
+from ..generation.transcript import ROLES, chat_prompt
 from ..tokenizers import Tokenizer
 
 MAX_N = 16  # choices per request
@@ -211,8 +211,11 @@ def parse_request(kind: str, body: Any, tokenizer: Tokenizer, *, vocab_size: int
 
     if kind == "chat":
         messages = _messages(body)
-        ids = tokenizer.encode(render_transcript(messages, add_generation_prompt=True))
-        stops = list(STOPS)
+        try:
+            ids, stops = chat_prompt(tokenizer, messages)  # the model's template may refuse
+        except MlxgptError as e:
+            raise bad(str(e), "messages") from None
+        stops = list(stops)
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
             else "max_tokens"
         schema, json_mode = _response_format(body)

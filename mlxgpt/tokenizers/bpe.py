@@ -123,7 +123,8 @@ class BPETokenizer(Tokenizer):
         vocab = {i: b for i, b in enumerate(self._id_bytes) if b is not None}
         for i in self.special_tokens.values():
             del vocab[i]
-        write_hf_files(folder, vocab, self.merges, self.special_tokens, self.eot_id, self.pattern)
+        write_hf_files(folder, vocab, self.merges, self.special_tokens, self.eot_id, self.pattern,
+                       bos_id=self.bos_id, chat_template=self.chat_template)
         if self.name == "gpt2":
             (folder / TIKTOKEN_FILE).write_bytes(gpt2_ranks_file())
             return {"type": "gpt2"}
@@ -132,6 +133,7 @@ class BPETokenizer(Tokenizer):
             "pattern": self.pattern,
             "special_tokens": self.special_tokens,
             "eot_id": self.eot_id,
+            "bos_id": self.bos_id,
         }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MlxgptError
-from .base import EOT, GPT2_PATTERN
+from .base import EOT, GPT2_PATTERN, SMOLLM_PATTERN
 
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
 
@@ -56,13 +56,18 @@ def write_hf_files(
     special_tokens: Mapping[str, int],
     eot_id: int | None,
     pattern: str,
+    *,
+    bos_id: int | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """vocab.json + merges.txt + tokenizer_config.json (GPT2Tokenizer), and tokenizer.json when
-    the split pattern is not GPT-2's (vocab.json/merges.txt cannot express it)."""
+    the split pattern is not GPT-2's (vocab.json/merges.txt cannot express it). The chat
+    template, where there is one, goes into tokenizer_config.json as Hugging Face keeps it."""
     hf_vocab = {to_hf(b): i for i, b in sorted(vocab.items())}
     hf_vocab.update(special_tokens)
     hf_merges = [f"{to_hf(a)} {to_hf(b)}" for a, b in merges]
     eot = next((s for s, i in special_tokens.items() if i == eot_id), None)
+    bos = next((s for s, i in special_tokens.items() if i == bos_id), eot)
     added = {
         str(i): {
             "content": s,
@@ -81,11 +86,13 @@ def write_hf_files(
         else "PreTrainedTokenizerFast",
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        "bos_token": eot,
+        "bos_token": bos,
         "eos_token": eot,
         "unk_token": eot,
         "added_tokens_decoder": added,
     }
+    if chat_template:
+        config["chat_template"] = chat_template
     (folder / VOCAB_FILE).write_text(json.dumps(hf_vocab, ensure_ascii=False), encoding="utf-8")
     (folder / MERGES_FILE).write_text(
         "#version: 0.2\n" + "".join(m + "\n" for m in hf_merges), encoding="utf-8"
@@ -224,6 +231,10 @@ def _pretokenizer_pattern(pre: Any, path: Path) -> str:
         raise MlxgptError(f"{path}: add_prefix_space=true is not supported")
     if not split and byte_level.get("use_regex", True):
         return GPT2_PATTERN
+    digits = split[0] if len(split) == 1 and isinstance(split[0], dict) else {}
+    if (digits.get("type") == "Digits" and digits.get("individual_digits")
+            and byte_level.get("use_regex", True)):
+        return SMOLLM_PATTERN  # SmolLM's: each digit alone, then GPT-2's split
     if len(split) == 1 and isinstance(split[0], dict) and not byte_level.get("use_regex", True):
         s = split[0]
         regex = (s.get("pattern") or {}).get("Regex")
@@ -235,6 +246,32 @@ def _pretokenizer_pattern(pre: Any, path: Path) -> str:
         ):
             return regex
     raise unsupported
+
+
+def read_chat_config(folder: Path) -> dict[str, Any]:
+    """What a Hugging Face folder says about chat: ``chat_template`` (tokenizer_config.json, or
+    chat_template.jinja beside it), ``eos_token`` and ``bos_token`` (strings)."""
+    out: dict[str, Any] = {}
+    cfg = read_json_file(folder / HF_CONFIG_FILE) if (folder / HF_CONFIG_FILE).is_file() else {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MlxgptError(f"{jinja}: cannot read ({e})") from None
+    if isinstance(template, str) and template:
+        out["chat_template"] = template
+    for key in ("eos_token", "bos_token"):
+        v = cfg.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            out[key] = v
+    return out
 
 
 def read_hf_parts(folder: Path) -> tuple[tuple, Path] | None:

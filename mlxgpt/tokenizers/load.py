@@ -13,7 +13,14 @@ from ..errors import MlxgptError
 from .base import EOT, GPT2_PATTERN, IdTokenizer, Tokenizer
 from .bpe import BPETokenizer, gpt2_tokenizer, merges_match
 from .byte import byte_tokenizer
-from .hf_files import MERGES_FILE, VOCAB_FILE, from_hf, read_hf_parts, read_json_file
+from .hf_files import (
+    MERGES_FILE,
+    VOCAB_FILE,
+    from_hf,
+    read_chat_config,
+    read_hf_parts,
+    read_json_file,
+)
 
 
 def build_bpe(
@@ -89,7 +96,16 @@ def tokenizer_from_hf_folder(folder: Path) -> Tokenizer | None:
     if found is None:
         return None
     (vocab, merges, special, pattern), source = found
-    return build_bpe(vocab, merges, special, pattern, source)
+    tok = build_bpe(vocab, merges, special, pattern, source)
+    if tok.name == "bpe":  # never alter the shared gpt2/byte tokenizers
+        chat = read_chat_config(Path(folder))
+        special = tok.special_tokens
+        if chat.get("eos_token") in special:  # a chat model's end of turn
+            tok.eot_id = special[chat["eos_token"]]
+        if chat.get("bos_token") in special:
+            tok.bos_id = special[chat["bos_token"]]
+        tok.chat_template = chat.get("chat_template")
+    return tok
 
 
 def load_tokenizer(folder: Path, meta: dict[str, Any] | None) -> Tokenizer:
@@ -113,8 +129,12 @@ def load_tokenizer(folder: Path, meta: dict[str, Any] | None) -> Tokenizer:
         pattern = meta.get("pattern", pattern)
         special = meta.get("special_tokens", special)
         tok = build_bpe(vocab, merges, special, pattern, source)
-        if meta.get("eot_id") is not None and tok.name == "bpe":  # never alter cached ones
-            tok.eot_id = int(meta["eot_id"])
+        if tok.name == "bpe":  # never alter the shared (cached) tokenizers
+            if meta.get("eot_id") is not None:
+                tok.eot_id = int(meta["eot_id"])
+            if meta.get("bos_id") is not None:
+                tok.bos_id = int(meta["bos_id"])
+            tok.chat_template = read_chat_config(folder).get("chat_template")
         return tok
     if meta is not None and kind is not None:
         raise MlxgptError(f"{folder}: unknown tokenizer type {kind!r} in config.json")
