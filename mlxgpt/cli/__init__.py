@@ -20,6 +20,7 @@ from mlxgpt.errors import MlxgptError
 # command name -> "module:function" under mlxgpt.cli
 COMMANDS = {
     "info": "info:info",
+    "fetch": "fetch:fetch",
     "convert": "convert:convert",
     "export": "convert:export",
     "generate": "generate:generate",
@@ -65,4 +66,4 @@ def _module_exists(module: str) -> bool:
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlxgpt")
 def main() -> None:
-    """Run, fine-tune and train GPT (GPT-2 family) models on MLX."""
+    """Run, fine-tune and train GPT models (GPT-2 and Llama families) on MLX."""

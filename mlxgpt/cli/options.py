@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import click
 
-from mlxgpt.errors import MlxgptError
+from mlxgpt.errors import MlxgptError, warn
 from mlxgpt.generation.sample import SamplingSettings
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -65,8 +65,9 @@ def sampling_options(f: Callable) -> Callable:
 def model_options(f: Callable) -> Callable:
     options = [
         click.option("--model", "-m", default=None,
-                     help="Model folder, Hugging Face folder, hub id or a shipped model's "
-                          "name (default: english-chat for chat, shakespeare otherwise)."),
+                     help="Model folder, Hugging Face folder, GGUF file, hub id, a shipped "
+                          "model's name, or smollm2 (the default: SmolLM2-135M-Instruct, "
+                          "fetched on first use)."),
         click.option("--adapter", default=None, help="LoRA adapter folder to apply."),
         dtype_option(),
     ]
@@ -90,13 +91,28 @@ def sampling_settings(opts: dict):
     return SamplingSettings(logit_bias=bias, **{k: opts.pop(k) for k in names})
 
 
-def load_model(model: str | None, adapter: str | None, dtype: str, default: str | None = None):
-    """(model, tokenizer) for inference from --model, or the shipped model named ``default``
-    (generate's default without one)."""
+def default_model(shipped: str | None = None) -> str:
+    """What ``chat``, ``generate`` and ``serve`` use without --model: SmolLM2-135M-Instruct,
+    fetched on first use; where it cannot be had, the shipped model named ``shipped``, saying
+    so in one line."""
+    from mlxgpt.checkpoints.fetch import DEFAULT_CHAT, fetch
     from mlxgpt.checkpoints.folder import DEFAULT_SHIPPED, shipped_model
+
+    try:
+        return str(fetch(DEFAULT_CHAT))
+    except MlxgptError as e:
+        fallback = shipped_model(shipped or DEFAULT_SHIPPED)
+        warn(f"{e}; using the small shipped model {fallback.name} instead "
+             f"(`mlxgpt fetch {DEFAULT_CHAT}` gets the real one)")
+        return str(fallback)
+
+
+def load_model(model: str | None, adapter: str | None, dtype: str, default: str | None = None):
+    """(model, tokenizer) for inference from --model, or :func:`default_model` (with the shipped
+    model named ``default`` where SmolLM2 cannot be had)."""
     from mlxgpt.checkpoints.load import load
     from mlxgpt.core.backend import prepare_for_inference
 
-    path = model if model is not None else str(shipped_model(default or DEFAULT_SHIPPED))
+    path = model if model is not None else default_model(default)
     m, tok = load(path, dtype=dtype, adapter=adapter)
     return prepare_for_inference(m), tok

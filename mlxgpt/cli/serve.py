@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlxgpt.cli.options import load_model, model_options, positive
+from mlxgpt.cli.options import default_model, load_model, model_options, positive
 from mlxgpt.errors import MlxgptError
 
 
@@ -48,8 +48,9 @@ def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, cont
     from mlxgpt.serve.app import ServerConfig, serve
     from mlxgpt.serve.engine import Engine
 
-    m, tok = load_model(model, adapter, dtype, default=CHAT_SHIPPED)
-    name = Path(model).name if model else CHAT_SHIPPED
+    model = model or default_model(CHAT_SHIPPED)
+    m, tok = load_model(model, adapter, dtype)
+    name = Path(model).name
     engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, "
                f"context {m.config.n_positions} tokens, policy {context})", err=True)
