@@ -29,7 +29,7 @@ from ..core.classifier import GPTClassifier
 from ..core.model import FAMILIES, Model, ModelConfig, build, config_from_dict
 from ..errors import MlxgptError
 from .files import atomic_dir, read_json
-from .quantize import float_dtype, quantize_as_stored
+from .quantize import float_dtype, model_quantization, quantize_as_stored
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -171,6 +171,7 @@ def write_model_files(
     if extra:
         meta.update(extra)
     cfg["mlxgpt"] = meta
+    quantization = quantization or model_quantization(model)  # a GGUF's layers as they came
     if quantization:
         cfg["quantization"] = dict(quantization)
     weights = {model.weight_prefix + k: v for k, v in tree_flatten(model.parameters())}

@@ -21,8 +21,9 @@ when a measurement there says float32 is faster.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import mlx.core as mx
 
@@ -65,11 +66,72 @@ def permute_rotary(w: mx.array, n_head: int, *, undo: bool) -> mx.array:
     return w.reshape(n_head, *inner, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# GGML tensor types MLX maps exactly (F32, F16, Q4_0, Q4_1, Q8_0, BF16), and names for others
+SUPPORTED_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
+               14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+               20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M"}
+# metadata value type -> fixed size in bytes (8: string and 9: array are walked)
+_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """Each tensor's GGML type, from the file's header (its metadata is skipped, not read):
+    what ``mx.load`` does not say."""
+
+    def take(f: BinaryIO, n: int) -> bytes:
+        b = f.read(n)
+        if len(b) != n:
+            raise MlxgptError(f"{path}: the GGUF header is truncated")
+        return b
+
+    def u(f: BinaryIO, fmt: str) -> int:
+        return struct.unpack("<" + fmt, take(f, struct.calcsize(fmt)))[0]
+
+    def skip(f: BinaryIO, kind: int) -> None:
+        if kind == 8:
+            f.seek(u(f, "Q"), 1)
+        elif kind == 9:
+            item, n = u(f, "I"), u(f, "Q")
+            if item in _SIZES:
+                f.seek(n * _SIZES[item], 1)
+            else:
+                for _ in range(n):
+                    skip(f, item)
+        elif kind in _SIZES:
+            f.seek(_SIZES[kind], 1)
+        else:
+            raise MlxgptError(f"{path}: bad GGUF metadata type {kind}")
+
+    with path.open("rb") as f:
+        if take(f, 4) != b"GGUF":
+            raise MlxgptError(f"{path}: not a GGUF file")
+        version = u(f, "I")
+        if version not in (2, 3):
+            raise MlxgptError(f"{path}: GGUF version {version} is not supported (2, 3)")
+        n_tensors, n_kv = u(f, "Q"), u(f, "Q")
+        for _ in range(n_kv):
+            f.seek(u(f, "Q"), 1)  # the key
+            skip(f, u(f, "I"))
+        types = {}
+        for _ in range(n_tensors):
+            name = take(f, u(f, "Q")).decode("utf-8", "replace")
+            f.seek(8 * u(f, "I"), 1)  # the dimensions
+            types[name] = u(f, "I")
+            f.seek(8, 1)  # the data offset
+    return types
+
+
 def load_gguf_file(path: str | os.PathLike) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """``mx.load`` of a GGUF file: (tensors, metadata), errors in one line."""
+    """``mx.load`` of a GGUF file: (tensors, metadata), errors in one line; tensor types MLX
+    would not map exactly (K-quants, ...) are refused first."""
     p = Path(path)
     if not p.is_file():
         raise MlxgptError(f"{p}: no such file")
+    for name, kind in tensor_types(p).items():
+        if kind not in SUPPORTED_TYPES:
+            raise MlxgptError(f"{p}: tensor {name} is {OTHER_TYPES.get(kind, f'type {kind}')}; "
+                              f"mlxgpt reads {', '.join(SUPPORTED_TYPES.values())} tensors")
     try:
         return mx.load(str(p), return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError on bad or unsupported files
