@@ -417,8 +417,8 @@ def test_unsupported_schemas_are_refused_in_one_line(schema, match):
     assert match in msg and "\n" not in msg
 
 
-def test_a_tokenizer_without_every_byte_is_refused():
-    with pytest.raises(MlxgptError, match="needs a token for every single byte"):
+def test_a_tokenizer_without_every_printable_byte_is_refused():
+    with pytest.raises(MlxgptError, match="needs a token for every printable ASCII byte"):
         JsonConstraint(byte_tokenizer(), None, vocab_size=100)
 
 

@@ -309,21 +309,36 @@ def test_cli_generate_bad_input_is_one_line(tmp_path, cli, refused, model_folder
     refused(cli("generate", "-m", tmp_path / "missing", "-p", "a"), "no such folder")
 
 
-def test_without_a_model_the_shipped_one_is_used(cli, mlxgpt_process):
+def no_fetching(tmp_path: Path) -> dict[str, str]:
+    """An environment where SmolLM2 (the default model) is not cached and cannot be fetched:
+    an empty mlxgpt cache, the hub offline, pip without an index."""
+    import os
+
+    return {**os.environ, "MLXGPT_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "nothing")}
+
+
+def test_without_a_model_or_smollm2_the_shipped_one_is_used(tmp_path, mlxgpt_process):
     import mlxgpt.models
 
     folder = shipped_model()
     assert folder.parent == Path(mlxgpt.models.__file__).parent and folder.name == "shakespeare"
-    p = mlxgpt_process("generate", "-p", "ROMEO:", "-n", "8", "--seed", "0")
+    p = mlxgpt_process("generate", "-p", "ROMEO:", "-n", "8", "--seed", "0",
+                       env=no_fetching(tmp_path))
     assert p.returncode == 0 and len(p.stdout.strip()) > 0, p.stderr
+    note = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
+    assert len(note) == 1 and "using the small shipped model shakespeare" in note[0]
+    assert "mlxgpt fetch smollm2" in note[0] and "Traceback" not in p.stderr
 
 
-def test_chat_without_a_model_talks_to_the_shipped_dialogue_model(mlxgpt_process):
+def test_chat_without_smollm2_talks_to_the_shipped_dialogue_model(tmp_path, mlxgpt_process):
     from mlxgpt.checkpoints.folder import CHAT_SHIPPED
 
     assert shipped_model(CHAT_SHIPPED).name == "english-chat"
-    p = mlxgpt_process("chat", "--temp", "0", "-n", "40", stdin="Hello! Who are you?\n/stats\n")
+    p = mlxgpt_process("chat", "--temp", "0", "-n", "40", stdin="Hello! Who are you?\n/stats\n",
+                       env=no_fetching(tmp_path))
     assert p.returncode == 0, p.stderr
+    assert "using the small shipped model english-chat" in p.stderr
     # it replied in turn: the reply ended at the turn boundary, not at the token limit
     assert "finish: eos" in p.stdout or "finish: stop" in p.stdout, p.stdout
 

@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-import mlxgpt  # noqa: E402
 from _llama_helpers import (  # noqa: E402
     SMOL_TEMPLATE,
     hf_unpermute,
@@ -26,6 +25,8 @@ from _llama_helpers import (  # noqa: E402
     save_llama,
     write_llama_gguf,
 )
+
+import mlxgpt  # noqa: E402
 from mlxgpt.checkpoints.folder import load_model, save_model  # noqa: E402
 from mlxgpt.checkpoints.quantize import dense_weight  # noqa: E402
 from mlxgpt.core.llama import Llama  # noqa: E402

@@ -82,7 +82,7 @@ def tensor_types(path: Path) -> dict[str, int]:
     def take(f: BinaryIO, n: int) -> bytes:
         b = f.read(n)
         if len(b) != n:
-            raise MlxgptError(f"{path}: the GGUF header is truncated")
+            raise MlxgptError(f"{path}: not a readable GGUF file (its header is truncated)")
         return b
 
     def u(f: BinaryIO, fmt: str) -> int:
@@ -101,14 +101,15 @@ def tensor_types(path: Path) -> dict[str, int]:
         elif kind in _SIZES:
             f.seek(_SIZES[kind], 1)
         else:
-            raise MlxgptError(f"{path}: bad GGUF metadata type {kind}")
+            raise MlxgptError(f"{path}: not a readable GGUF file (metadata type {kind})")
 
     with path.open("rb") as f:
         if take(f, 4) != b"GGUF":
-            raise MlxgptError(f"{path}: not a GGUF file")
+            raise MlxgptError(f"{path}: not a readable GGUF file (no GGUF magic)")
         version = u(f, "I")
         if version not in (2, 3):
-            raise MlxgptError(f"{path}: GGUF version {version} is not supported (2, 3)")
+            raise MlxgptError(f"{path}: not a readable GGUF file (version {version}; "
+                              "mlxgpt reads 2 and 3)")
         n_tensors, n_kv = u(f, "Q"), u(f, "Q")
         for _ in range(n_kv):
             f.seek(u(f, "Q"), 1)  # the key

@@ -197,11 +197,15 @@ class _Vocab:
             except (MlxgptError, IndexError, KeyError):
                 continue
             self.bytes[i] = b or None
+        # Every printable ASCII byte and JSON's whitespace on its own, so every document can be
+        # spelled. Other bytes may lack a token (SmolLM2 has none for 0x04 or 0xF1): no token
+        # holds them then, so the automaton never reaches a state that needs them.
         singles = {b[0] for b in self.bytes if b is not None and len(b) == 1}
-        if len(singles) < 256:
-            missing = min(set(range(256)) - singles)
+        needed = set(range(0x20, 0x7F)) | set(_WS)
+        if not needed <= singles:
+            missing = min(needed - singles)
             raise MlxgptError(
-                f"constrained output needs a token for every single byte; tokenizer "
+                f"constrained output needs a token for every printable ASCII byte; tokenizer "
                 f"{getattr(tokenizer, 'name', '?')} has none for byte 0x{missing:02x} "
                 f"(among {vocab_size} ids)"
             )

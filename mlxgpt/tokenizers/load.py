@@ -102,8 +102,8 @@ def tokenizer_from_hf_folder(folder: Path) -> Tokenizer | None:
         special = tok.special_tokens
         if chat.get("eos_token") in special:  # a chat model's end of turn
             tok.eot_id = special[chat["eos_token"]]
-        if chat.get("bos_token") in special:
-            tok.bos_id = special[chat["bos_token"]]
+        if chat.get("bos_token") in special and chat["bos_token"] != chat.get("eos_token"):
+            tok.bos_id = special[chat["bos_token"]]  # (GPT-2's files name <|endoftext|> both)
         tok.chat_template = chat.get("chat_template")
     return tok
 
