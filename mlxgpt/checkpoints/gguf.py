@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core.config import TANH_GELU, GPTConfig
 from ..core.gpt2 import GPT
-from ..core.model import Model
+from ..core.model import Model, ModelConfig
 from ..errors import MlxgptError
 from ..tokenizers import EOT, GPT2_PATTERN, IdTokenizer, Tokenizer
 from ..tokenizers.hf_files import from_hf, to_hf
@@ -100,16 +100,21 @@ def default_dtype(model: GPT) -> str:
     return "f32" if float_dtype(model) == mx.float32 else "f16"
 
 
-def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+def gguf_vocab(tokenizer: Tokenizer, vocab_size: int, arch: str = ARCH) -> dict[str, Any]:
     """The tokenizer as GGUF's ``tokenizer.ggml.*`` lists: tokens (GPT-2's byte-level strings,
-    by id), token types, merges, and the id of <|endoftext|>. Ids the tokenizer does not use
-    (padding up to the model's vocab_size) become ``[PAD{id}]`` tokens of type UNUSED."""
+    by id), token types, merges, the id of <|endoftext|> (or the end of turn) and llama.cpp's
+    name of the pre-tokeniser. Ids the tokenizer does not use (padding up to the model's
+    vocab_size) become ``[PAD{id}]`` tokens of type UNUSED."""
+    from .gguf_llama import PRE_TOKENIZERS
+
     gguf = _gguf()
     if isinstance(tokenizer, IdTokenizer):
         raise MlxgptError("the model has no tokenizer (token ids only); GGUF needs its vocabulary")
     pattern = getattr(tokenizer, "pattern", GPT2_PATTERN)  # the byte tokenizer splits nothing
-    if pattern != GPT2_PATTERN:
-        raise MlxgptError("the tokenizer splits text with its own pattern; llama.cpp's GPT-2 "
+    pre = "gpt-2" if pattern == GPT2_PATTERN else next(
+        (name for name, p in PRE_TOKENIZERS.items() if p == pattern), None)
+    if pre is None or (arch == ARCH and pre != "gpt-2"):
+        raise MlxgptError("the tokenizer splits text with its own pattern; llama.cpp's "
                           "pre-tokeniser would split it differently")
     if tokenizer.vocab_size > vocab_size:
         raise MlxgptError(f"the tokenizer has {tokenizer.vocab_size} ids, the model "
@@ -130,7 +135,8 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
             types.append(gguf.TokenType.UNUSED)
     merges = [f"{to_hf(a)} {to_hf(b)}" for a, b in getattr(tokenizer, "merges", [])]
     return {"tokens": tokens, "types": types, "merges": merges or [INERT_MERGE],
-            "eot_id": tokenizer.eot_id}
+            "eot_id": tokenizer.eot_id, "bos_id": tokenizer.bos_id, "pre": pre,
+            "chat_template": tokenizer.chat_template}
 
 
 def _tensor_type(gguf: Any, name: str, shape: tuple[int, ...], dtype: str) -> Any:
@@ -160,10 +166,11 @@ def _atomic_file(path: Path):
         raise
 
 
-def write_gguf(model: GPT, tokenizer: Tokenizer, out_path: str | os.PathLike,
+def write_gguf(model: Model, tokenizer: Tokenizer, out_path: str | os.PathLike,
                dtype: str | None = None, *, name: str | None = None,
                force: bool = False) -> GGUFExport:
-    """Write ``model`` and ``tokenizer`` as a GGUF file llama.cpp runs (see the module doc)."""
+    """Write ``model`` and ``tokenizer`` as a GGUF file llama.cpp runs (see the module doc;
+    Llama models as :mod:`.gguf_llama` describes)."""
     gguf = _gguf()
     out = Path(out_path)
     if out.exists() and not force:
@@ -174,14 +181,22 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, out_path: str | os.PathLike,
     if dtype not in DTYPES:
         raise MlxgptError(f"unknown GGUF dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     cfg = model.config
-    if cfg.activation_function not in TANH_GELU:
+    llama = cfg.model_type == "llama"
+    if not llama and cfg.activation_function not in TANH_GELU:
         raise MlxgptError(f"activation {cfg.activation_function!r} (erf GELU): llama.cpp's gpt2 "
                           "computes the tanh GELU only")
-    vocab = gguf_vocab(tokenizer, cfg.vocab_size)
-    names = tensor_names(cfg.n_layer)
+    vocab = gguf_vocab(tokenizer, cfg.vocab_size, cfg.model_type)
+    if llama:
+        from . import gguf_llama
+
+        names = gguf_llama.export_names(cfg.n_layer)
+    else:
+        names = tensor_names(cfg.n_layer)
     T = gguf.GGMLQuantizationType
     kept_f16, tensors = 0, []
     for key, w in dequantized_weights(model).items():
+        if llama:
+            w = gguf_llama.to_llama_cpp_rows(key, w, cfg)
         arr = np.array(w.astype(mx.float32))  # (out, in) for matrices: GGUF's order as well
         qtype = _tensor_type(gguf, names[key], arr.shape, dtype)
         kept_f16 += dtype == "q8_0" and arr.ndim == 2 and qtype == T.F16
@@ -201,32 +216,45 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, out_path: str | os.PathLike,
                       out.stat().st_size, kept_f16)
 
 
-def _write(gguf: Any, path: Path, cfg: GPTConfig, file_type: Any, vocab: dict[str, Any],
+def _write(gguf: Any, path: Path, cfg: ModelConfig, file_type: Any, vocab: dict[str, Any],
            tensors: list[tuple[str, np.ndarray, Any]], name: str | None) -> None:
     """The GGUF file itself: llama.cpp's gpt2 keys, the tokenizer, the tensors."""
-    w = gguf.GGUFWriter(path, ARCH)
+    w = gguf.GGUFWriter(path, cfg.model_type)
     try:
         w.add_type(gguf.GGUFType.MODEL)
         if name:
             w.add_name(name)
         w.add_context_length(cfg.n_positions)
         w.add_embedding_length(cfg.n_embd)
-        w.add_feed_forward_length(cfg.hidden_dim)
         w.add_block_count(cfg.n_layer)
         w.add_head_count(cfg.n_head)
-        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        if cfg.model_type == "llama":
+            w.add_feed_forward_length(cfg.intermediate_size)
+            w.add_head_count_kv(cfg.n_kv_head)
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
+            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_rope_freq_base(cfg.rope_theta)
+            w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+            w.add_vocab_size(cfg.vocab_size)
+        else:
+            w.add_feed_forward_length(cfg.hidden_dim)
+            w.add_layer_norm_eps(cfg.layer_norm_epsilon)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
+        w.add_tokenizer_pre(vocab["pre"])
         w.add_token_list(vocab["tokens"])
         w.add_token_types(vocab["types"])
         w.add_token_merges(vocab["merges"])
         if vocab["eot_id"] is not None:  # GPT-2's tokenizer calls <|endoftext|> all three
-            w.add_bos_token_id(vocab["eot_id"])
+            w.add_bos_token_id(vocab["bos_id"] if vocab["bos_id"] is not None
+                               else vocab["eot_id"])
             w.add_eos_token_id(vocab["eot_id"])
             w.add_unk_token_id(vocab["eot_id"])
-        w.add_add_bos_token(False)  # GPT-2 reads text as it is
+        if vocab["chat_template"]:
+            w.add_chat_template(vocab["chat_template"])
+        w.add_add_bos_token(False)  # the text is read as it is (a chat template adds its own)
         for tname, data, qtype in tensors:
             w.add_tensor(tname, data, raw_dtype=qtype)
         w.write_header_to_file()
@@ -252,14 +280,16 @@ def export_gguf(model_path: str | os.PathLike, out_path: str | os.PathLike,
     src = resolve_source(model_path)
     if mlx_folder.is_classifier_folder(src) or is_hf_classifier(src):
         raise MlxgptError(f"{model_path}: a classifier; llama.cpp's gpt2 is a language model only")
-    if mlx_folder.is_model_folder(src):
+    if src.is_file():  # another GGUF file (a known model fetched as one)
+        model, tok = read_gguf(src)
+    elif mlx_folder.is_model_folder(src):
         from ..tokenizers import load_tokenizer
 
         model = mlx_folder.load_model(src)
         tok = load_tokenizer(src, mlx_folder.read_folder_meta(src).get("tokenizer"))
     else:
         model, tok = load_hf(src)
-    return write_gguf(model, tok, out, dtype, name=Path(src).name, force=force)
+    return write_gguf(model, tok, out, dtype, name=Path(src).stem, force=force)
 
 
 # --------------------------------------------------------------------------- reading

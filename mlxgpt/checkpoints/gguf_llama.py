@@ -58,6 +58,21 @@ def tensor_names(n_layer: int) -> dict[str, str]:
     return out
 
 
+def export_names(n_layer: int) -> dict[str, str]:
+    """The model's parameter name -> GGUF tensor name, every parameter a Llama may have."""
+    return {f"{m}.{leaf}": f"{g}.{leaf}" for g, m in tensor_names(n_layer).items()
+            for leaf in ("weight", "bias")}
+
+
+def to_llama_cpp_rows(key: str, w: mx.array, cfg: LlamaConfig) -> mx.array:
+    """A weight in the row order llama.cpp's files use (query/key rows permuted)."""
+    if ".self_attn.q_proj." in key:
+        return permute_rotary(w, cfg.n_head, undo=False)
+    if ".self_attn.k_proj." in key:
+        return permute_rotary(w, cfg.n_kv_head, undo=False)
+    return w
+
+
 def permute_rotary(w: mx.array, n_head: int, *, undo: bool) -> mx.array:
     """llama.cpp's row order for a query/key projection (``undo``: back to Hugging Face's).
     Rows are (head, half, i) in Hugging Face's order and (head, i, half) in llama.cpp's."""
