@@ -60,3 +60,26 @@ def test_causal_attention_in_half_precision_does_not_overflow():
     kv = mx.full((1, 1, 1024, 8), 200.0, mx.float16)
     y = fastmath.attention(q, mx.zeros_like(q), kv, 1.0, "causal")
     assert mx.abs(y.astype(mx.float32) - 200.0).max().item() <= 0.25  # float16 steps 0.125 at 200
+
+
+def test_silu_matches_mlx_over_the_whole_range():
+    import mlx.nn as nn
+
+    x = mx.concatenate([mx.linspace(-200, 200, 100001),
+                        mx.array([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 1e4, -1e4])])
+    got, want = np.array(fastmath.silu(x)), np.array(nn.silu(x))
+    assert not np.isnan(got).any()
+    assert np.abs(got - want).max() < 1e-5
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-30)
+
+
+def test_grouped_attention_equals_repeated_heads():
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.normal(size=(2, 6, 1, 8)).astype(np.float32))
+    k, v = (mx.array(rng.normal(size=(2, 2, 9, 8)).astype(np.float32)) for _ in range(2))
+    mask = mx.arange(9) < 7  # a cache's boolean mask
+    full = fastmath.attention(q, mx.repeat(k, 3, axis=1), mx.repeat(v, 3, axis=1), 0.3, mask)
+    grouped = fastmath.attention(q, k, v, 0.3, mask)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    assert np.abs(np.array(grouped) - np.array(full)).max() < 1e-6
+    assert np.abs(np.array(grouped) - np.array(fused)).max() < 1e-5

@@ -1,4 +1,4 @@
-"""transformers + torch worker for tools/bench.py, in its own clean process.
+"""transformers + torch worker for tools/bench.py and tools/bench_llama.py, in its own process.
 
 It imports neither mlx nor mlxgpt, so torch runs as a user would run it (its own threads,
 nothing preloaded). Input: a JSON job on stdin; output: a JSON result on stdout.
@@ -21,7 +21,7 @@ def main() -> None:
     job = json.load(sys.stdin)
     transformers.logging.set_verbosity_error()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[job["dtype"]]
-    model = transformers.GPT2LMHeadModel.from_pretrained(job["folder"], dtype=dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(job["folder"], dtype=dtype).eval()
 
     def run(ids, past=None):
         out = model(input_ids=torch.tensor([ids]), past_key_values=past, use_cache=True)

@@ -39,6 +39,7 @@ class Kernels:
     attention: Callable[..., mx.array]
     gelu_tanh: Callable[[mx.array], mx.array]  # GPT-2's GELU (Hugging Face "gelu_new")
     exp: Callable[[mx.array], mx.array]  # the loss's log-sum-exp and softmax
+    silu: Callable[[mx.array], mx.array]  # Llama's SwiGLU gate
 
 
 def _sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
@@ -50,8 +51,9 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
-FUSED = Kernels("fused", _sdpa, gelu_tanh, mx.exp)
-ARITHMETIC = Kernels("arithmetic", fastmath.attention, fastmath.gelu_tanh, fastmath.exp)
+FUSED = Kernels("fused", _sdpa, gelu_tanh, mx.exp, nn.silu)
+ARITHMETIC = Kernels("arithmetic", fastmath.attention, fastmath.gelu_tanh, fastmath.exp,
+                     fastmath.silu)
 
 
 def on_cpu(device: mx.Device | None = None) -> bool:

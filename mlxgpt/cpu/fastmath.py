@@ -73,6 +73,16 @@ def exp(x: mx.array) -> mx.array:
     return p * two_k
 
 
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x) (SwiGLU's gate) with :func:`exp` of -|x| only (always in its range):
+    sigmoid(x) = s for x >= 0 and e * s below, s = 1 / (1 + e), e = exp(-|x|); the choice by
+    arithmetic on sign(x), which vectorises where a select may not."""
+    e = exp(-mx.abs(x))
+    s = 1.0 / (1.0 + e)
+    t = (mx.sign(x) + 1.0) * 0.5  # 1 above zero, 0 below, 1/2 at zero (where e = 1)
+    return x * s * (t + (1.0 - t) * e)
+
+
 def _relu(a: mx.array) -> mx.array:
     return (a + mx.abs(a)) * 0.5
 
@@ -208,17 +218,26 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
     broadcastable to (B, H, T, S). Grouped-query attention: k and v may have fewer heads (H a
     multiple of theirs), each shared by consecutive query heads, as the fused kernel takes them.
     """
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    if K != H and T == 1 and not isinstance(mask, str):
+        # Decoding: each key/value head's queries as rows of one product, nothing copied.
+        scores = ((q * scale).reshape(B, K, H // K, D) @ k.swapaxes(-1, -2))  # (B, K, H/K, S)
+        scores = _masked(scores.reshape(B, H, 1, -1), mask)
+        return (softmax(scores).reshape(B, K, H // K, -1) @ v).reshape(B, H, 1, D)
+    if K != H:
+        k, v = mx.repeat(k, H // K, axis=1), mx.repeat(v, H // K, axis=1)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unknown mask {mask!r}")
         return causal_attention(q * scale, k, v)[0]
-    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, S)
-    if mask is not None:
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.array(-1e30, scores.dtype))
-        else:
-            scores = scores + mask.astype(scores.dtype)
+    scores = _masked((q * scale) @ k.swapaxes(-1, -2), mask)  # (B, H, T, S)
     return softmax(scores) @ v
+
+
+def _masked(scores: mx.array, mask: mx.array | None) -> mx.array:
+    if mask is None:
+        return scores
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.array(-1e30, scores.dtype))
+    return scores + mask.astype(scores.dtype)
