@@ -387,6 +387,29 @@ def test_string_fast_path_equals_the_trie_walk(tok_name):
             state.advance(token)
 
 
+def _nested(depth: int) -> dict:
+    """Arrays of arrays ``depth`` deep (built without recursion)."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def _nested_list(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _ref_chain(n: int) -> dict:
+    """$defs a0 -> a1 -> ... -> an: shallow as JSON, deep to compile."""
+    defs: dict = {f"a{i}": {"type": "array", "items": {"$ref": f"#/$defs/a{i + 1}"}}
+                  for i in range(n)}
+    defs[f"a{n}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/a0"}
+
+
 @pytest.mark.parametrize(("schema", "match"), [
     ({"type": "string", "pattern": "^a"}, "unsupported JSON schema keyword 'pattern'"),
     ({"properties": {"x": {"type": "integer", "multipleOf": 3}}},
@@ -409,12 +432,27 @@ def test_string_fast_path_equals_the_trie_walk(tok_name):
      "accepts no document"),
     ({"type": "integer", "maximum": "9"}, "maximum must be a number"),
     ([1, 2], "must be a JSON object"),
+    # hostile schemas (a server compiles them from clients): refused, never a crash
+    ({"type": "integer", "minimum": 1e40}, "minimum must be between -1e20 and 1e20"),
+    ({"type": "number", "exclusiveMaximum": -(10**400)}, "exclusiveMaximum must be between"),
+    (_nested(70), "schemas are nested more than 64 deep"),
+    (_nested(900), "nested more than 128 levels deep"),
+    ({"const": _nested_list(2000)}, "nested more than 128 levels deep"),
+    (_ref_chain(100), "schemas are nested more than 64 deep"),
 ])
 def test_unsupported_schemas_are_refused_in_one_line(schema, match):
     with pytest.raises(MlxgptError) as info:
         JsonConstraint(byte_tokenizer(), schema)
     msg = str(info.value)
     assert match in msg and "\n" not in msg
+
+
+def test_limits_leave_real_schemas_alone():
+    # int64 bounds and a few levels of nesting are ordinary in generated schemas
+    JsonConstraint(byte_tokenizer(), {"type": "integer", "minimum": -(2**63),
+                                      "maximum": 2**63 - 1})
+    JsonConstraint(byte_tokenizer(), _nested(60))
+    JsonConstraint(byte_tokenizer(), _ref_chain(20))
 
 
 def test_a_tokenizer_without_every_printable_byte_is_refused():

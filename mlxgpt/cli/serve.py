@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import click
@@ -21,7 +22,12 @@ from mlxgpt.errors import MlxgptError
 @click.option("--max-queue", type=int, default=64, show_default=True, callback=positive,
               help="Most sequences waiting for a row; beyond it requests get 429.")
 @click.option("--api-key", default=None, envvar="MLXGPT_API_KEY",
-              help="Require 'Authorization: Bearer KEY' (or set MLXGPT_API_KEY).")
+              help="Require 'Authorization: Bearer KEY'. A key given on the command line is "
+                   "visible to other users in `ps`: --api-key-file or the MLXGPT_API_KEY "
+                   "environment variable keeps it out.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
+              help="Read the API key from this file (surrounding whitespace stripped; it wins "
+                   "over MLXGPT_API_KEY). Unlike --api-key, it does not show in `ps`.")
 @click.option("--context", type=click.Choice(["stop", "slide"]), default="stop",
               show_default=True,
               help="A prompt longer than the model's context: refuse it (400) or keep its most "
@@ -32,11 +38,18 @@ from mlxgpt.errors import MlxgptError
               help="Whitespace bytes allowed between the tokens of response_format JSON "
                    "(0: compact; a small model otherwise pads).")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
-              help="On SIGINT/SIGTERM, seconds running requests get to finish.")
+              help="On SIGINT/SIGTERM, seconds running requests get to finish; then each gets "
+                   "a 503 (a stream: an error event and [DONE]).")
+@click.option("--max-body", type=int, default=4 * 1024 * 1024, show_default=True,
+              help="Largest request body in bytes; a larger one gets 413.")
+@click.option("--request-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a client gets to send a request's headers, and then as many for "
+                   "its body; past them it gets 408.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info", show_default=True)
-def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, context,
-          prefix_cache, json_whitespace, shutdown_timeout, log_level) -> None:
+def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, api_key_file,
+          context, prefix_cache, json_whitespace, shutdown_timeout, max_body, request_timeout,
+          log_level) -> None:
     """Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models."""
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -44,6 +57,15 @@ def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, cont
                           "pip install 'mlxgpt[serve]'")
     if not 0 <= port <= 65535:
         raise MlxgptError(f"--port must be in 0..65535, got {port}")
+    if max_body < 1:
+        raise MlxgptError(f"--max-body must be at least 1 (bytes), got {max_body}")
+    if not (math.isfinite(request_timeout) and request_timeout > 0):
+        raise MlxgptError(f"--request-timeout must be more than 0 (seconds), got "
+                          f"{request_timeout}")
+    if not (math.isfinite(shutdown_timeout) and shutdown_timeout >= 0):
+        raise MlxgptError(f"--shutdown-timeout must be at least 0 (seconds), got "
+                          f"{shutdown_timeout}")
+    api_key = _api_key(api_key, api_key_file, click.get_current_context())
     from mlxgpt.checkpoints.folder import CHAT_SHIPPED
     from mlxgpt.serve.app import ServerConfig, serve
     from mlxgpt.serve.engine import Engine
@@ -55,6 +77,28 @@ def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, cont
     click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, "
                f"context {m.config.n_positions} tokens, policy {context})", err=True)
     config = ServerConfig(model_id=name, api_key=api_key, context=context,
-                          json_whitespace=json_whitespace)
+                          json_whitespace=json_whitespace, max_body=max_body,
+                          request_timeout=request_timeout)
     serve(engine, tok, config,
           host=host, port=port, shutdown_timeout=shutdown_timeout, log_level=log_level)
+
+
+def _api_key(key: str | None, path: Path | None, ctx: click.Context) -> str | None:
+    """The key to require: --api-key-file (read here), else --api-key / MLXGPT_API_KEY."""
+    if path is not None:
+        if key is not None and ctx.get_parameter_source("api_key") is not \
+                click.core.ParameterSource.ENVIRONMENT:
+            raise MlxgptError("give --api-key or --api-key-file, not both")
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+            raise MlxgptError(f"--api-key-file {path}: cannot read it ({why})") from None
+        if not key:
+            raise MlxgptError(f"--api-key-file {path} is empty")
+        if "\n" in key or "\r" in key:
+            raise MlxgptError(f"--api-key-file {path} holds more than one line; the key is one")
+        return key
+    if key is not None and not key.strip():
+        raise MlxgptError("--api-key is empty (give a key, or leave the option out)")
+    return key

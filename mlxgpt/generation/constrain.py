@@ -30,6 +30,9 @@ The schema subset (anything else is refused by name, as one ``MlxgptError`` line
   ``$ref`` to ``#``, ``#/$defs/...``, ``#/definitions/...`` (recursion included), ``true`` /
   ``false`` schemas; annotations (``title``, ``description``, ``default``, ``examples`` ...).
 - ``schema=None`` (``response_format`` ``json_object``): any JSON object.
+- limits (a schema may come from an untrusted client): schemas nested at most
+  MAX_SCHEMA_DEPTH deep (``$ref`` chains included), a schema document at most
+  MAX_SCHEMA_NESTING JSON levels deep, numeric limits within +-MAX_LIMIT.
 
 The text: no whitespace before or after the document; at most ``whitespace`` bytes of it
 (space, tab, newline, carriage return; default MAX_WHITESPACE = 1, so ``{"a": 1, "b": [2]}``
@@ -83,6 +86,11 @@ INT_DIGITS = 15  # digits before the point (15: every such integer is exact as a
 FRAC_DIGITS = 15  # digits after the point in an unbounded number
 EXP_DIGITS = 2  # exponent digits
 BOUNDED_FRAC_DIGITS = 6  # digits after the point in a number with minimum / maximum
+# Limits on what a schema may ask, so a hostile one is refused in one line rather than crashing
+# a recursive reader or asking for numbers no model writes (int64/uint64 bounds still fit).
+MAX_SCHEMA_DEPTH = 64  # schemas inside schemas (properties, items, anyOf, $ref chains ...)
+MAX_SCHEMA_NESTING = 128  # JSON nesting of the schema document (objects and lists)
+MAX_LIMIT = 10**20  # largest magnitude of minimum / maximum / exclusive* in a schema
 
 INF = 1 << 29  # "no completion": larger than any budget; INF + a few lengths fit int32
 _MAX_LEN = 1 << 26  # lengths are clamped here so that sums with INF stay in int32
@@ -358,6 +366,7 @@ class _Compiler:
         self.refs: dict[str, int] = {}
         self.free: dict[int, int] = {}  # depth -> the any-value node there
         self.key_node = self.add(_Node(N_STR, lo=0, hi=MAX_KEY))
+        self.depth = 0  # schemas being compiled, one inside the other
 
     def add(self, node: _Node) -> int:
         self.nodes.append(node)
@@ -418,6 +427,17 @@ class _Compiler:
     # -- schemas
 
     def compile(self, schema: Any, path: str = "") -> int:
+        # Compiling recurses: bound it, so a deep schema (or a long $ref chain) is refused in
+        # one line rather than overflowing the stack.
+        if self.depth >= MAX_SCHEMA_DEPTH:
+            raise self.fail(path, f"schemas are nested more than {MAX_SCHEMA_DEPTH} deep")
+        self.depth += 1
+        try:
+            return self._compile(schema, path)
+        finally:
+            self.depth -= 1
+
+    def _compile(self, schema: Any, path: str) -> int:
         if schema is True:
             return self.any_value(1)
         if schema is False:
@@ -533,8 +553,11 @@ class _Compiler:
             v = schema.get(key)
             if v is None:
                 return None
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                    isinstance(v, float) and not np.isfinite(v)):
                 raise self.fail(path, f"{key} must be a number")
+            if abs(v) > MAX_LIMIT:  # a 1e40 bound asks for 41-digit numbers; 1e4000, worse
+                raise self.fail(path, f"{key} must be between -1e20 and 1e20")
             return Fraction(repr(v)) if isinstance(v, float) else Fraction(v)
 
         lo, hi, xlo, xhi = (get(k) for k in ("minimum", "maximum", "exclusiveMinimum",
@@ -1167,7 +1190,26 @@ def _vocab(tokenizer: Tokenizer, size: int) -> _Vocab:
         return per[size]
 
 
+def check_nesting(schema: Any, limit: int = MAX_SCHEMA_NESTING) -> None:
+    """MlxgptError if the schema document nests objects and lists deeper than ``limit``.
+    Iterative, so it is safe on any parsed JSON: run it before anything recursive
+    (``json.dumps``, the compiler) reads a schema from a client."""
+    todo = [(schema, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            raise MlxgptError(f"response_format schema is nested more than {limit} levels deep")
+        todo.extend((c, depth + 1) for c in children)
+
+
 def _engine(tokenizer: Tokenizer, schema: dict | None, size: int, whitespace: int) -> _Engine:
+    check_nesting(schema)
     try:
         key = (size, whitespace, None if schema is None else json.dumps(schema, sort_keys=True,
                                                                         allow_nan=False))

@@ -5,6 +5,12 @@ with ``"stream": true``), ``GET /v1/models``, ``GET /health``. Requests are chec
 :mod:`mlxgpt.serve.protocol` and run by the :class:`~mlxgpt.serve.engine.Engine` thread; this
 module only translates between the two and watches the client: one that disconnects frees its
 rows at once.
+
+Hostile or broken clients: a body is read incrementally and refused past ``max_body`` bytes
+(413) or ``request_timeout`` seconds (408, and the same limit on the request's headers, see
+:func:`timed_h11`); JSON parsing and tokenizing run on worker threads, so a big request does not
+stall the others; on a shutdown that must cut requests, each ends with a 503 (a stream: an
+error event, then ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import MlxgptError
 from ..generation.batch import TokenEvent
@@ -39,6 +47,7 @@ from .protocol import (
     completion_logprobs,
     envelope,
     logprob_entry,
+    parse_body,
     parse_request,
     sse,
     usage,
@@ -46,6 +55,10 @@ from .protocol import (
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 CONSTRAINTS_KEPT = 32  # compiled response_format schemas kept for reuse
+DEFAULT_MAX_BODY = 4 << 20  # bytes of a request body (a 128k-token prompt is under 1 MB)
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds a client gets to send a request's headers, and its body
+CUT_GRACE_S = 2.0  # after the cut, how long uvicorn waits for the cut responses to go out
+CLOSE = {"Connection": "close"}  # after a 408 / 413: the rest of that request is not wanted
 
 
 @dataclass
@@ -54,10 +67,17 @@ class ServerConfig:
     api_key: str | None = None
     context: str = "stop"  # a prompt past the context: "stop" refuses it, "slide" cuts it
     json_whitespace: int = 0  # whitespace bytes per gap in response_format JSON (0: compact)
+    max_body: int = DEFAULT_MAX_BODY  # bytes; a larger request body gets 413
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds to send the body; then 408
 
 
 def error_response(e: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down and this request ran past its shutdown "
+                    "timeout; retry later", code="server_shutting_down", kind="server_error")
 
 
 class Server:
@@ -69,6 +89,12 @@ class Server:
         self.vocab_size = model.config.vocab_size
         self.n_positions = model.config.n_positions
         self.constraints: OrderedDict[str, Any] = OrderedDict()
+        # Submitted requests by id(queue), for the cut at shutdown (see begin_shutdown).
+        self.inflight: dict[int, tuple[asyncio.Queue, list[Handle]]] = {}
+        self.reading: set[asyncio.Task] = set()  # requests still reading their bodies
+        self.closing = False  # cut: new requests get 503
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
+        self._cut: asyncio.TimerHandle | None = None
 
     # -- routes
 
@@ -101,32 +127,110 @@ class Server:
     async def generate(self, request: Request, kind: str) -> Response:
         self.authorize(request)
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"the request body is not valid JSON ({e})") from None
-        job = parse_request(kind, body, self.tokenizer, vocab_size=self.vocab_size,
-                            n_positions=self.n_positions, context=self.config.context)
-        job.model = self.config.model_id
+            raw = await self.read_body(request)
+        except ClientDisconnect:  # it left halfway through its body: nobody to answer
+            return Response(status_code=499)
+        # Off the event loop: parsing and tokenizing a big body must not stall other clients.
+        job = await run_in_threadpool(self.parse, kind, raw)
         if job.json_mode:
             await run_in_threadpool(self.constrain, job)
+        if self.closing:
+            raise shutting_down()
         try:
             queue, handles = self.engine.submit(job.choices, asyncio.get_running_loop())
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later",
                            code="rate_limit_exceeded", kind="rate_limit_error") from None
+        self.track(queue, handles)
         if job.stream:
             return StreamingResponse(self.stream(job, queue, handles),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(self.collect(job, queue, handles))
         gone = asyncio.ensure_future(disconnected(request))
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not collect.done():  # the client left: free its rows
-            self.engine.cancel(handles)
-            collect.cancel()
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            left = not collect.done()
+            if left:  # the client left (or this task was cancelled): free its rows
+                self.engine.cancel(handles)
+                collect.cancel()
+        if left:
             return Response(status_code=499)
-        gone.cancel()
-        return JSONResponse(collect.result())
+        return JSONResponse(collect.result())  # an APIError (the cut: 503) is raised here
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, read as it arrives: 413 past ``max_body`` bytes (the declared length is
+        checked first, so a large body is refused before it is read), 408 past
+        ``request_timeout`` seconds (a slow client must not hold a connection for ever)."""
+        limit, timeout = self.config.max_body, self.config.request_timeout
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(limit)
+        parts: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # chunked, or a length that lied
+                    raise too_large(limit)
+                parts.append(chunk)
+
+        task = asyncio.current_task()
+        if task is not None:
+            self.reading.add(task)
+        try:
+            await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s",
+                           code="request_timeout") from None
+        finally:
+            self.reading.discard(task)  # type: ignore[arg-type]
+        return b"".join(parts)
+
+    def parse(self, kind: str, raw: bytes) -> Job:
+        """The body as a checked job (JSON, then the prompt tokenized): on a worker thread."""
+        job = parse_request(kind, parse_body(raw), self.tokenizer, vocab_size=self.vocab_size,
+                            n_positions=self.n_positions, context=self.config.context)
+        job.model = self.config.model_id
+        return job
+
+    # -- shutdown
+
+    def track(self, queue: asyncio.Queue, handles: list[Handle]) -> None:
+        # Forget finished requests here too: a stream whose client left before its first
+        # chunk never runs events(), which is what normally forgets it.
+        stale = [k for k, (_, hs) in self.inflight.items()
+                 if all(h.done or h.cancelled for h in hs)]
+        for k in stale:
+            del self.inflight[k]
+        self.inflight[id(queue)] = (queue, handles)
+
+    def begin_shutdown(self, timeout: float) -> None:
+        """The server began a graceful shutdown: requests still running ``timeout`` seconds
+        from now are cut. Safe to call from another thread (a signal handler)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing runs
+                loop.call_soon_threadsafe(self._arm_cut, timeout)
+
+    def _arm_cut(self, timeout: float) -> None:
+        if self._cut is None:
+            self._cut = asyncio.get_running_loop().call_later(max(timeout, 0), self.cut)
+
+    def cut(self) -> None:
+        """End every running request now with a 503: a stream gets an error event and
+        ``[DONE]``, a whole response the JSON error; their rows are freed."""
+        self.closing = True
+        error = shutting_down()
+        for queue, handles in self.inflight.values():
+            queue.put_nowait((0, error))
+            self.engine.cancel(handles)
+        self.inflight.clear()
+        for task in self.reading:  # CancelGuard answers them with the same 503
+            task.cancel()
 
     def constrain(self, job: Job) -> None:
         """Give each choice its response_format constraint (schemas compiled once, kept)."""
@@ -148,7 +252,9 @@ class Server:
                     budget = min(budget, self.n_positions - len(job.prompt_ids))
                 choice.constraint = constraint.start(budget)
         except MlxgptError as e:
-            raise bad(f"response_format: {e}", "response_format") from None
+            msg = str(e)  # the compiler's messages mostly name response_format already
+            raise bad(msg if msg.startswith("response_format") else f"response_format: {msg}",
+                      "response_format") from None
 
     async def events(self, queue: asyncio.Queue, handles: list[Handle]
                      ) -> AsyncIterator[tuple[int, TokenEvent]]:
@@ -158,12 +264,15 @@ class Server:
         try:
             while left:
                 index, item = await queue.get()
+                if isinstance(item, APIError):  # the cut at shutdown
+                    raise item
                 if isinstance(item, Exception):
                     raise APIError(500, str(item), kind="server_error")
                 if item.finish_reason is not None:
                     left -= 1
                 yield index, item
         finally:
+            self.inflight.pop(id(queue), None)
             self.engine.cancel(handles)
 
     async def collect(self, job: Job, queue: asyncio.Queue, handles: list[Handle]
@@ -259,6 +368,100 @@ class Choice:
                 "finish_reason": self.finish}
 
 
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} "
+                    "bytes (mlxgpt serve --max-body)", code="request_too_large")
+
+
+class CancelGuard:
+    """The outermost layer of each request. uvicorn cancels the requests still running when
+    its graceful-shutdown timeout passes (mlxgpt's own cut, :meth:`Server.cut`, normally ends
+    them first); one cancelled here still ends properly: a 503, or for a stream an error event
+    and ``[DONE]``, and no CancelledError traceback in the log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = {"started": False, "stream": False, "finished": False}
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sent["started"] = True
+                sent["stream"] = any(k.lower() == b"content-type"
+                                     and v.startswith(b"text/event-stream")
+                                     for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                sent["finished"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            error = shutting_down()
+            # The task is ending anyway: a second cancellation or a gone client only means
+            # the goodbye is not delivered.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                if not sent["started"]:
+                    await error_response(error, CLOSE)(scope, receive, send)
+                elif not sent["finished"]:
+                    tail = sse(error.body()) + sse("[DONE]") if sent["stream"] else ""
+                    await send({"type": "http.response.body", "body": tail.encode(),
+                                "more_body": False})
+
+
+def timed_h11(timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol with a limit on the time a client takes to send a request's
+    headers (uvicorn has none: a client that stops halfway through them, or connects and sends
+    nothing, holds its connection for ever). Past ``timeout`` seconds it gets a 408 and the
+    connection is closed; the body's own limit is :meth:`Server.read_body`'s."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n" \
+        b"connection: close\r\ncontent-length: %d\r\n\r\n"
+    body = json.dumps(APIError(408, f"the request headers did not arrive within {timeout:g} s",
+                               code="request_timeout").body()).encode()
+
+    class TimedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _busy(self) -> bool:  # a request's headers are in: its cycle runs
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expire(self) -> None:
+            self._header_timer = None
+            if self._busy() or self.transport.is_closing():
+                return
+            self.transport.write(head % len(body) + body)
+            self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(timeout, self._expire)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._busy():
+                self._disarm()
+            elif self._header_timer is None and not self.transport.is_closing():
+                # bytes of a next request (or of a refused body) arrive: they get the limit
+                self._header_timer = self.loop.call_later(timeout, self._expire)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
+
+
 async def disconnected(request: Request) -> None:
     """Return when the client closes the connection (the body has been read)."""
     while True:
@@ -273,6 +476,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
 
     async def api_error(request: Request, e: APIError) -> Response:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else None
+        if e.status in (408, 413):  # the rest of that body is not read
+            headers = CLOSE
         return error_response(e, headers)
 
     async def http_error(request: Request, e: HTTPException) -> Response:
@@ -280,6 +485,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        server.loop = asyncio.get_running_loop()  # for begin_shutdown, called from a signal
         engine.start()  # a thread of its own, unless serve() runs it on the main thread
         yield
         engine.stop(timeout=10)
@@ -290,14 +496,17 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServerConfig) -> St
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={APIError: api_error, HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(CancelGuard)],
+                    exception_handlers={APIError: api_error, HTTPException: http_error})
+    app.state.server = server
+    return app
 
 
 def serve(engine: Engine, tokenizer: Tokenizer, config: ServerConfig, host: str = "127.0.0.1",
           port: int = 8080, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
     """Run the server until SIGINT / SIGTERM: it then stops accepting, lets running requests
-    finish for up to ``shutdown_timeout`` seconds, cancels the rest and returns.
+    finish for up to ``shutdown_timeout`` seconds, ends the rest with a 503 (streams: an error
+    event and ``[DONE]``) and returns.
 
     The model runs on the main thread and uvicorn's event loop on another: MLX work done on a
     thread that ends before the process can abort it at exit (``std::terminate``, seen with
@@ -307,10 +516,17 @@ def serve(engine: Engine, tokenizer: Tokenizer, config: ServerConfig, host: str 
     import uvicorn
 
     app = create_app(engine, tokenizer, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=shutdown_timeout))
+    # uvicorn's own deadline comes after mlxgpt's cut, so the cut responses get out first
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, http=timed_h11(config.request_timeout),
+        timeout_graceful_shutdown=shutdown_timeout + CUT_GRACE_S))
+
+    def on_signal(sig: int, frame: Any) -> None:
+        server.handle_exit(sig, frame)
+        app.state.server.begin_shutdown(shutdown_timeout)
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn listens only on the main thread
-        signal.signal(sig, server.handle_exit)
+        signal.signal(sig, on_signal)
     engine.looping = True  # the lifespan must not start a thread for it
     http = threading.Thread(target=server.run, name="mlxgpt-http", daemon=True)
     http.start()

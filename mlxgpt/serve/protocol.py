@@ -46,6 +46,20 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 
 # --------------------------------------------------------------------------- requests
 
+
+def parse_body(raw: bytes) -> Any:
+    """The request body as JSON; a 400 for anything that is not (hostile input included:
+    nesting deeper than the recursion limit, an integer past Python's digit limit)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise bad("the request body is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e})") from None
+    except ValueError:  # Python's limit on the digits of an integer (4300 by default)
+        raise bad("the request body holds an integer with too many digits") from None
+
+
 # Parameters each endpoint takes; any other key is refused (a typo must not pass silently).
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
           "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user",
@@ -189,6 +203,12 @@ def _response_format(body: dict) -> tuple[dict | None, bool]:
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise bad("'response_format.json_schema.schema' must be a JSON schema object",
                   "response_format")
+    from ..generation.constrain import check_nesting
+
+    try:  # before anything recursive (the server's cache key, the compiler) reads it
+        check_nesting(spec["schema"])
+    except MlxgptError as e:
+        raise bad(str(e), "response_format") from None
     return spec["schema"], True
 
 
