@@ -181,12 +181,16 @@ def test_converting_a_model_folder_is_refused(src, tmp_path, cli, assert_refused
                    tmp_path / "again")
 
 
-def test_force_replaces_existing_folder(src, tmp_path, cli):
+def test_force_replaces_a_folder_mlxgpt_wrote(src, tmp_path, cli, refused):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert cli("convert", src, out, "--dtype", "float16").exit_code == 0
     assert cli("convert", src, out, "--force").exit_code == 0
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")  # not mlxgpt's: --force refuses, deletes nothing
+    refused(cli("convert", src, mine, "--force"), "notes.txt")
+    assert (mine / "notes.txt").read_text() == "mine"
 
 
 def test_export_writes_hf_folder_with_tokenizer(tmp_path, cli):

@@ -297,8 +297,8 @@ def test_convert_refusals(tmp_path, tiny_model, cli, refused, monkeypatch):
     refused(cli("convert", pre, tmp_path / "out", "--revision", "main"), "--revision")
     real = mlx_gguf.gguf_vocab
 
-    def one_more(tok, n):
-        v = real(tok, n)
+    def one_more(tok, n, *rest):
+        v = real(tok, n, *rest)
         return {**v, "tokens": [*v["tokens"], "x"], "types": [*v["types"], 1]}
 
     convert_refused(write_variant(tmp_path, tiny_model, monkeypatch, gguf_vocab=one_more),

@@ -17,6 +17,7 @@ from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from . import folder as mlx_folder
+from .files import check_output
 from .gguf import read_gguf
 from .hf import is_hf_classifier, load_hf, load_hf_classifier
 from .hub import is_gguf, resolve_source
@@ -79,8 +80,8 @@ def convert(
     model folder."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and not force:  # fail before any download or reading
-        raise MlxgptError(f"{out} already exists (use --force to replace it)")
+    # before any download or reading
+    check_output(out, force=force, inputs={"SOURCE": source}, out_label="OUT_DIR")
     target = mlx_folder.parse_dtype(dtype)
     if quantize_bits is not None:
         check_quant_options(quantize_bits, group_size)  # before any download or reading

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..checks import check_links, shown
 from ..core.classifier import GPTClassifier
 from ..core.model import FAMILIES, Model, ModelConfig, build, config_from_dict
 from ..errors import MlxgptError
@@ -56,6 +57,7 @@ def load_safetensors(path: Path) -> dict[str, mx.array]:
     """Load a safetensors file, turning MLX's low-level errors into one clear line."""
     if not Path(path).is_file():
         raise MlxgptError(f"{path}: weights file not found")
+    check_links(Path(path).parent, [Path(path).name])
     try:
         return mx.load(str(path))
     except Exception as e:  # mx.load raises RuntimeError/ValueError on truncated or bad files
@@ -75,15 +77,18 @@ def restore_weights(model: nn.Module, folder: Path) -> None:
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
-    """True for a folder written by mlxgpt (or mlx-lm's GPT-2 layout)."""
+    """True for a folder written by mlxgpt (or mlx-lm's GPT-2 layout). Every loader asks this
+    first, so a folder whose files link outside it is refused here (:func:`check_links`)."""
     p = Path(path)
+    if p.is_dir():
+        check_links(p)
     if not (p / CONFIG_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
         return False
     try:
-        cfg = json.loads((p / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        cfg = json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
-    return "mlxgpt" in cfg
+    return isinstance(cfg, dict) and "mlxgpt" in cfg
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
@@ -127,6 +132,7 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> Model:
     folder = Path(path)
     if not folder.is_dir():
         raise MlxgptError(f"{folder}: not a model folder")
+    check_links(folder)
     raw = read_json(folder / CONFIG_FILE)
     cfg = config_from_dict(raw)
     weights = read_weights(folder / WEIGHTS_FILE, FAMILIES[cfg.model_type][1].weight_prefix)
@@ -183,7 +189,15 @@ def write_model_files(
 
 def read_folder_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``mlxgpt`` section of a model folder's config (tokenizer description, extras)."""
-    return read_json(Path(path) / CONFIG_FILE).get("mlxgpt", {})
+    meta = read_json(Path(path) / CONFIG_FILE).get("mlxgpt", {})
+    if not isinstance(meta, dict):
+        raise MlxgptError(f"{Path(path) / CONFIG_FILE}: \"mlxgpt\" must be an object, "
+                          f"got {shown(meta)}")
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, dict):
+        raise MlxgptError(f"{Path(path) / CONFIG_FILE}: mlxgpt.tokenizer must be an object, "
+                          f"got {shown(tokenizer)}")
+    return meta
 
 
 DEFAULT_SHIPPED = "shakespeare"  # what generate uses without --model

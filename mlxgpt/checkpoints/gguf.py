@@ -29,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..checks import shown
 from ..core.config import TANH_GELU, GPTConfig
 from ..core.gpt2 import GPT
 from ..core.model import Model, ModelConfig
@@ -314,31 +315,45 @@ def _field(reader: Any, key: str, path: Path, default: Any = MlxgptError) -> Any
     return field.contents()
 
 
+def _whole(reader: Any, key: str, path: Path, default: Any = MlxgptError) -> Any:
+    """An integer field (a count, a size, an id), or ``default`` where it is missing: a string,
+    a list or a fraction is refused here (GPTConfig bounds sizes)."""
+    if default is not MlxgptError and reader.get_field(key) is None:
+        return default
+    v = _field(reader, key, path)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise MlxgptError(f"{path}: GGUF key {key} is {shown(v)}, not an integer")
+    return int(v)
+
+
 def gguf_config(reader: Any, path: Path) -> GPTConfig:
     """The GPT-2 hyper-parameters of an open GGUF file (architecture gpt2 only)."""
     arch = _field(reader, "general.architecture", path)
     if arch != ARCH:
         raise MlxgptError(f"{path}: architecture {arch!r}; mlxgpt reads GPT-2 GGUF files "
                           f"({ARCH!r}) only")
-    n_head = int(_field(reader, f"{ARCH}.attention.head_count", path))
-    if int(_field(reader, f"{ARCH}.attention.head_count_kv", path, n_head)) != n_head:
+    n_head = _whole(reader, f"{ARCH}.attention.head_count", path)
+    if _whole(reader, f"{ARCH}.attention.head_count_kv", path, n_head) != n_head:
         raise MlxgptError(f"{path}: grouped-query attention is not GPT-2")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise MlxgptError(f"{path}: tensor token_embd.weight missing")
     has_output = any(t.name == "output.weight" for t in reader.tensors)
-    n_embd, n_ff = (int(_field(reader, f"{ARCH}.{k}_length", path))
+    n_embd, n_ff = (_whole(reader, f"{ARCH}.{k}_length", path)
                     for k in ("embedding", "feed_forward"))
+    eps = _field(reader, f"{ARCH}.attention.layer_norm_epsilon", path)
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.number)):
+        raise MlxgptError(f"{path}: GGUF key {ARCH}.attention.layer_norm_epsilon is "
+                          f"{shown(eps)}, not a number")
     return GPTConfig(
         vocab_size=int(embd.shape[1]),  # ggml order: (n_embd, n_vocab)
-        n_positions=int(_field(reader, f"{ARCH}.context_length", path)),
+        n_positions=_whole(reader, f"{ARCH}.context_length", path),
         n_embd=n_embd,
-        n_layer=int(_field(reader, f"{ARCH}.block_count", path)),
+        n_layer=_whole(reader, f"{ARCH}.block_count", path),
         n_head=n_head,
         n_inner=None if n_ff == 4 * n_embd else n_ff,  # None: GPT-2's default, as written
         # stored as float32: its shortest decimal (1e-05, not 9.999999747378752e-06)
-        layer_norm_epsilon=float(str(np.float32(
-            _field(reader, f"{ARCH}.attention.layer_norm_epsilon", path)))),
+        layer_norm_epsilon=float(str(np.float32(eps))),
         tie_word_embeddings=not has_output,
     )
 
@@ -374,6 +389,9 @@ def gguf_tokenizer(reader: Any, path: Path) -> Tokenizer:
     if len(types) != len(tokens):
         raise MlxgptError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
     merges = _field(reader, "tokenizer.ggml.merges", path)
+    for key, value in (("tokens", tokens), ("merges", merges)):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise MlxgptError(f"{path}: GGUF key tokenizer.ggml.{key} is not a list of strings")
     if merges == [INERT_MERGE]:
         merges = []
     vocab, special = {}, {}
@@ -382,16 +400,16 @@ def gguf_tokenizer(reader: Any, path: Path) -> Tokenizer:
             special[s] = i
         elif kind != gguf.TokenType.UNUSED:
             if from_hf(s) is None:
-                raise MlxgptError(f"{path}: token {i} ({s!r}) is not byte-level BPE")
+                raise MlxgptError(f"{path}: token {i} ({shown(s)}) is not byte-level BPE")
             vocab[s] = i
     merge_pairs = []
     for n, m in enumerate(merges, 1):
         a, sep, b = m.partition(" ")
         if not sep or not a or not b:
-            raise MlxgptError(f"{path}: merge {n} ({m!r}) is not two tokens")
+            raise MlxgptError(f"{path}: merge {n} ({shown(m)}) is not two tokens")
         merge_pairs.append((a, b))
     tok = build_bpe(vocab, merge_pairs, special, GPT2_PATTERN, path)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id", path, None)
+    eos = _whole(reader, "tokenizer.ggml.eos_token_id", path, None)
     if eos is not None and tok.name == "bpe":  # never alter the shared gpt2/byte tokenizers
         tok.eot_id = int(eos)
     return tok

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..checks import shown
 from ..core.modules import set_module
 from ..errors import MlxgptError, warn
 
@@ -56,7 +57,7 @@ def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array],
     """Quantize (in place) the layers that ``weights`` holds quantized (those with scales), each
     as ``quantization`` says (see the module doc)."""
     if not isinstance(quantization, dict):
-        raise MlxgptError(f"config: quantization must be an object, got {quantization!r}")
+        raise MlxgptError(f"config: quantization must be an object, got {shown(quantization)}")
     default = _layer_quant(quantization, "quantization", {"group_size": 64, "bits": 4})
     prefix = getattr(model, "weight_prefix", "")
 
@@ -72,11 +73,13 @@ def quantize_as_stored(model: nn.Module, weights: dict[str, mx.array],
 def _layer_quant(d: Any, what: str, default: dict[str, int]) -> dict[str, int]:
     """``{group_size, bits}`` from a config entry (missing keys from ``default``), checked."""
     if not isinstance(d, dict):
-        raise MlxgptError(f"config: {what} must be an object, got {d!r}")
+        raise MlxgptError(f"config: {what} must be an object, got {shown(d)}")
     out = {k: d.get(k, default[k]) for k in ("group_size", "bits")}
-    if out["bits"] not in QUANT_BITS or out["group_size"] not in GROUP_SIZES:
-        raise MlxgptError(f"config: {what} has bits {out['bits']!r}, group size "
-                          f"{out['group_size']!r} (bits {QUANT_BITS}, groups {GROUP_SIZES})")
+    # type(v) is int: 4.0 or true would pass "in (4, 8)" and reach MLX as a float or a bool
+    if (out["bits"] not in QUANT_BITS or out["group_size"] not in GROUP_SIZES
+            or any(type(v) is not int for v in out.values())):
+        raise MlxgptError(f"config: {what} has bits {shown(out['bits'])}, group size "
+                          f"{shown(out['group_size'])} (bits {QUANT_BITS}, groups {GROUP_SIZES})")
     return out
 
 

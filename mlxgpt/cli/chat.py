@@ -26,5 +26,7 @@ def chat(model, adapter, dtype, system, draft_model, draft_tokens, **opts) -> No
     settings = ChatSettings(max_tokens=max_tokens, sampling=sampling_settings(opts))
     m, tok = load_model(model, adapter, dtype, default=CHAT_SHIPPED)
     draft = load_draft_model(draft_model, m, tok, dtype)
-    run_repl(ChatSession(m, tok, settings, system=system, draft_model=draft,
-                         draft_tokens=draft_tokens))
+    session = ChatSession(m, tok, settings, system=system, draft_model=draft,
+                          draft_tokens=draft_tokens)
+    session.check_room()  # a system text too long for the context: said now, not per turn
+    run_repl(session)

@@ -14,7 +14,9 @@ from mlxgpt.cli.options import dtype_option
               help="Quantize Linear and Embedding layers to this many bits.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64",
               show_default=True, help="Quantization group size.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace OUT_DIR if it exists and mlxgpt wrote it (once the new one is "
+                   "complete).")
 def convert(source, out_dir, revision, dtype, bits, group_size, force):
     """Convert a Hugging Face GPT-2 checkpoint or a GGUF file into an mlxgpt model folder.
 
@@ -39,7 +41,8 @@ def convert(source, out_dir, revision, dtype, bits, group_size, force):
               help="hf: a Hugging Face GPT-2 folder; gguf: one GGUF file llama.cpp runs.")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0"]),
               help="GGUF weight type (default: f32 for float32 models, else f16).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it exists and mlxgpt wrote it (once the new one is complete).")
 def export(model, out, fmt, dtype, force):
     """Write an mlxgpt model out as a Hugging Face GPT-2 folder or a GGUF file.
 
@@ -49,8 +52,10 @@ def export(model, out, fmt, dtype, force):
     model's name. Quantized models are dequantized.
     """
     if fmt == "gguf":
+        from mlxgpt.checkpoints.files import check_apart
         from mlxgpt.checkpoints.gguf import export_gguf
 
+        check_apart(out, {"MODEL": model}, out_label="OUT")
         click.echo(export_gguf(model, out, dtype, force=force).line())
         return
     from mlxgpt.checkpoints.hf import export as run

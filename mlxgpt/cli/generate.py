@@ -71,7 +71,7 @@ def load_draft_model(ref: str | None, model, tokenizer, dtype: str):
               show_default=True,
               help="At the model's context limit: slide the window (re-read the most recent "
                    "tokens) or stop.")
-@click.option("--window-keep", type=int, default=None,
+@click.option("--window-keep", type=int, default=None, callback=positive,
               help="Tokens kept when the window slides (default: half the context).")
 @click.option("--quiet", "-q", is_flag=True, help="No statistics line on stderr.")
 def generate(model, adapter, dtype, prompt, prompt_cache, draft_model, draft_tokens, stop,

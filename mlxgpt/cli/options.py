@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import click
 
+from mlxgpt.checks import SEED_MAX, check_int
 from mlxgpt.errors import MlxgptError, warn
 from mlxgpt.generation.sample import SamplingSettings
 
@@ -20,11 +21,21 @@ def dtype_option(auto: bool = True, help: str = "Weight precision.") -> Callable
     return click.option("--dtype", type=click.Choice(DTYPES), help=help)
 
 
-def positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    """Refuse a count below 1 with the one-line error every bad input gets."""
-    if value is not None and value < 1:
-        raise MlxgptError(f"--{param.name.replace('_', '-')} must be at least 1, got {value}")
-    return value
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable:
+    """A click callback refusing an integer option outside ``lo..hi`` with the one-line error
+    every bad input gets (click's own range check exits 2 with a usage screen)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        if value is None:
+            return value
+        return check_int(value, param.opts[0] if param.opts else str(param.name), lo, hi)
+
+    return check
+
+
+positive = int_range(1)  # a count: at least 1
+at_least_0 = int_range(0)
+seed_range = int_range(0, SEED_MAX)  # what MLX's random keys take
 
 
 def sampling_options(f: Callable) -> Callable:
@@ -36,7 +47,7 @@ def sampling_options(f: Callable) -> Callable:
                      callback=positive, help="Most tokens to generate."),
         click.option("--temp", "temperature", type=float, default=d.temperature, show_default=True,
                      help="Temperature; 0 is greedy."),
-        click.option("--top-k", type=int, default=d.top_k, show_default=True,
+        click.option("--top-k", type=int, default=d.top_k, show_default=True, callback=at_least_0,
                      help="Keep the k most likely tokens (0: off)."),
         click.option("--top-p", type=float, default=d.top_p, show_default=True,
                      help="Nucleus: keep tokens up to this probability mass (1: off)."),
@@ -52,10 +63,11 @@ def sampling_options(f: Callable) -> Callable:
                      show_default=True,
                      help="Subtract per occurrence among recent tokens."),
         click.option("--penalty-window", type=int, default=d.penalty_window, show_default=True,
-                     help="How many recent tokens the penalties look at."),
+                     callback=positive, help="How many recent tokens the penalties look at."),
         click.option("--logit-bias", multiple=True, metavar="ID=BIAS",
                      help="Add BIAS to token ID's logit (repeatable; -100 bans a token)."),
-        click.option("--seed", type=int, default=None, help="Random seed: same seed, same text."),
+        click.option("--seed", type=int, default=None, callback=seed_range,
+                     help="Random seed: same seed, same text."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -146,10 +146,12 @@ def _setup_readline() -> Callable[[], None]:
     return save
 
 
-def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> None:
+def run_repl(session: ChatSession, stdin: TextIO | None = None, out: TextIO | None = None,
+             err: TextIO | None = None) -> None:
     """The interactive loop. On a terminal: a prompt, line editing and history; otherwise each
-    input line is one turn and only the replies are printed (one line each)."""
+    input line is one turn and only the replies are printed (one line each). The streams
+    default to sys's as they are when called (not when this module was imported)."""
+    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = stdin.isatty()
     save_history = _setup_readline() if interactive else (lambda: None)
     if interactive:
@@ -178,7 +180,10 @@ def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, out: TextIO = sys.
                 except MlxgptError as e:
                     print(f"Error: {e}", file=err)
                 continue
-            _reply(session, line, out, err)
+            try:
+                _reply(session, line, out, err)
+            except MlxgptError as e:  # this turn cannot be answered; the conversation goes on
+                print(f"Error: {e}", file=err)
     finally:
         if interactive:
             print(file=out)

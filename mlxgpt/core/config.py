@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..checks import check_bool, check_int, check_number
 from ..errors import MlxgptError
 
 # Activations GPT-2 checkpoints declare that this model computes exactly.
@@ -35,6 +36,31 @@ HF_BOOKKEEPING = frozenset(
     begin_suppress_tokens gradient_checkpointing quantization mlxgpt
     """.split()
 )
+
+# Upper bounds on a model's sizes: far above any released model, low enough that a mistyped or
+# hostile config is refused before anything tries to allocate terabytes. The Llama family's
+# fields share them (hidden_size is a width, intermediate_size an MLP width).
+MAX_SIZES = {
+    "vocab_size": 2**22,
+    "n_positions": 2**24,
+    "n_embd": 2**16,
+    "n_layer": 2**10,
+    "n_head": 2**12,
+    "n_inner": 2**18,
+    "head_dim": 2**12,
+}
+MAX_PARAMS = 2**40  # ~1.1e12 parameters
+
+
+def check_params(vocab: int, width: int, layers: int, per_layer: int, extra: int = 0,
+                 untied_head: bool = False) -> None:
+    """Refuse a config whose parameter count (roughly: embeddings, blocks, a separate position
+    table or head) passes :data:`MAX_PARAMS`, each size being within its bound."""
+    n = vocab * width * (2 if untied_head else 1) + layers * per_layer + extra
+    if n > MAX_PARAMS:
+        raise MlxgptError(f"config: a model of this shape has about {n:.2g} parameters; "
+                          f"mlxgpt builds at most {MAX_PARAMS:.2g}")
+
 
 # Keys whose only supported value is the one given; anything else changes the math.
 _REQUIRED_VALUES = {
@@ -62,15 +88,19 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise MlxgptError(f"config: {name} must be a positive integer, got {v!r}")
+            check_int(getattr(self, name), f"config: {name}", 1, MAX_SIZES[name])
         if self.n_embd % self.n_head:
             raise MlxgptError(
                 f"config: n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})"
             )
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
-            raise MlxgptError(f"config: n_inner must be a positive integer, got {self.n_inner!r}")
+        if self.n_inner is not None:
+            check_int(self.n_inner, "config: n_inner", 1, MAX_SIZES["n_inner"])
+        check_number(self.layer_norm_epsilon, "config: layer_norm_epsilon", 0, above=True)
+        check_bool(self.tie_word_embeddings, "config: tie_word_embeddings")
+        check_number(self.dropout, "config: dropout")
+        check_params(self.vocab_size, self.n_embd, self.n_layer,
+                     4 * self.n_embd**2 + 2 * self.n_embd * self.hidden_dim,
+                     self.n_positions * self.n_embd, not self.tie_word_embeddings)
         if self.activation_function not in _ACTIVATIONS:
             raise MlxgptError(
                 f"config: activation_function {self.activation_function!r} is not supported "
@@ -109,11 +139,12 @@ class GPTConfig:
         if unknown:
             raise MlxgptError(f"config: unknown key(s) {', '.join(unknown)}")
         for key, value in _REQUIRED_VALUES.items():
-            if key in d and bool(d[key]) != value:
+            if key in d and check_bool(d[key], f"config: {key}") != value:
                 raise MlxgptError(f"config: {key}={d[key]!r} is not supported by mlxgpt")
         if "dropout" not in d:
             # Hugging Face keeps three dropout rates; use the residual one for training.
-            d = {**d, "dropout": float(d.get("resid_pdrop", 0.0) or 0.0)}
+            d = {**d, "dropout": check_number(d.get("resid_pdrop") or 0.0, "config: resid_pdrop",
+                                              0, 1)}
         kwargs = {k: v for k, v in d.items() if k in names}
         try:
             return cls(**kwargs)

@@ -23,9 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..checks import check_int
 from ..errors import MlxgptError
 from .backend import Kernels, kernels_for
-from .config import HF_BOOKKEEPING
+from .config import HF_BOOKKEEPING, MAX_SIZES, check_params
 from .gpt2 import Cache
 
 # config.json keys that do not change the computation (bookkeeping, generation defaults):
@@ -37,6 +38,11 @@ _IGNORED_HF_KEYS = HF_BOOKKEEPING | frozenset(
     """.split()
 )
 ROPE_TYPES = ("default", "linear", "llama3")
+# Each size field -> the GPT-2 field whose upper bound it shares.
+_BOUNDS = {"vocab_size": "vocab_size", "hidden_size": "n_embd", "intermediate_size": "n_inner",
+           "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+           "num_key_value_heads": "n_head", "head_dim": "head_dim",
+           "max_position_embeddings": "n_positions"}
 
 
 @dataclass
@@ -64,14 +70,15 @@ class LlamaConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and isinstance(self.num_attention_heads, int) \
-                and self.num_attention_heads > 0:
+                and isinstance(self.hidden_size, int) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise MlxgptError(f"config: {name} must be a positive integer, got {v!r}")
+        for name, bound in _BOUNDS.items():  # GPT-2's bounds (see MAX_SIZES)
+            check_int(getattr(self, name), f"config: {name}", 1, MAX_SIZES[bound])
+        check_params(self.vocab_size, self.hidden_size, self.num_hidden_layers,
+                     self.hidden_size * self.head_dim * 2 * (self.num_attention_heads
+                                                             + self.num_key_value_heads)
+                     + 3 * self.hidden_size * self.intermediate_size,
+                     untied_head=self.tie_word_embeddings is not True)
         if self.num_attention_heads % self.num_key_value_heads:
             raise MlxgptError(f"config: num_attention_heads ({self.num_attention_heads}) is not "
                               f"a multiple of num_key_value_heads ({self.num_key_value_heads})")

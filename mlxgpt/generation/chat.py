@@ -99,10 +99,32 @@ class ChatSession:
             return chat_prompt(self.tokenizer, self.transcript(), False)[0]
         return [i for m in self.transcript() for i in self._ids(m)]
 
+    def _room(self) -> int:
+        """Positions a reply needs: max_tokens, up to half the context."""
+        return min(self.settings.max_tokens, self.model.config.n_positions // 2)
+
+    def check_room(self, ids: list[int] | None = None) -> None:
+        """Refuse a prompt (``ids``, by default this conversation's) that leaves no room for a
+        reply: generation would slide the window past the system text and answer without it.
+        Before the first turn that is a system text longer than the context allows."""
+        n_pos, room = self.model.config.n_positions, self._room()
+        n = len(self.prompt_ids() if ids is None else ids)
+        if n + room <= n_pos:
+            return
+        if self.system and self.messages:
+            what, fix = "the system text and this message take", "shorten them"
+        elif self.system:
+            what, fix = "the system text takes", "shorten it"
+        else:
+            what, fix = "this message takes", "shorten it"
+        raise MlxgptError(f"{what} {n} of the model's {n_pos} positions, leaving less than the "
+                          f"{room} a reply needs: {fix}")
+
     def _fit(self) -> list[int]:
-        """Drop the oldest turns until the prompt leaves room for a reply."""
-        n_pos = self.model.config.n_positions
-        room = min(self.settings.max_tokens, n_pos // 2)
+        """Drop the oldest turns until the prompt leaves room for a reply; refuse the turn
+        (the conversation as it was) when even the newest message alone does not fit."""
+        n_pos, room = self.model.config.n_positions, self._room()
+        before, dropped = list(self.messages), self.dropped
         ids = self.prompt_ids()
         while len(ids) + room > n_pos and len(self.messages) > 1:
             # Drop the oldest user turn with its reply.
@@ -110,6 +132,11 @@ class ChatSession:
             del self.messages[:cut]
             self.dropped += cut
             ids = self.prompt_ids()
+        try:
+            self.check_room(ids)
+        except MlxgptError:
+            self.messages, self.dropped = before[:-1], dropped  # without the refused turn
+            raise
         return ids
 
     def reset(self) -> None:

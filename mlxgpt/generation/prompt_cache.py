@@ -7,7 +7,13 @@ A cache file is safetensors:
   (1, H, N, D) for each layer i, in the dtype the model ran in;
 - metadata ``format`` (``mlxgpt-prompt-cache``), ``version``, ``config`` (the model's
   architecture as JSON), ``tokenizer`` (:func:`~.identity.tokenizer_digest`), ``n_tokens``,
-  ``dtype`` and ``model`` (where it came from, for messages).
+  ``dtype``, ``model`` (where it came from, for messages) and ``checksum``: SHA-256 over the
+  rest of the metadata and every tensor's name, dtype, shape and bytes
+  (:func:`content_checksum`).
+
+A file whose contents do not match its checksum is refused as damaged before anything else is
+compared. The checksum guards against accidents (a flipped bit, a truncated copy, an edit); it
+is no signature: a file someone crafted with a valid checksum is input like a prompt.
 
 The model's identity is its config, its tokenizer and its weights. The first two are compared
 as stored. The weights are checked by what they compute: on loading, the model reads the last
@@ -19,6 +25,7 @@ which leave the cache valid). The file is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -28,6 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..checkpoints.files import atomic_save_safetensors
+from ..checks import shown
 from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
@@ -36,7 +44,8 @@ from .context import PREFILL_STEP, Context
 from .identity import tokenizer_digest
 
 FORMAT = "mlxgpt-prompt-cache"
-VERSION = 1
+VERSION = 2  # 2: with a checksum
+CHECKSUM = "checksum"
 # Largest relative difference (to the row's largest magnitude) between the file's keys/values of
 # the last cached token and this model's, by the coarser of the two precisions.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
@@ -94,15 +103,32 @@ def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt: str | Sequence
     return PromptCache(ids, kv, meta)
 
 
+def content_checksum(arrays: dict[str, mx.array], meta: dict[str, str]) -> str:
+    """SHA-256 (hex) of a cache file's contents: the metadata but the checksum itself, then each
+    tensor in name order with its dtype and shape, so any change to either is seen."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM},
+                        sort_keys=True).encode())
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(f"\0{name}\0{dtype_name(a)}\0{tuple(a.shape)}\0".encode())
+        data = memoryview(a)  # the values as stored (bfloat16 included), row-major
+        h.update(data if data.c_contiguous else data.tobytes())
+    return h.hexdigest()
+
+
 def save_prompt_cache(cache: PromptCache, path: str | os.PathLike) -> Path:
-    """Write ``cache`` to ``path`` (a .safetensors file), atomically."""
+    """Write ``cache`` to ``path`` (a .safetensors file, with its checksum), atomically."""
     path = Path(path)
     arrays = {"tokens": mx.array(cache.tokens, mx.int32)}
     for i, (k, v) in enumerate(cache.kv):
         arrays[f"keys.{i}"], arrays[f"values.{i}"] = k, v
+    mx.eval(arrays)
+    meta = dict(cache.meta)
+    meta[CHECKSUM] = content_checksum(arrays, meta)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(path, arrays, cache.meta)
+        atomic_save_safetensors(path, arrays, meta)
     except OSError as e:
         raise MlxgptError(f"cannot write {path}: {e.strerror or e}") from None
     return path
@@ -113,20 +139,37 @@ def save_prompt_cache(cache: PromptCache, path: str | os.PathLike) -> Path:
 
 def load_prompt_cache(path: str | os.PathLike, model: Model, tokenizer: Tokenizer) -> PromptCache:
     """Read a cache file and check that ``model`` and ``tokenizer`` made it (one-line errors
-    for another model, another tokenizer, or a file that is not a whole prompt cache)."""
+    for another model, another tokenizer, or a damaged file or one that is not a prompt
+    cache)."""
     path = Path(path)
     if not path.is_file():
         raise MlxgptError(f"{path}: prompt cache file not found")
     try:
         arrays, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError on truncated or foreign files
-        raise MlxgptError(f"{path}: not a readable prompt cache ({e})") from None
-    if not isinstance(arrays, dict) or meta.get("format") != FORMAT:
+        raise MlxgptError(f"{path}: not a readable prompt cache (damaged, or another kind of "
+                          f"file: {e})") from None
+    if not isinstance(arrays, dict):
         raise MlxgptError(f"{path}: not an mlxgpt prompt cache (made by `mlxgpt cache-prompt`)")
-    if meta.get("version") != str(VERSION):
-        raise MlxgptError(f"{path}: prompt cache version {meta.get('version')} is not "
+    damaged = MlxgptError(f"{path}: the file's contents differ from the checksum stored in it "
+                          "(damaged file)")
+    # A file with a checksum is one of ours: a wrong format or version in it is damage too.
+    intact = CHECKSUM in meta and meta[CHECKSUM] == content_checksum(arrays, meta)
+    if meta.get("format") != FORMAT:
+        if CHECKSUM in meta and not intact:
+            raise damaged
+        raise MlxgptError(f"{path}: not an mlxgpt prompt cache (made by `mlxgpt cache-prompt`)")
+    if meta.get("version") == "1":
+        raise MlxgptError(f"{path}: a prompt cache from an older mlxgpt (version 1, without a "
+                          f"checksum); make it again with `mlxgpt cache-prompt`")
+    if meta.get("version") != str(VERSION) and intact:
+        raise MlxgptError(f"{path}: prompt cache version {shown(meta.get('version'))} is not "
                           f"supported (this mlxgpt reads version {VERSION})")
-    cache = PromptCache(_read_tokens(path, arrays, meta), _read_kv(path, arrays, model), meta)
+    # The specific damage where it is simple to name (a layer's tensors missing), then any.
+    tokens, kv = _read_tokens(path, arrays, meta), _read_kv(path, arrays, model, intact)
+    if not intact:
+        raise damaged
+    cache = PromptCache(tokens, kv, meta)
     check_prompt_cache(cache, model, tokenizer, str(path))
     return cache
 
@@ -141,14 +184,14 @@ def _read_tokens(path: Path, arrays: dict[str, mx.array], meta: dict[str, str]) 
     return tokens.tolist()
 
 
-def _read_kv(path: Path, arrays: dict[str, mx.array],
-             model: Model) -> list[tuple[mx.array, mx.array]]:
+def _read_kv(path: Path, arrays: dict[str, mx.array], model: Model,
+             intact: bool = True) -> list[tuple[mx.array, mx.array]]:
     kv = []
     for i in range(model.config.n_layer):
         k, v = arrays.get(f"keys.{i}"), arrays.get(f"values.{i}")
-        if k is None or v is None:
+        if k is None or v is None:  # an intact file made by a model with fewer layers
             raise MlxgptError(f"{path}: the prompt cache lacks layer {i}'s keys or values "
-                              "(made by another model, or damaged)")
+                              f"({'made by another model' if intact else 'damaged file'})")
         kv.append((k, v))
     return kv
 

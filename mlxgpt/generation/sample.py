@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 
+from ..checks import check_int, check_number, check_seed
 from ..errors import MlxgptError
 
 NEG_INF = -math.inf
@@ -36,6 +37,13 @@ class SamplingSettings:
     seed: int | None = None  # same seed, same text
 
     def __post_init__(self) -> None:
+        for name in ("top_k", "penalty_window"):
+            check_int(getattr(self, name), f"sampling: {name}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            check_number(getattr(self, name), f"sampling: {name}")
+        if self.seed is not None:  # MLX takes 0..2**64-1; a bad one would fail mid-reply
+            check_seed(self.seed, "sampling: seed")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),

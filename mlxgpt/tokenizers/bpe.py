@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import heapq
 import importlib.resources
 import os
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
+from ..checks import shown
 from ..errors import MlxgptError
 from .base import EOT, GPT2_PATTERN, Tokenizer, as_ids, bad_id
 from .hf_files import write_hf_files
@@ -171,20 +173,45 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
             continue
-        parts = [token[i : i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            best, best_rank = -1, rank
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1], rank)
-                if r < best_rank:
-                    best, best_rank = i, r
-            if best < 0:
-                break
-            parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        parts, _ = _bpe_parts(token, ranks, rank)
         if len(parts) != 2:
-            raise MlxgptError(f"BPE ranks: token {token!r} cannot be built from lower ranks")
+            raise MlxgptError(f"BPE ranks: token {shown(token)} cannot be built from lower ranks")
         merges.append((parts[0], parts[1]))
     return merges
+
+
+def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> tuple[list[bytes], int]:
+    """BPE on ``token``'s bytes with the ranks below ``below`` only, in tiktoken's order (the
+    lowest rank first, the leftmost of equal ones), until two parts are left or nothing merges.
+
+    Returns the parts and the number of pair look-ups made: each merge looks up two new pairs,
+    so that is at most 3n, and each heap step costs log n. (Scanning every pair per merge, as
+    the plain algorithm does, is quadratic: a 30,000-byte run took minutes.) The parts are a
+    linked list over byte offsets; the heap holds candidate pairs ``(rank, left start, right
+    start, right end)``, and those a merge made stale are skipped when they come up.
+    """
+    n, get = len(token), ranks.get
+    end = list(range(1, n + 1))  # end[i]: where the part starting at byte i ends
+    prev = list(range(-1, n - 1))  # prev[i]: where the part before it starts (-1: none)
+    alive = [True] * n  # a part starts at byte i
+    heap = [(r, i, i + 1, i + 2) for i in range(n - 1)
+            if (r := get(token[i:i + 2], below)) < below]
+    heapq.heapify(heap)
+    lookups, count = n - 1, n
+    while count > 2 and heap:
+        _, i, j, k = heapq.heappop(heap)
+        if not alive[i] or end[i] != j or end[j] != k:
+            continue  # a part of this pair has merged since
+        end[i], alive[j], count = k, False, count - 1
+        if k < n:
+            prev[k] = i
+        for a in (prev[i], i):  # the merged part's new pairs, with its left and right neighbour
+            b = end[a] if a >= 0 else n
+            if b < n:
+                lookups += 1
+                if (r := get(token[a:end[b]], below)) < below:
+                    heapq.heappush(heap, (r, a, b, end[b]))
+    return [token[i:end[i]] for i in range(n) if alive[i]], lookups
 
 
 def merges_match(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]]) -> bool:

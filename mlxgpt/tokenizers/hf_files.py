@@ -9,10 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_links, shown
+from ..core.config import MAX_SIZES
 from ..errors import MlxgptError
 from .base import EOT, GPT2_PATTERN, SMOLLM_PATTERN
 
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
+MAX_ID = MAX_SIZES["vocab_size"]  # ids index tables: a huge one would allocate that much
 
 
 HF_TOKENIZER_FILE, HF_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
@@ -146,17 +149,41 @@ def write_hf_files(
 def read_json_file(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise MlxgptError(f"{path}: not valid JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MlxgptError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a config), or one line saying what it holds."""
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise MlxgptError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _check_vocab(vocab: Any, source: Path) -> dict[str, int]:
     if not isinstance(vocab, dict) or not vocab:
         raise MlxgptError(f"{source}: the vocabulary must be a non-empty JSON object")
     for s, i in vocab.items():
-        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-            raise MlxgptError(f"{source}: token {s!r} has id {i!r}, expected an integer >= 0")
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < MAX_ID:
+            raise MlxgptError(f"{source}: token {shown(s)} has id {shown(i)}, expected an "
+                              f"integer in 0..{MAX_ID - 1}")
     return vocab
+
+
+def check_special(special: Any, source: Path | str) -> dict[str, int]:
+    """Special tokens: an object of strings to ids >= 0."""
+    if not isinstance(special, dict):
+        raise MlxgptError(f"{source}: special tokens must be an object of token -> id, "
+                          f"got {shown(special)}")
+    for s, i in special.items():
+        if not isinstance(s, str) or not isinstance(i, int) or isinstance(i, bool) \
+                or not 0 <= i < MAX_ID:
+            raise MlxgptError(f"{source}: special token {shown(s)} has id {shown(i)}, expected "
+                              f"an integer in 0..{MAX_ID - 1}")
+    return special
 
 
 def _split_merge(line: Any, n: int, source: Path) -> tuple[str, str]:
@@ -166,7 +193,7 @@ def _split_merge(line: Any, n: int, source: Path) -> tuple[str, str]:
         or len(parts) != 2
         or not all(isinstance(p, str) and p for p in parts)
     ):
-        raise MlxgptError(f"{source}: merge {n} ({line!r}) is not two tokens")
+        raise MlxgptError(f"{source}: merge {n} ({shown(line)}) is not two tokens")
     return parts[0], parts[1]
 
 
@@ -187,11 +214,12 @@ def _read_vocab_merges(folder: Path) -> tuple[dict[str, int], list, dict[str, in
     ]
     special = {EOT: vocab[EOT]} if EOT in vocab else {}
     if (folder / HF_CONFIG_FILE).is_file():
-        added = read_json_file(folder / HF_CONFIG_FILE).get("added_tokens_decoder") or {}
+        added = read_json_object(folder / HF_CONFIG_FILE).get("added_tokens_decoder") or {}
         try:
             special.update({d["content"]: int(i) for i, d in added.items()})
         except (AttributeError, KeyError, TypeError, ValueError):
             raise MlxgptError(f"{folder / HF_CONFIG_FILE}: bad added_tokens_decoder") from None
+        check_special(special, folder / HF_CONFIG_FILE)
     if (folder / "added_tokens.json").is_file():
         special.update(_check_vocab(read_json_file(folder / "added_tokens.json"), folder))
     return vocab, merges, special, GPT2_PATTERN
@@ -216,6 +244,7 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list, dict[str, in
         special = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
     except (KeyError, TypeError, ValueError):
         raise MlxgptError(f"{path}: bad added_tokens") from None
+    check_special(special, path)
     return vocab, merges, special, _pretokenizer_pattern(data.get("pre_tokenizer"), path)
 
 
@@ -252,8 +281,7 @@ def read_chat_config(folder: Path) -> dict[str, Any]:
     """What a Hugging Face folder says about chat: ``chat_template`` (tokenizer_config.json, or
     chat_template.jinja beside it), ``eos_token`` and ``bos_token`` (strings)."""
     out: dict[str, Any] = {}
-    cfg = read_json_file(folder / HF_CONFIG_FILE) if (folder / HF_CONFIG_FILE).is_file() else {}
-    cfg = cfg if isinstance(cfg, dict) else {}
+    cfg = read_json_object(folder / HF_CONFIG_FILE) if (folder / HF_CONFIG_FILE).is_file() else {}
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template
@@ -275,6 +303,7 @@ def read_chat_config(folder: Path) -> dict[str, Any]:
 
 
 def read_hf_parts(folder: Path) -> tuple[tuple, Path] | None:
+    check_links(folder)
     if (folder / HF_TOKENIZER_FILE).is_file():
         return _read_tokenizer_json(folder / HF_TOKENIZER_FILE), folder / HF_TOKENIZER_FILE
     has_vocab, has_merges = (folder / VOCAB_FILE).is_file(), (folder / MERGES_FILE).is_file()

@@ -9,13 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_int, shown
 from ..errors import MlxgptError
 from .base import EOT, GPT2_PATTERN, IdTokenizer, Tokenizer
 from .bpe import BPETokenizer, gpt2_tokenizer, merges_match
 from .byte import byte_tokenizer
 from .hf_files import (
+    MAX_ID,
     MERGES_FILE,
     VOCAB_FILE,
+    check_special,
     from_hf,
     read_chat_config,
     read_hf_parts,
@@ -51,7 +54,8 @@ def build_bpe(
     for n, (a, b) in enumerate(merges, 1):
         ab, bb = from_hf(a), from_hf(b)
         if ab not in by_bytes or bb not in by_bytes or ab + bb not in by_bytes:
-            raise MlxgptError(f"{source}: merge {n} ({a} {b}) uses tokens not in the vocabulary")
+            raise MlxgptError(f"{source}: merge {n} ({shown(a)} {shown(b)}) uses tokens not in "
+                              "the vocabulary")
         merge_bytes.append((ab, bb))
         ranks.setdefault(ab + bb, len(ranks))  # a token made by several merges: the first wins
     for b, i in by_bytes.items():
@@ -114,26 +118,33 @@ def load_tokenizer(folder: Path, meta: dict[str, Any] | None) -> Tokenizer:
     Without a description: Hugging Face tokenizer files if present, else token ids only.
     """
     folder = Path(folder)
+    if meta is not None and not isinstance(meta, dict):
+        raise MlxgptError(f"{folder}: the tokenizer description in config.json must be an "
+                          f"object, got {shown(meta)}")
     kind = (meta or {}).get("type")
+    where = f"{folder / 'config.json'}: mlxgpt.tokenizer"
     if kind == "gpt2":
         return gpt2_tokenizer()
     if kind == "byte":
         return byte_tokenizer()
     if kind == "ids":
-        return IdTokenizer(int(meta.get("vocab_size") or 0))
+        return IdTokenizer(check_int(meta.get("vocab_size") or 0, f"{where}.vocab_size", 0,
+                                     MAX_ID))
     if kind == "bpe":
         found = read_hf_parts(folder)
         if found is None:
             raise MlxgptError(f"{folder}: tokenizer files ({VOCAB_FILE}, {MERGES_FILE}) missing")
         (vocab, merges, special, pattern), source = found
         pattern = meta.get("pattern", pattern)
-        special = meta.get("special_tokens", special)
+        if not isinstance(pattern, str):
+            raise MlxgptError(f"{where}.pattern must be a string, got {shown(pattern)}")
+        special = check_special(meta.get("special_tokens", special), f"{where}.special_tokens")
         tok = build_bpe(vocab, merges, special, pattern, source)
         if tok.name == "bpe":  # never alter the shared (cached) tokenizers
-            if meta.get("eot_id") is not None:
-                tok.eot_id = int(meta["eot_id"])
-            if meta.get("bos_id") is not None:
-                tok.bos_id = int(meta["bos_id"])
+            for key in ("eot_id", "bos_id"):
+                if meta.get(key) is not None:
+                    setattr(tok, key, check_int(meta[key], f"{where}.{key}", 0,
+                                                tok.vocab_size - 1))
             tok.chat_template = read_chat_config(folder).get("chat_template")
         return tok
     if meta is not None and kind is not None:
@@ -144,5 +155,6 @@ def load_tokenizer(folder: Path, meta: dict[str, Any] | None) -> Tokenizer:
     vocab_size = 0
     if (folder / "config.json").is_file():
         cfg = read_json_file(folder / "config.json")
-        vocab_size = int(cfg.get("vocab_size") or 0) if isinstance(cfg, dict) else 0
+        vocab_size = cfg.get("vocab_size") or 0 if isinstance(cfg, dict) else 0
+        check_int(vocab_size, f"{folder / 'config.json'}: vocab_size", 0, MAX_ID)
     return IdTokenizer(vocab_size)

@@ -19,19 +19,25 @@ import json
 import sys
 from collections.abc import Iterable
 
+from ..checks import shown
 from ..errors import MlxgptError
 from .base import EOT, GPT2_PATTERN, text_pieces
 from .bpe import BPETokenizer, merges_match
 from .hf_files import from_hf
 
 MIN_VOCAB = 258  # 256 bytes + <|endoftext|> is the byte tokenizer; BPE needs a merge at least
+MAX_VOCAB = 2**20  # 1M ids: four times the largest vocabularies in use
 INSTALL_HINT = "pip install 'mlxgpt[tokenizer]'"
 
 
 def check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < MIN_VOCAB:
-        raise MlxgptError(f"the vocabulary size must be more than 257 (256 bytes + {EOT}), "
-                          f"got {vocab_size}")
+    """Refuse a size outside MIN_VOCAB..MAX_VOCAB before the trainer sees it: the Rust trainer
+    reserves memory for the whole vocabulary up front and aborts the process (no exception) when
+    that fails."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise MlxgptError(f"the vocabulary size must be in {MIN_VOCAB}..{MAX_VOCAB} (more than "
+                          f"257: 256 bytes + {EOT}), got {shown(vocab_size)}")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = False) -> BPETokenizer:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_bool, check_int, check_number, check_seed
 from ..errors import MlxgptError
 
 
@@ -30,12 +31,19 @@ class TrainConfig:
     compile: bool = True
 
     def __post_init__(self) -> None:
+        # Types first (a config file's "100" is a string), each with its range, named as the
+        # options are; then how the values relate.
         for name in ("steps", "grad_accum", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise MlxgptError(f"{name.replace('_', '-')} must be at least 1")
+            check_int(getattr(self, name), _option(name), 1)
         for name in ("warmup", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise MlxgptError(f"{name.replace('_', '-')} must not be negative")
+            check_int(getattr(self, name), _option(name), 0)
+        check_seed(self.seed, "seed")
+        check_number(self.lr, "lr", 0, above=True)
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            check_number(getattr(self, name), _option(name), 0)
+        for name in ("beta1", "beta2"):
+            check_number(getattr(self, name), name, 0, 1)
+        check_bool(self.compile, "compile")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise MlxgptError(f"need 0 <= min-lr <= lr and lr > 0 (lr={self.lr}, "
                               f"min-lr={self.min_lr})")
@@ -46,6 +54,10 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _option(name: str) -> str:
+    return name.replace("_", "-")
 
 
 @dataclass

@@ -18,7 +18,9 @@
 
 Other keyword arguments: ``last_name``/``best_name`` (checkpoint folder names), ``fingerprint``
 (JSON-able facts every rank must agree on, e.g. the data hash), ``echo`` (where messages go),
-``progress`` (the bar), ``should_stop(step) -> bool`` (stop like Ctrl-C after that step).
+``progress`` (the bar), ``should_stop(step) -> bool`` (stop like Ctrl-C after that step),
+``shown_dir`` (the run folder messages name, where ``run_dir`` is a temporary one that will
+replace it). A failed write (disk full, no permission) is one line, a ``WriteError``.
 
 Batch sources are indexed, not iterated: micro-batch ``i`` (``i = step * grad_accum + k``) is
 ``train_data.batch(i)``, so "data position + RNG state" is just ``i`` and a resumed run draws
@@ -59,6 +61,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..atomicio import WriteError, write_error
 from ..core.backend import compute_setup
 from ..errors import MlxgptError
 from .config import TrainConfig, TrainResult
@@ -94,24 +97,30 @@ def train(
     echo: Callable[[str], None] | None = None,
     progress: bool = True,
     should_stop: Callable[[int], bool] | None = None,
+    shown_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps; see the module docstring."""
     run = _Run(model, loss_fn, cfg, Path(run_dir), save_weights, last_name, best_name,
-               rank0_echo(echo), fingerprint or {})
-    if resume:
-        run.restore(load_weights)
-    run.start(train_data, progress)
-    with StopFlag() as stop:
-        while run.result.step < cfg.steps:
-            run.train_step(train_data)
-            last = run.result.step == cfg.steps
-            if val_data is not None and (last or run.due(cfg.eval_every)):
-                run.evaluate(val_data, sample)
-            if last or run.due(cfg.save_every or cfg.eval_every):
-                run.save(last_name)
-            if not last and (stop.set or (should_stop and should_stop(run.result.step))):
-                return run.stop_early()
-    return run.finish()
+               rank0_echo(echo), fingerprint or {}, Path(shown_dir or run_dir))
+    try:
+        if resume:
+            run.restore(load_weights)
+        run.start(train_data, progress)
+        with StopFlag() as stop:
+            while run.result.step < cfg.steps:
+                run.train_step(train_data)
+                last = run.result.step == cfg.steps
+                if val_data is not None and (last or run.due(cfg.eval_every)):
+                    run.evaluate(val_data, sample)
+                if last or run.due(cfg.save_every or cfg.eval_every):
+                    run.save(last_name)
+                if not last and (stop.set or (should_stop and should_stop(run.result.step))):
+                    return run.stop_early()
+        return run.finish()
+    except OSError as e:  # the log, a checkpoint: one line, not a traceback
+        if isinstance(e, WriteError):
+            raise
+        raise write_error(e, e.filename or run.shown_dir) from None
 
 
 class _Run:
@@ -119,8 +128,10 @@ class _Run:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, run_dir: Path,
                  save_weights: Callable[[nn.Module, Path], None], last_name: str,
-                 best_name: str, say: Callable[[str], None], fingerprint: dict[str, Any]):
+                 best_name: str, say: Callable[[str], None], fingerprint: dict[str, Any],
+                 shown_dir: Path):
         self.model, self.loss_fn, self.cfg, self.run_dir = model, loss_fn, cfg, run_dir
+        self.shown_dir = shown_dir
         self.save_weights, self.last_name, self.best_name = save_weights, last_name, best_name
         self.say = say
         self.group = world()
@@ -208,8 +219,9 @@ class _Run:
         if not math.isfinite(loss_v):
             self.bar.close()
             self.save(self.last_name)
-            raise MlxgptError(f"loss is {loss_v} at step {r.step}; lower --lr "
-                              f"(checkpoint kept in {self.run_dir / self.last_name})")
+            kept = (f"checkpoint kept in {self.run_dir / self.last_name}"
+                    if self.shown_dir == self.run_dir else f"{self.shown_dir} is left as it was")
+            raise MlxgptError(f"loss is {loss_v} at step {r.step}; lower --lr ({kept})")
         self.bar.update(r.step, loss_v, ntok_v)
         self.window.append((loss_v, ntok_v, dt))
         if self.due(self.cfg.log_every) or r.step == self.cfg.steps:
@@ -268,13 +280,16 @@ class _Run:
         self.save(self.last_name)
         self.result.interrupted = True
         self.say(f"stopped at step {self.result.step}; checkpoint in "
-                 f"{self.run_dir / self.last_name} (continue with --resume)")
+                 f"{self.shown_dir / self.last_name} (continue with --resume)")
         return self.result
 
     def finish(self) -> TrainResult:
         self.bar.close()
         if self.rank0:
-            note = plot_losses(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE)
+            try:
+                note = plot_losses(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE)
+            except OSError as e:  # the run is saved; a missing plot is no reason to fail it
+                note = f"note: no loss plot ({e.strerror or e})"
             if note:
                 self.say(note)
         return self.result

@@ -27,7 +27,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..checkpoints import folder as mlx_folder
-from ..checkpoints.files import atomic_dir, atomic_write_text, check_writable, read_json
+from ..checkpoints.files import (
+    atomic_dir,
+    atomic_write_text,
+    check_apart,
+    check_writable,
+    read_json,
+)
+from ..checks import check_int, check_types
 from ..core.config import GPTConfig
 from ..core.gpt2 import GPT
 from ..data.corpus import TokenBatches, read_corpus, split_tokens, tokenize_corpus, train_tokenizer
@@ -38,6 +45,7 @@ from .config import TrainConfig, TrainResult
 from .distributed import is_rank0, rank0_echo
 from .loop import train
 from .loss import lm_loss
+from .state import recover_run, run_folder
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
@@ -136,6 +144,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(data) - SETTING_NAMES)
     if unknown:
         raise MlxgptError(f"{p}: unknown setting(s) {', '.join(unknown)}")
+    check_types(PretrainSettings, data, str(p))  # {"steps": "100"} is refused, key named
     return data
 
 
@@ -171,6 +180,12 @@ def resolve_settings(
     for name in ("batch_size", "block_size"):
         if getattr(s, name) < 1:
             raise MlxgptError(f"{name.replace('_', '-')} must be at least 1")
+    # Every range (the seed's, the model's sizes) is checked before the data is read.
+    s.train_config()
+    check_int(s.sample_tokens, "sample-tokens", 0)
+    GPTConfig(vocab_size={"byte": 257, "gpt2": 50257}.get(s.tokenizer) or bpe_size(s.tokenizer),
+              n_positions=s.block_size, n_embd=s.n_embd, n_layer=s.n_layer, n_head=s.n_head,
+              dropout=s.dropout)
     s.warmup = min(s.warmup, s.steps)
     return s
 
@@ -259,6 +274,10 @@ def prepare_run(flags: dict[str, Any], config_file: str | None, resume: bool) ->
     if not out:
         raise MlxgptError("--out RUN_DIR is required")
     run = Path(out)
+    if run.exists() and not run.is_dir():
+        raise MlxgptError(f"--out {run} is a file; RUN_DIR must be a folder (new, or a run's)")
+    if is_rank0():  # a checkpoint caught mid-replacement by a kill is put back first
+        recover_run(run)
     if resume:
         saved = read_json(run / RUN_FILE) if (run / RUN_FILE).is_file() else None
         if saved is None:
@@ -278,6 +297,7 @@ def prepare_run(flags: dict[str, Any], config_file: str | None, resume: bool) ->
                               f"--resume or choose another --out")
     if not s.data:
         raise MlxgptError("--data PATH is required (a text file or a folder of .txt files)")
+    check_apart(run, {"--data": s.data})
     return s
 
 
@@ -297,7 +317,7 @@ def pretrain(
     say = rank0_echo(echo)
     out = Path(s.out)
     if rank0:
-        check_writable(out)
+        check_writable(out)  # fail now, not after tokenizing; it leaves nothing behind
     tokenizer = make_tokenizer(s, resume=resume, echo=say, progress=progress)
     tokens = tokenize_corpus(s.data, tokenizer, s.cache_dir, progress=progress)
     train_tok, val_tok = split_tokens(tokens.tokens, s.val_fraction, s.block_size, str(s.data))
@@ -311,8 +331,18 @@ def pretrain(
     n = model.n_params
     say(f"model: {s.n_layer} layers, {s.n_head} heads, {s.n_embd} wide, block {s.block_size}: "
         f"{n / 1e6:.2f}M parameters; {s.tokens_per_step:,} tokens per step, {s.steps} steps")
-    if not resume and rank0:  # the data is good: the run's files can be written now
-        out.mkdir(parents=True, exist_ok=True)
+    with run_folder(out, resume=resume, write=rank0):  # a failure before a checkpoint: no trace
+        return _train(s, out, model, tokenizer, train_data, val_data, tokens, resume=resume,
+                      progress=progress, say=say, should_stop=should_stop)
+
+
+def _train(s: PretrainSettings, out: Path, model: GPT, tokenizer: Tokenizer,
+           train_data: TokenBatches, val_data: TokenBatches | None, tokens: Any, *,
+           resume: bool, progress: bool, say: Callable[[str], None],
+           should_stop: Callable[[int], bool] | None) -> TrainResult:
+    """Write the run's files and train: what :func:`pretrain` does once the data is good."""
+    rank0 = is_rank0()
+    if not resume and rank0:
         save_tokenizer(s, tokenizer)
         atomic_write_text(out / RUN_FILE, json.dumps(asdict(s), indent=2) + "\n")
     extra = {"trained_by": "mlxgpt pretrain", "data": str(s.data)}
