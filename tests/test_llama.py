@@ -187,7 +187,10 @@ def test_gguf_quantized_tensors_equal_gguf_dequantization(tmp_path, small, monke
     flat = dict(tree_flatten(dense.parameters()))
     for key, want in ref.items():
         assert np.array_equal(np.array(flat[key]), want), key
-    # and it computes what transformers computes on those weights
+    # and it computes what transformers computes on those weights (a copy: the fixture is shared)
+    import copy
+
+    hf = copy.deepcopy(hf)
     with torch.no_grad():
         for key, p in hf.state_dict().items():
             p.copy_(torch.from_numpy(ref[key]))
