@@ -477,3 +477,9 @@ def test_error_messages_quote_at_most_a_little_of_a_file(tmp_path, bpe_folder, c
     (broken / "merges.txt").write_text("#version: 0.2\n" + "x" * 5000 + "\n")
     line = refused(generate_with(cli, broken), "merges.txt: merge 1")
     assert len(line) < 300
+
+
+def test_a_config_nested_too_deeply_is_one_line(tmp_path, cli, refused, model_folder):
+    folder = model_folder(tmp_path)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(cli("generate", "-m", folder, "-p", "a", "-n", "2"), "nested too deeply")

@@ -199,6 +199,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MlxgptError(f"{path}: not found") from None
+    except RecursionError:
+        raise MlxgptError(f"{path}: not valid JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MlxgptError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
