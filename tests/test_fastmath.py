@@ -83,3 +83,12 @@ def test_grouped_attention_equals_repeated_heads():
     fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
     assert np.abs(np.array(grouped) - np.array(full)).max() < 1e-6
     assert np.abs(np.array(grouped) - np.array(fused)).max() < 1e-5
+
+
+def test_silu_gradient_matches_mlx():
+    import mlx.nn as nn
+
+    x = mx.linspace(-30, 30, 2001)
+    got = mx.grad(lambda a: fastmath.silu(a).sum())(x)
+    want = mx.grad(lambda a: nn.silu(a).sum())(x)
+    assert np.abs(np.array(got) - np.array(want)).max() < 1e-5

@@ -1,4 +1,5 @@
-"""LoRA layers: identity at init, fusing, QLoRA, adapter files, parameter counts, refusals."""
+"""LoRA and DoRA layers on GPT-2: identity at init, fusing, QLoRA, adapter files, parameter
+counts, the default targets, refusals. (Llama, and DoRA against PEFT: test_llama_finetune.py.)"""
 
 import json
 
@@ -14,6 +15,7 @@ from mlxgpt.checkpoints.quantize import dense_weight
 from mlxgpt.errors import MlxgptError
 from mlxgpt.training.lora import (
     ADAPTER_CONFIG,
+    DoRALinear,
     LoRAConfig,
     LoRALinear,
     apply_lora,
@@ -136,7 +138,7 @@ def test_fused_equals_base_plus_adapter_quantized(base):
 
 def test_fuse_requantize_keeps_quantization(base):
     model, x = base(quantized=True), tokens()
-    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("c_attn",)))
     randomize_b(model)
     with_adapter = model(x)
     # What the re-quantized layer should hold: quantize(dequantize(W) + delta).
@@ -209,6 +211,8 @@ def test_target_and_layer_parsing():
     with pytest.raises(MlxgptError, match="unknown LoRA target 'q_proj'"):
         parse_targets("q_proj")
     assert parse_layers("all", 12) == tuple(range(12))
+    assert parse_layers(None, 12) == tuple(range(12))  # the default: the last 16 blocks
+    assert parse_layers(None, 20) == tuple(range(4, 20))
     assert parse_layers("0,2,8-10", 12) == (0, 2, 8, 9, 10)
     assert parse_layers("last:3", 12) == (9, 10, 11)
     assert parse_layers("-1", 12) == (11,)
@@ -216,6 +220,45 @@ def test_target_and_layer_parsing():
         parse_layers("12", 12)
     with pytest.raises(MlxgptError, match="not a layer list"):
         parse_layers("x", 12)
+
+
+def test_default_adapts_every_linear_layer_of_the_last_16_blocks():
+    """mlx-lm's default: with c_attn alone (the old default) a two-label task stayed at 50 %."""
+    model = GPT(GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=20, n_head=2))
+    cfg = LoRAConfig()
+    apply_lora(model, cfg)
+    assert cfg.targets == ALL and cfg.layers == tuple(range(4, 20))
+    assert {p for p, _ in lora_modules(model)} == {
+        f"h.{i}.{path}" for i in range(4, 20)
+        for path in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_dora_starts_as_the_base_and_fuses_exactly(quantized, base):
+    model, x = base(quantized=quantized), tokens()
+    before = model(x)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dora=True))
+    layers = lora_modules(model)
+    assert layers and all(isinstance(m, DoRALinear) for _, m in layers)
+    # m starts at the base's row norms and B at zero: the same function (up to rounding).
+    np.testing.assert_allclose(np.array(model(x)), np.array(before), atol=1e-5)
+    names = {k.rsplit(".", 1)[1] for k, _ in tree_flatten(model.trainable_parameters())}
+    assert names == {"lora_a", "lora_b", "m"}
+    randomize_b(model)
+    for _, m in layers:
+        m.m = m.m * 1.1
+    with_adapter = model(x)
+    # GPT-2's biases are added after the magnitude scaling, as mlx-lm and PEFT do.
+    layer = dict(layers)["h.0.attn.c_attn"]
+    w = np.array(dense_weight(layer.linear).astype(mx.float32))
+    adapted = w + 2.0 * (np.array(layer.lora_a) @ np.array(layer.lora_b)).T
+    h = np.array(mx.random.normal((3, 64), key=mx.random.key(5)))
+    want = (np.array(layer.m) / np.linalg.norm(adapted, axis=1)) * (h @ adapted.T) + np.array(
+        layer.linear.bias)
+    np.testing.assert_allclose(np.array(layer(mx.array(h))), want, atol=1e-4)
+    fuse(model)
+    assert not lora_modules(model)
+    np.testing.assert_allclose(np.array(model(x)), np.array(with_adapter), atol=1e-4)
 
 
 def test_gpt2_124m_rank8_c_attn_trainable_count():
@@ -240,7 +283,8 @@ def test_dense_weight_of_quantized_layer_is_close():
     assert float(mx.abs(dense_weight(q) - lin.weight).max()) < 0.01
 
 
-def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path, base):
+@pytest.mark.parametrize("dora", [False, True])
+def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path, base, dora):
     """Adapters are written in mlx-lm's layout: mlx_lm.load(model, adapter_path=...) agrees."""
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     pytest.importorskip("transformers")
@@ -251,10 +295,14 @@ def test_mlx_lm_loads_the_adapter_with_the_same_logits(tmp_path, base):
     cfg = model.config
     save_model(model, tmp_path / "base", gpt2_tokenizer())
     lcfg = LoRAConfig(rank=4, alpha=8, targets=("c_attn", "c_fc"), layers=(1,),
-                      base=base_identity(cfg))
+                      base=base_identity(cfg), dora=dora)
     apply_lora(model, lcfg)
     randomize_b(model)
+    for _, m in lora_modules(model) if dora else ():
+        m.m = m.m * 1.1
     save_adapter(model, tmp_path / "ad", lcfg)
+    meta = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
+    assert meta["fine_tune_type"] == ("dora" if dora else "lora")
     theirs, _ = mlx_lm_utils.load(str(tmp_path / "base"), adapter_path=str(tmp_path / "ad"))
     x = tokens()
     np.testing.assert_allclose(np.array(theirs(x)), np.array(model(x)), atol=1e-4)

@@ -10,10 +10,12 @@ wants ``(out, in)``, so those four per block are transposed. Out (:func:`export`
 Face folder that ``transformers`` loads.
 
 Classifiers: a ``GPT2ForSequenceClassification`` folder (``transformer.*`` + ``score.weight``,
-labels in ``id2label``) is read by :func:`load_hf_classifier`, and an mlxgpt classifier folder
-is exported as one, with ``pad_token_id`` set to end-of-text (which mlxgpt never makes from
-text) so that ``transformers`` finds each row's last real token. Loaded as a plain language
-model, such a folder gives its GPT (the head is left out).
+labels in ``id2label``) or a ``LlamaForSequenceClassification`` one (``model.*`` +
+``score.weight``) is read by :func:`load_hf_classifier`, and an mlxgpt classifier folder is
+exported as its family's, with ``pad_token_id`` set to end-of-text (or the end-of-turn token,
+which mlxgpt never makes from text) so that ``transformers`` finds each row's last real token.
+Such a checkpoint has no LM head: its model's head is tied to the embedding. Loaded as a plain
+language model, such a folder gives its model (the head is left out).
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from ..tokenizers import (
     tokenizer_from_hf_folder,
 )
 from . import folder as mlx_folder
-from .files import atomic_dir, read_json
+from .files import atomic_dir, check_output, read_json
 from .hub import SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX
-from .quantize import dequantized_weights
+from .quantize import dequantized_weights, float_dtype
 from .torch_pickle import load_torch_bin
 
 GPT2_VOCAB = 50257
@@ -49,8 +51,9 @@ GPT2_VOCAB = 50257
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Causal-mask buffers older checkpoints carry next to the weights.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
-SCORE = "score.weight"  # GPT2ForSequenceClassification's head
-CLASSIFIER_ARCH = "GPT2ForSequenceClassification"
+SCORE = "score.weight"  # the head of Hugging Face's sequence classifiers
+CLASSIFIER_ARCHS = {"gpt2": "GPT2ForSequenceClassification",
+                    "llama": "LlamaForSequenceClassification"}
 
 
 def read_hf_weights(folder: Path) -> dict[str, mx.array]:
@@ -107,7 +110,8 @@ def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[ModelCo
         weights[key] = value
     head = weights.pop("lm_head.weight", None)
     wte = weights.get("wte.weight")
-    tie = bool(raw_cfg.get("tie_word_embeddings", True))
+    # A sequence classifier keeps no LM head: its model's head is the embedding.
+    tie = bool(raw_cfg.get("tie_word_embeddings", True)) or (head is None and SCORE in hf)
     if head is not None and tie:
         same = wte is not None and head.shape == wte.shape and bool(mx.array_equal(head, wte))
         tie = same
@@ -121,9 +125,14 @@ def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[ModelCo
 
 def _llama_from_hf(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[LlamaConfig, dict]:
     """A ``LlamaForCausalLM`` checkpoint: its keys are the model's; a tied head (the config's
-    ``tie_word_embeddings``, as transformers reads it) drops ``lm_head.weight``."""
+    ``tie_word_embeddings``, as transformers reads it) drops ``lm_head.weight``. A
+    ``LlamaForSequenceClassification`` has the same ``model.*`` keys, a head (left out here)
+    and no LM head (tied)."""
+    if SCORE in hf and "lm_head.weight" not in hf:
+        raw_cfg = {**raw_cfg, "tie_word_embeddings": True}
     cfg = LlamaConfig.from_dict(raw_cfg)
-    weights = {k: v for k, v in hf.items() if not k.endswith(".rotary_emb.inv_freq")}
+    weights = {k: v for k, v in hf.items()
+               if not k.endswith(".rotary_emb.inv_freq") and k != SCORE}
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     elif "lm_head.weight" not in weights:
@@ -175,24 +184,27 @@ def _load_hf(folder: Path, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer, di
 
 
 def is_hf_classifier(folder: Path) -> bool:
-    """True for a Hugging Face folder whose config names GPT2ForSequenceClassification."""
+    """True for a Hugging Face folder whose config names a sequence classifier of a family
+    mlxgpt runs (:data:`CLASSIFIER_ARCHS`)."""
     try:
         raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(raw, dict) and CLASSIFIER_ARCH in (raw.get("architectures") or [])
+    archs = raw.get("architectures") if isinstance(raw, dict) else None
+    return isinstance(archs, list) and any(a in CLASSIFIER_ARCHS.values() for a in archs)
 
 
 def load_hf_classifier(folder: Path,
                        dtype: mx.Dtype | None = None) -> tuple[GPTClassifier, Tokenizer]:
-    """A Hugging Face GPT2ForSequenceClassification folder -> (classifier, tokenizer).
+    """A Hugging Face GPT2ForSequenceClassification or LlamaForSequenceClassification folder
+    -> (classifier, tokenizer).
 
     Labels come from ``id2label`` (``LABEL_<i>`` where it has none, as ``transformers``).
     """
     model, tokenizer, raw_cfg, hf = _load_hf(folder, dtype)
     score = hf.get(SCORE)
     if score is None or score.ndim != 2 or score.shape[1] != model.config.n_embd:
-        raise MlxgptError(f"{folder}: not a GPT-2 sequence classifier (no {SCORE} of shape "
+        raise MlxgptError(f"{folder}: not a sequence classifier (no {SCORE} of shape "
                           f"(labels, {model.config.n_embd}))")
     id2label = raw_cfg.get("id2label") or {}
     if not isinstance(id2label, dict):
@@ -203,7 +215,7 @@ def load_hf_classifier(folder: Path,
                           f"{SCORE} has {n} rows")
     labels = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(n)]
     clf = GPTClassifier(model, labels)
-    clf.score.weight = score.astype(model.wte.weight.dtype)
+    clf.score.weight = score.astype(float_dtype(model))
     clf.eval()
     mx.eval(clf.parameters())
     return clf, tokenizer
@@ -226,13 +238,15 @@ def mlx_to_hf(model: Model) -> dict[str, mx.array]:
 
 
 def classifier_to_hf(clf: GPTClassifier, tokenizer: Tokenizer) -> tuple[dict, dict[str, Any]]:
-    """A classifier's weights and config as Hugging Face's GPT2ForSequenceClassification."""
+    """A classifier's weights and config as Hugging Face's sequence classifier of its family
+    (GPT2ForSequenceClassification, LlamaForSequenceClassification)."""
     weights = mlx_to_hf(clf.transformer)
     weights.pop("lm_head.weight", None)  # an untied LM head has no place in the classifier
     weights[SCORE] = clf.score.weight
     cfg = clf.config.to_dict()
-    eot = tokenizer.eot_id if tokenizer.eot_id is not None else cfg["eos_token_id"]
-    cfg.update(architectures=[CLASSIFIER_ARCH], num_labels=len(clf.labels),
+    eot = tokenizer.eot_id if tokenizer.eot_id is not None else cfg.get("eos_token_id")
+    cfg.update(architectures=[CLASSIFIER_ARCHS[clf.config.model_type]],
+               num_labels=len(clf.labels),
                id2label={str(i): label for i, label in enumerate(clf.labels)},
                label2id={label: i for i, label in enumerate(clf.labels)}, pad_token_id=eot,
                tie_word_embeddings=True)  # no LM head is stored: nothing to untie
@@ -241,16 +255,16 @@ def classifier_to_hf(clf: GPTClassifier, tokenizer: Tokenizer) -> tuple[dict, di
 
 def export(model_path: str | os.PathLike, out_dir: str | os.PathLike, *,
            force: bool = False) -> Path:
-    """Write an mlxgpt model folder as a Hugging Face GPT-2 folder (quantized -> dequantized);
-    a classifier folder becomes a GPT2ForSequenceClassification folder.
+    """Write an mlxgpt model folder as a Hugging Face folder of its family (quantized ->
+    dequantized); a classifier folder becomes a GPT2ForSequenceClassification or
+    LlamaForSequenceClassification folder.
 
     The tokenizer's files (``vocab.json`` + ``merges.txt`` for BPE) come along; a model that
     works on token ids only is exported without them.
     """
     folder = Path(model_path)
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise MlxgptError(f"{out} already exists (use --force to replace it)")
+    check_output(out, force=force, inputs={"MODEL": folder}, out_label="OUT")
     if not mlx_folder.is_model_folder(folder):
         raise MlxgptError(f"{folder}: not an mlxgpt model folder")
     tok = load_tokenizer(folder, mlx_folder.read_folder_meta(folder).get("tokenizer"))

@@ -1,13 +1,14 @@
 """``mlxgpt.load``: any model reference -> (model, tokenizer).
 
-A reference is an mlxgpt model folder, a Hugging Face GPT-2 folder or a hub id (found through
-:mod:`.hub`); an mlxgpt folder is read by :mod:`.folder`, a Hugging Face one converted in memory
-by :mod:`.hf` (nothing is written). The dtype follows the device unless asked: the CPU has no fast
-half-precision matmul, so half-precision weights are upcast to float32 there; a GPU keeps what is
-stored.
+A reference is an mlxgpt model folder, a Hugging Face GPT-2 or Llama folder, a GGUF file or a
+hub id (found through :mod:`.hub`); an mlxgpt folder is read by :mod:`.folder`, a Hugging Face
+one converted in memory by :mod:`.hf` (nothing is written). The dtype follows the device unless
+asked: the CPU has no fast half-precision matmul, so half-precision weights are upcast to float32
+there; a GPU keeps what is stored.
 
 ``load_classifier`` does the same for classifiers: an mlxgpt classifier folder or a Hugging Face
-``GPT2ForSequenceClassification`` folder -> (GPTClassifier, tokenizer).
+``GPT2ForSequenceClassification`` or ``LlamaForSequenceClassification`` folder ->
+(GPTClassifier, tokenizer).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def load(
 
     ``dtype``: None/"auto" follows the device (see module doc); "float32", "float16" or
     "bfloat16" casts floating-point weights (quantized weights stay quantized).
-    ``adapter``: a LoRA adapter folder applied on top.
+    ``adapter``: a LoRA or DoRA adapter folder (mlxgpt's or mlx-lm's) applied on top.
     """
     explicit = mlx_folder.parse_dtype(dtype)
     folder = resolve_source(path_or_hub_id, revision)
@@ -62,8 +63,8 @@ def load(
 
 
 def is_classifier(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> bool:
-    """True when the reference is an mlxgpt classifier folder or a Hugging Face
-    GPT2ForSequenceClassification checkpoint."""
+    """True when the reference is an mlxgpt classifier folder or a Hugging Face sequence
+    classifier checkpoint (GPT-2's or Llama's)."""
     folder = resolve_source(path_or_hub_id, revision)
     return mlx_folder.is_classifier_folder(folder) or is_hf_classifier(folder)
 

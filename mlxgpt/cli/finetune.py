@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from mlxgpt.cli.options import dtype_option, positive
+from mlxgpt.cli.options import at_least_0, dtype_option, int_range, positive, seed_range
 from mlxgpt.errors import MlxgptError
 
 
@@ -27,42 +27,55 @@ from mlxgpt.errors import MlxgptError
                    "file, none for a folder without valid.jsonl].")
 @click.option("--mask-prompt", is_flag=True,
               help="Loss on completions / assistant turns only.")
-@click.option("--rank", default=8, show_default=True, help="LoRA rank r.")
+@click.option("--rank", default=8, show_default=True, callback=positive, help="LoRA rank r.")
 @click.option("--alpha", default=16.0, show_default=True,
               help="LoRA alpha; the update is scaled by alpha / rank.")
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout on the LoRA input.")
-@click.option("--targets", default="c_attn", show_default=True,
-              help="Layers to adapt: comma list of c_attn, attn.c_proj, c_fc, mlp.c_proj, or all.")
-@click.option("--layers", default="all", show_default=True,
-              help="Blocks to adapt: all, 0,1,2, 8-11 or last:4.")
-@click.option("--full", is_flag=True, help="Full fine-tuning (every weight) instead of LoRA.")
+@click.option("--targets",
+              help="Layers to adapt, a comma list: GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj; "
+                   "Llama's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (or "
+                   "q, k, v, o, gate, up, down) [default: all].")
+@click.option("--layers",
+              help="Blocks to adapt: all, 0,1,2, 8-11 or last:4 [default: the last 16, every "
+                   "block of a smaller model].")
+@click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]),
+              help="lora: low-rank updates; dora: LoRA plus learned row magnitudes; full: every "
+                   "weight [default: lora].")
+@click.option("--full", is_flag=True, help="Short for --fine-tune-type full.")
 @click.option("--quantize", type=click.Choice(["4", "8"]),
               help="Quantize the base to this many bits first (QLoRA; the base stays quantized).")
 @click.option("--grad-checkpoint", is_flag=True,
               help="Recompute activations in the backward pass: much less memory, ~30% slower.")
-@click.option("--steps", type=int, help="Optimizer steps [default: one pass over the data].")
-@click.option("--batch-size", default=4, show_default=True)
-@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--steps", type=int, callback=positive,
+              help="Optimizer steps [default: one pass over the data].")
+@click.option("--batch-size", default=4, show_default=True, callback=positive)
+@click.option("--grad-accum", default=1, show_default=True, callback=positive)
 @click.option("--lr", type=float,
               help="Peak learning rate [default: 2e-4 LoRA, 2e-5 full, 1e-3 head only].")
 @click.option("--min-lr", type=float, help="Learning rate at the end [default: lr / 10].")
-@click.option("--warmup", type=int, help="Warmup steps [default: 5% of steps, at most 100].")
+@click.option("--warmup", type=int, callback=at_least_0,
+              help="Warmup steps [default: 5% of steps, at most 100].")
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--grad-clip", default=1.0, show_default=True)
-@click.option("--max-seq-len", type=int, help="Cut examples to this many tokens.")
-@click.option("--eval-every", default=100, show_default=True, help="0: only at the end.")
-@click.option("--eval-batches", default=25, show_default=True)
-@click.option("--save-every", default=100, show_default=True)
-@click.option("--log-every", default=10, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--max-seq-len", type=int, callback=int_range(2),
+              help="Cut examples to this many tokens (2 at least: a token and the next).")
+@click.option("--eval-every", default=100, show_default=True, callback=at_least_0,
+              help="0: only at the end.")
+@click.option("--eval-batches", default=25, show_default=True, callback=positive)
+@click.option("--save-every", default=100, show_default=True, callback=at_least_0)
+@click.option("--log-every", default=10, show_default=True, callback=positive)
+@click.option("--seed", default=0, show_default=True, callback=seed_range)
 @dtype_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--force", is_flag=True, help="Start over in an --out that holds a run.")
+@click.option("--force", is_flag=True,
+              help="Start over in an --out that holds a run (replaced once the new run has a "
+                   "checkpoint).")
 def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_prompt, rank,
-             alpha, dropout, targets, layers, full, quantize, grad_checkpoint, steps, batch_size,
-             grad_accum, lr, min_lr, warmup, weight_decay, grad_clip, max_seq_len, eval_every,
-             eval_batches, save_every, log_every, seed, dtype, resume, force):
-    """Fine-tune a model on JSONL data with LoRA (or --full).
+             alpha, dropout, targets, layers, fine_tune_type, full, quantize, grad_checkpoint,
+             steps, batch_size, grad_accum, lr, min_lr, warmup, weight_decay, grad_clip,
+             max_seq_len, eval_every, eval_batches, save_every, log_every, seed, dtype, resume,
+             force):
+    """Fine-tune a model on JSONL data with LoRA (or DoRA, or --full).
 
     Lines are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]};
     with --task classify, {"text", "label"}.
@@ -70,17 +83,23 @@ def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_pr
     from mlxgpt.training.config import TrainConfig
     from mlxgpt.training.finetune import FinetuneOptions, steps_per_epoch
     from mlxgpt.training.finetune import finetune as finetune_lm
-    from mlxgpt.training.lora import LoRAConfig, parse_targets
+    from mlxgpt.training.lora import LoRAConfig
 
     classify = task == "classify"
     if not classify and (head_only or lm_weight is not None):
         raise MlxgptError(f"--{'head-only' if head_only else 'lm-weight'} needs --task classify")
     if classify and mask_prompt:
         raise MlxgptError("--mask-prompt does not apply to --task classify")
-    if full and head_only:
-        raise MlxgptError("choose one of --full and --head-only")
+    if full and fine_tune_type not in (None, "full"):
+        raise MlxgptError(f"choose one of --full and --fine-tune-type {fine_tune_type}")
+    kind = "full" if full else (fine_tune_type or "lora")
+    if head_only and (full or fine_tune_type):
+        raise MlxgptError(f"choose one of --{'full' if full else 'fine-tune-type'} and "
+                          "--head-only")
+    full = kind == "full"
     lora = None if (full or head_only) else LoRAConfig(
-        rank=rank, alpha=alpha, dropout=dropout, targets=parse_targets(targets), layers=layers)
+        rank=rank, alpha=alpha, dropout=dropout, targets=targets, layers=layers,
+        dora=kind == "dora")
     if lr is None:  # a head alone on frozen features takes a larger step
         lr = 1e-3 if head_only else (2e-5 if full else 2e-4)
     common = dict(model=model, data=data, out=out, lora=lora, val_fraction=val_fraction,
@@ -106,7 +125,8 @@ def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_pr
             log_every=log_every, seed=seed)
 
     opts.train = make_config
-    run(opts, echo=click.echo)
+    if run(opts, echo=click.echo).interrupted:
+        sys.exit(130)  # like pretrain: a stopped run is not a finished one
 
 
 @click.command()
@@ -118,7 +138,9 @@ def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_pr
               help="Quantize the fused layers again like the (quantized) base. Adds rounding "
                    "error on top of the adapter's update; without it the result is exact fp.")
 @dtype_option()
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace --out if it exists and mlxgpt wrote it (once the new one is "
+                   "complete).")
 def fuse(model, adapter, out, requantize, dtype, force):
     """Fold a LoRA adapter into its base model and write a plain model folder."""
     from mlxgpt.training.finetune import fuse_adapter
@@ -142,7 +164,7 @@ def fuse(model, adapter, out, requantize, dtype, force):
                    '{"text", "label"} lines, or of the generated completion.')
 @click.option("--mask-prompt", is_flag=True, help="Loss on completions / assistant turns only.")
 @click.option("--batch-size", default=8, show_default=True, callback=positive)
-@click.option("--limit", type=int, help="Use only the first N examples.")
+@click.option("--limit", type=int, callback=positive, help="Use only the first N examples.")
 @dtype_option()
 def evaluate(model, adapter, data, task, mask_prompt, batch_size, limit, dtype):
     """Loss and perplexity, or classification accuracy, of a model (with an adapter) on data."""

@@ -1,12 +1,14 @@
-"""A GPT with a classification head (Radford et al. 2018; Hugging Face's
-``GPT2ForSequenceClassification``): a linear layer without bias on the final hidden state of each
-row's last real token.
+"""A language model of any family with a classification head (Radford et al. 2018; Hugging
+Face's ``GPT2ForSequenceClassification`` and ``LlamaForSequenceClassification``): a linear layer
+without bias on the final hidden state of each row's last real token.
 
-Names mirror Hugging Face's (``transformer`` for the GPT, ``score`` for the head), so the
-classifier's parameters carry Hugging Face's keys and converting is a key copy (plus GPT-2's
-Conv1D transposes, see :mod:`mlxgpt.checkpoints.hf`). Hugging Face finds each row's last real
-token by looking for ``pad_token_id``; this model is told each row's length instead, which stays
-right when the padding id is also a real token.
+The head is ``score`` as in Hugging Face; the model under it is ``transformer`` (GPT-2's name in
+Hugging Face; a Llama's own keys, ``model.*``, are Hugging Face's classifier keys already), so
+converting is a key copy (plus GPT-2's Conv1D transposes, see :mod:`mlxgpt.checkpoints.hf`). The
+whole language model stays under the head, its LM head included: fine-tuning adds its loss.
+Hugging Face finds each row's last real token by looking for ``pad_token_id``; this model is told
+each row's length instead, which stays right when the padding id is also a real token (SmolLM2
+pads with its end-of-turn token).
 
 Shapes: B batch, T tokens, C = n_embd, L labels.
 """
@@ -20,18 +22,17 @@ import mlx.nn as nn
 
 from ..errors import MlxgptError
 from .backend import Kernels
-from .config import GPTConfig
-from .gpt2 import GPT
+from .model import Model, ModelConfig
 
-INIT_STD = 0.02  # GPT-2's initializer_range, what Hugging Face starts a new head with
+INIT_STD = 0.02  # GPT-2's and Llama's initializer_range, what Hugging Face starts a head with
 
 
 class GPTClassifier(nn.Module):
-    """``gpt`` with a head for ``labels`` (ids in that order). The head starts as Hugging Face
-    starts one, normal with std 0.02, drawn from ``key``; without a key it is zeros, for
-    weights that are loaded next."""
+    """``gpt`` (a model of any family) with a head for ``labels`` (ids in that order). The head
+    starts as Hugging Face starts one, normal with std 0.02, drawn from ``key``; without a key it
+    is zeros, for weights that are loaded next."""
 
-    def __init__(self, gpt: GPT, labels: Sequence[str], key: mx.array | None = None):
+    def __init__(self, gpt: Model, labels: Sequence[str], key: mx.array | None = None):
         super().__init__()
         labels = tuple(labels)
         if len(labels) < 2:
@@ -47,7 +48,7 @@ class GPTClassifier(nn.Module):
         object.__setattr__(self, "labels", labels)
 
     @property
-    def config(self) -> GPTConfig:
+    def config(self) -> ModelConfig:
         return self.transformer.config
 
     @property

@@ -73,14 +73,27 @@ def exp(x: mx.array) -> mx.array:
     return p * two_k
 
 
-def silu(x: mx.array) -> mx.array:
-    """x * sigmoid(x) (SwiGLU's gate) with :func:`exp` of -|x| only (always in its range):
-    sigmoid(x) = s for x >= 0 and e * s below, s = 1 / (1 + e), e = exp(-|x|); the choice by
-    arithmetic on sign(x), which vectorises where a select may not."""
+def _sigmoid(x: mx.array) -> mx.array:
+    """sigmoid(x) with :func:`exp` of -|x| only (always in its range): s for x >= 0 and e * s
+    below, s = 1 / (1 + e), e = exp(-|x|); the choice by arithmetic on sign(x), which
+    vectorises where a select may not."""
     e = exp(-mx.abs(x))
     s = 1.0 / (1.0 + e)
     t = (mx.sign(x) + 1.0) * 0.5  # 1 above zero, 0 below, 1/2 at zero (where e = 1)
-    return x * s * (t + (1.0 - t) * e)
+    return s * (t + (1.0 - t) * e)
+
+
+@mx.custom_function
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x) (SwiGLU's gate). Its own gradient rule: :func:`exp` builds 2**k from bits
+    (``mx.view``), which has no derivative in MLX."""
+    return x * _sigmoid(x)
+
+
+@silu.vjp
+def _silu_vjp(primal, cotangent, output):
+    s = _sigmoid(primal)  # a single-input function gets its input, not a tuple
+    return cotangent * (s * (1.0 + primal * (1.0 - s)))
 
 
 def _relu(a: mx.array) -> mx.array:

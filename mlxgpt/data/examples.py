@@ -5,14 +5,16 @@ Each line of a ``.jsonl`` file is one example, in one of three forms::
     {"text": "..."}                                   loss on every token
     {"prompt": "...", "completion": "..."}            loss on the completion only with mask_prompt
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
-        rendered with the transcript format of ``mlxgpt chat``
-        (:mod:`mlxgpt.generation.transcript`); with mask_prompt the loss counts only the
-        assistant turns (what the model says in a chat)
+        rendered with the model's own chat template when its tokenizer has one, else with the
+        transcript format of ``mlxgpt chat`` (:mod:`mlxgpt.generation.transcript`): what the
+        model sees when it chats; with mask_prompt the loss counts only the assistant turns
+        (what the model says in a chat)
 
 Every example ends with the tokenizer's end-of-text token, so the model learns where an answer
-stops. A bad line is reported as ``file:line: why``. Batches group examples of similar length
-(less padding) and are drawn in a fixed, seeded order, so batch ``k`` is the same batch whether
-a run went straight through or was resumed.
+stops; a chat template ends each turn with the model's own end-of-turn marker instead. A bad
+line is reported as ``file:line: why``. Batches group examples of similar length (less
+padding) and are drawn in a fixed, seeded order, so batch ``k`` is the same batch whether a run
+went straight through or was resumed.
 
 Classification data (``mlxgpt finetune --task classify``) is ``{"text": ..., "label": ...}``
 lines instead (:func:`check_labelled_record`); :func:`encode_labelled` and
@@ -32,8 +34,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..checks import check_int
 from ..errors import MlxgptError
 from ..generation.transcript import ROLES, render_transcript
+from ..tokenizers.chat_template import render_chat
 
 SPLITS = ("train", "valid", "test")
 PAD_MULTIPLE = 32  # pad batch lengths to a multiple of this: fewer distinct shapes to compile
@@ -87,6 +91,8 @@ def read_jsonl(path: str | os.PathLike,
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise MlxgptError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:  # Python's parser recurses once per level of nesting
+            raise MlxgptError(f"{where}: JSON nested too deeply") from None
         check(rec, where)
         records.append((where, rec))
     if not records:
@@ -159,23 +165,34 @@ def check_labelled_record(rec: Any, where: str) -> None:
 # --------------------------------------------------------------------------- tokenizing
 
 
-def encode_record(rec: dict[str, Any], tokenizer: Any, mask_prompt: bool) -> tuple[list, list]:
+def encode_record(rec: dict[str, Any], tokenizer: Any, mask_prompt: bool,
+                  where: str = "") -> tuple[list, list]:
     """(tokens, mask) for one checked record; see the module docstring for what is masked."""
-    segments = record_segments(rec)
+    templated = record_kind(rec) == "messages" and _has_template(tokenizer)
+    try:
+        segments = record_segments(rec, tokenizer)
+    except MlxgptError as e:
+        raise MlxgptError(f"{where}: {e}" if where else str(e)) from None
     tokens: list[int] = []
     mask: list[int] = []
     for text, trained in segments:
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text, allow_special=templated)  # a template writes specials
         tokens += ids
         mask += [1 if (trained or not mask_prompt) else 0] * len(ids)
-    if tokenizer.eot_id is not None:
+    if tokenizer.eot_id is not None and not templated:
         tokens.append(tokenizer.eot_id)
         mask.append(1)
     return tokens, mask
 
 
-def record_segments(rec: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The example's text in pieces, each marked True when it is what the model should say.
+def _has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def record_segments(rec: dict[str, Any], tokenizer: Any = None) -> list[tuple[str, bool]]:
+    """The example's text in pieces, each marked True when it is what the model should say
+    (messages through ``tokenizer``'s chat template where it has one, see
+    :func:`message_segments`).
 
     Prompt and completion are tokenized separately (not as one string) because at inference
     time the prompt is encoded alone and the model continues from its last token.
@@ -185,28 +202,47 @@ def record_segments(rec: dict[str, Any]) -> list[tuple[str, bool]]:
         return [(rec["text"], True)]
     if kind == "completion":
         return [(rec["prompt"], False), (rec["completion"], True)]
-    return message_segments(rec["messages"])
+    return message_segments(rec["messages"], tokenizer)
 
 
-def message_segments(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """Split a chat transcript into prompt parts and assistant replies.
+def message_segments(messages: list[dict[str, str]],
+                     tokenizer: Any = None) -> list[tuple[str, bool]]:
+    """Split a conversation into prompt parts and assistant replies; joined, they are the whole
+    conversation as rendered.
 
-    Uses the transcript format of ``mlxgpt chat``, so a fine-tuned model sees exactly what the
-    chat shows it. Each assistant reply is the text that rendering the conversation
-    up to it adds after rendering the prompt that asks for it.
+    Rendered as the model sees it when it chats: with ``tokenizer``'s chat template where it has
+    one, else with the transcript format of ``mlxgpt chat``. Each assistant reply is the text
+    that rendering the conversation up to it adds after rendering the prompt that asks for it
+    (the generation prompt); with a template, less the whitespace after the reply's end-of-turn
+    marker, which separates turns and so belongs to the next prompt.
     """
+    templated = _has_template(tokenizer)
+
+    def render(msgs: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if templated:
+            return render_chat(tokenizer, msgs, add_generation_prompt)
+        return render_transcript(msgs, add_generation_prompt)
+
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        # The transcript so far plus the assistant's cue, then with the reply added.
-        prompt = render_transcript(messages[:i], add_generation_prompt=True)
-        full = render_transcript(messages[: i + 1])
+        # The conversation so far plus the assistant's cue, then with the reply added.
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise MlxgptError("chat transcript format is not prefix-stable; cannot mask turns")
-        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
-        done = full
+            raise MlxgptError(f"the {'chat template' if templated else 'transcript format'} "
+                              "renders a conversation otherwise than its beginning, so its "
+                              "assistant turns cannot be told apart")
+        end = max(len(full.rstrip()), len(prompt)) if templated else len(full)
+        segments += [(prompt[len(done):], False), (full[len(prompt):end], True)]
+        done = full[:end]
+    # What follows the last reply (the template's separator, later turns): nothing to learn
+    # there, kept so that the tokens are the rendered conversation.
+    rest = render(messages, False)
+    if rest.startswith(done):
+        segments.append((rest[len(done):], False))
     return [(t, trained) for t, trained in segments if t]
 
 
@@ -223,7 +259,7 @@ def encode_records(
     Returns the examples and counts of what was truncated or dropped."""
     out, stats = [], {"truncated": 0, "dropped": 0}
     for where, rec in records:
-        tokens, mask = encode_record(rec, tokenizer, mask_prompt)
+        tokens, mask = encode_record(rec, tokenizer, mask_prompt, where)
         pieces = [(tokens, mask)]
         if len(tokens) > max_len:
             if record_kind(rec) == "text":  # plain text: keep all of it, in windows
@@ -342,6 +378,7 @@ class Batches:
                  pad_id: int = 0, max_width: int | None = None):
         if not examples:
             raise MlxgptError("no examples to train on")
+        check_int(batch_size, "batch size", 1)
         self.examples = list(examples)
         self.batch_size = min(batch_size, len(self.examples))
         self.seed = seed

@@ -2,13 +2,15 @@
 classify`` on a classifier, ``mlxgpt classify``) as library calls.
 
 The model is :class:`~mlxgpt.core.classifier.GPTClassifier`: a linear layer on the final hidden
-state of each text's last token. Training follows Radford et al. (2018), "Improving Language
-Understanding by Generative Pre-Training": the loss is the classification cross-entropy (mean
-over examples) plus ``lm_weight`` (0.5 there and by default) times the language-model loss on
-the texts (mean over their tokens, end-of-text included), from the same forward pass. What
-trains: LoRA adapters + the head (default), every weight + the head (``lora=None``), or the head
-alone (``head_only``: the GPT is frozen, so the LM term, which could only train the GPT, is
-left out). Each micro-batch's loss is weighted by its examples when batches are combined.
+state of each text's last token, on a model of any family (GPT-2, Llama). Rows are padded with
+end-of-text (a chat model's end-of-turn) and each row's length says where its text ends.
+Training follows Radford et al. (2018), "Improving Language Understanding by Generative
+Pre-Training": the loss is the classification cross-entropy (mean over examples) plus
+``lm_weight`` (0.5 there and by default) times the language-model loss on the texts (mean over
+their tokens, end-of-text included), from the same forward pass. What trains: LoRA (or DoRA)
+adapters + the head (default), every weight + the head (``lora=None``), or the head alone
+(``head_only``: the model is frozen, so the LM term, which could only train the model, is left
+out). Each micro-batch's loss is weighted by its examples when batches are combined.
 
 Data: ``{"text": ..., "label": ...}`` lines (labels are strings; the label set is the training
 split's, sorted). Texts are cut to the model's context, keeping their beginning. Validation
@@ -134,7 +136,8 @@ def finetune_classifier(opts: ClassifyOptions,
             return f"val accuracy {right / total:.4f} ({total} examples)"
 
     save, restore = checkpoint_functions(opts, lora, tokenizer)
-    mode = "head-only" if opts.head_only else ("lora" if lora is not None else "full")
+    mode = ("head-only" if opts.head_only else "full" if lora is None
+            else "dora" if lora.dora else "lora")
     result = train(clf, classify_loss(lm_weight), train_data, cfg, out, save_weights=save,
                    load_weights=restore, val_data=val_data, sample=sample, resume=opts.resume,
                    fingerprint={"data": str(opts.data), "lora": str(lora), "mode": mode,

@@ -19,7 +19,7 @@ the same pieces (:func:`prepare_model`, :func:`prepare_out`).
 
 from __future__ import annotations
 
-import os
+import functools
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,13 +29,16 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..atomicio import MARKER, atomic_file, remove
 from ..checkpoints import folder as mlx_folder
-from ..checkpoints.files import check_writable
+from ..checkpoints.files import check_apart, check_output, check_writable, named, read_marker
 from ..checkpoints.load import load
 from ..checkpoints.quantize import model_quantization, quantize
-from ..core.gpt2 import GPT, Block
+from ..core.model import Model
 from ..data.examples import Batches, encode_records, find_splits, record_kind
 from ..errors import MlxgptError
+from ..tokenizers.bpe import TIKTOKEN_FILE
+from ..tokenizers.hf_files import HF_CONFIG_FILE, HF_TOKENIZER_FILE, MERGES_FILE, VOCAB_FILE
 from .config import TrainConfig, TrainResult
 from .distributed import is_rank0, rank0_echo
 from .evaluate import greedy_text
@@ -55,12 +58,13 @@ from .lora import (
 from .loss import lm_loss
 from .optim import OPTIMIZER_FILE
 from .runlog import LOG_FILE, PLOT_FILE
-from .state import STATE_FILE
+from .state import STATE_FILE, recover_run, run_folder
 
-# What a finetune run writes into OUT; --force removes only these.
+# What a finetune run writes into OUT (a full one's tokenizer files too, _TOKENIZER_FILES).
 _RUN_ENTRIES = ("last", "best", LOG_FILE, PLOT_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG,
                 mlx_folder.CONFIG_FILE, mlx_folder.WEIGHTS_FILE, mlx_folder.HEAD_CONFIG,
                 mlx_folder.HEAD_WEIGHTS)
+_TOKENIZER_FILES = (VOCAB_FILE, MERGES_FILE, HF_CONFIG_FILE, HF_TOKENIZER_FILE, TIKTOKEN_FILE)
 
 
 @dataclass
@@ -85,26 +89,37 @@ class FinetuneOptions:
     force: bool = False
 
 
-class _CheckpointedBlock(Block):
-    """A block that keeps only its input for the backward pass and recomputes the rest."""
+class _Checkpointed:
+    """Mixed into a block's class: the block keeps only its inputs for the backward pass and
+    recomputes the rest. Array arguments (a Llama block's rotary cos/sin) pass through the
+    checkpoint; a cache, or evaluation, takes the plain call."""
 
-    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
-        if cache is not None or not self.training:
-            return Block.__call__(self, x, cache)
+    def __call__(self, x: mx.array, *args: Any) -> mx.array:
+        plain = super().__call__  # type: ignore[misc]
+        if not self.training or any(not isinstance(a, mx.array) for a in args if a is not None):
+            return plain(x, *args)
 
-        def inner(params: Any, x: mx.array) -> mx.array:
+        def inner(params: Any, x: mx.array, *args: mx.array) -> mx.array:
             self.update(params)
-            return Block.__call__(self, x)
+            return plain(x, *args)
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+        arrays = [a for a in args if a is not None]  # no cache while training
+        return mx.checkpoint(inner)(self.trainable_parameters(), x, *arrays)
 
 
-def grad_checkpoint(model: GPT) -> GPT:
+@functools.cache
+def _checkpointed(cls: type) -> type:
+    return type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
+
+
+def grad_checkpoint(model: Model) -> Model:
     """Trade compute for memory: activations inside each block are recomputed when the
     backward pass needs them (about one more forward pass of work). In place; returns model."""
-    for block in model.h:
-        block.__class__ = _CheckpointedBlock  # same parameters and names, another __call__
-        block.drop = None  # see finetune(): recomputation needs deterministic blocks
+    for block in model.layers:
+        # same parameters and names, another __call__
+        block.__class__ = _checkpointed(type(block))
+        if hasattr(block, "drop"):
+            block.drop = None  # see finetune(): recomputation needs deterministic blocks
     return model
 
 
@@ -118,7 +133,10 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
     # Under mlx.launch only rank 0 touches the output folder and prints.
     rank0 = is_rank0()
     echo = rank0_echo(echo)
-    prepare_out(out, resume=opts.resume, force=opts.force, write=rank0)
+    # OUT is only checked here: the run's folder is made, or an old run replaced, once the
+    # model and the data have been read (run_folder).
+    replace = prepare_out(out, resume=opts.resume, force=opts.force, write=rank0, clear=False,
+                          inputs={"--model": opts.model, "--data": opts.data})
     model, tokenizer, lora, quant = prepare_model(opts, echo)
     report_trainable(model, quant, echo)
 
@@ -137,22 +155,26 @@ def finetune(opts: FinetuneOptions, echo: Callable[[str], None] = print) -> Trai
 
         restore = mlx_folder.restore_weights
 
-    result = train(model, lm_loss, train_data, cfg, out, save_weights=save,
-                   load_weights=restore, val_data=val_data, sample=sample, resume=opts.resume,
-                   fingerprint={"data": str(opts.data), "lora": str(lora)}, echo=echo)
-    if rank0:
-        publish(out, "best" if (out / "best").is_dir() else "last")
+    with run_folder(out, resume=opts.resume, replace=replace, write=rank0) as run_dir:
+        result = train(model, lm_loss, train_data, cfg, run_dir, save_weights=save,
+                       load_weights=restore, val_data=val_data, sample=sample,
+                       resume=opts.resume, shown_dir=out,
+                       fingerprint={"data": str(opts.data), "lora": str(lora)}, echo=echo)
+        # A stopped run is a checkpoint to resume, not a result: nothing is published.
+        if rank0 and not result.interrupted:
+            publish(run_dir, "best" if (run_dir / "best").is_dir() else "last")
     tok_s = result.tokens / result.elapsed if result.elapsed else 0.0
     echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}: "
          f"{tok_s:,.0f} tokens/s, peak memory {result.peak_memory / 2**30:.2f} GiB")
-    what = "adapter" if lora is not None else "model"
-    best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
-    echo(f"{what} written to {out}{best}")
+    if not result.interrupted:
+        what = "adapter" if lora is not None else "model"
+        best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
+        echo(f"{what} written to {out}{best}")
     return result
 
 
 def prepare_model(opts: FinetuneOptions, echo: Callable[[str], None], *, frozen: bool = False
-                  ) -> tuple[GPT, Any, LoRAConfig | None, dict[str, int] | None]:
+                  ) -> tuple[Model, Any, LoRAConfig | None, dict[str, int] | None]:
     """Load the base and make what trains trainable: LoRA layers (``opts.lora``), every weight
     (``opts.lora`` None), or nothing (``frozen``: a caller adds what trains). Returns (model,
     tokenizer, the LoRA config or None, the base's quantization or None)."""
@@ -178,7 +200,7 @@ def prepare_model(opts: FinetuneOptions, echo: Callable[[str], None], *, frozen:
         if lora is not None and lora.dropout > 0:
             raise MlxgptError("--grad-checkpoint needs --dropout 0 (recomputed activations "
                               "would use other dropout masks)")
-        if any(b.drop is not None for b in model.h):
+        if any(getattr(b, "drop", None) is not None for b in model.layers):
             echo(f"note: --grad-checkpoint turns off the model's residual dropout "
                  f"({model.config.dropout}) for this run")
         grad_checkpoint(model)
@@ -194,31 +216,55 @@ def report_trainable(model: nn.Module, quant: dict[str, int] | None,
 
 def restore_adapter(model: nn.Module, folder: Path) -> None:
     """Load a checkpoint's adapter weights into a model that has its LoRA layers (resume)."""
-    weights = mlx_folder.read_weights(Path(folder) / ADAPTER_WEIGHTS)
+    weights = mlx_folder.read_weights(Path(folder) / ADAPTER_WEIGHTS, model.weight_prefix)
     model.load_weights(list(weights.items()), strict=False)
 
 
-def prepare_out(out: Path, *, resume: bool, force: bool, write: bool = True) -> None:
-    """Refuse to mix a new run into an old one; ``force`` clears only what a run writes.
+def prepare_out(out: Path, *, resume: bool, force: bool, write: bool = True,
+                clear: bool = True, inputs: dict[str, Any] | None = None) -> bool:
+    """Check OUT before anything is read: it is apart from the ``inputs`` (label -> path), and
+    a new run does not mix into an old one. Returns True when ``force`` starts over in OUT
+    holding a run, which must be mlxgpt's and hold nothing else: :func:`run_folder` then
+    replaces it once the new run has a checkpoint. ``clear`` (for callers that train straight
+    into OUT instead) removes the old run's entries now.
 
     ``write=False`` (ranks other than 0) only checks, and never clears or creates anything.
     """
+    check_apart(out, inputs or {})
+    if out.exists() and not out.is_dir():
+        raise MlxgptError(f"{out} exists and is not a folder")
+    if write:
+        recover_run(out)  # a checkpoint caught mid-replacement by a kill is put back first
     if resume:
         if not (out / "last").is_dir():
             raise MlxgptError(f"cannot resume: no checkpoint at {out / 'last'}")
-        return
-    if out.exists() and not out.is_dir():
-        raise MlxgptError(f"{out} exists and is not a folder")
+        return False
     leftovers = [e for e in _RUN_ENTRIES if (out / e).exists()]
-    if leftovers and not force:
+    if not leftovers:
+        if write:
+            check_writable(out)
+        return False
+    if not (read_marker(out) or {}).get("run") and not any(
+            (out / d / STATE_FILE).is_file() for d in ("last", "best")):
+        raise MlxgptError(f"{out} holds {named(leftovers)} but no fine-tuning run; choose "
+                          f"another --out")
+    if not force:
         raise MlxgptError(f"{out} already holds a fine-tuning run "
                           "(use --resume to continue it or --force to start over)")
-    if not write:
-        return
-    for e in leftovers:
-        p = out / e
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    check_writable(out)
+    # Starting over replaces the whole folder: nothing but the run's own files may be there.
+    known = {*_RUN_ENTRIES, *_TOKENIZER_FILES, MARKER, *(
+        f.name for d in ("last", "best") if (out / d).is_dir() for f in (out / d).iterdir())}
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in known)
+    if foreign:
+        raise MlxgptError(f"{out} holds {named(foreign)} besides its fine-tuning run; --force "
+                          f"replaces the whole folder: move {'them' if len(foreign) > 1 else 'it'}"
+                          f" away or choose another --out")
+    if write:
+        check_writable(out)
+        if clear:
+            for e in leftovers:
+                remove(out / e)
+    return True
 
 
 def publish(out: Path, name: str) -> None:
@@ -227,10 +273,9 @@ def publish(out: Path, name: str) -> None:
     if not src.is_dir():
         return
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
-            tmp = out / f".{f.name}.tmp"
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, out / f.name)
+        if f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE, MARKER):
+            with atomic_file(out / f.name) as tmp:
+                shutil.copyfile(f, tmp)
 
 
 def load_data(
@@ -275,6 +320,7 @@ def load_data(
 def fuse_adapter(model_path: str, adapter: str, out: str, *, requantize: bool = False,
                  force: bool = False, dtype: str | None = None) -> Path:
     """Fold an adapter into its base and write a plain model folder."""
+    check_output(out, force=force, inputs={"--model": model_path, "--adapter": adapter})
     model, tokenizer = load(model_path, dtype=dtype)
     quant = model_quantization(model)
     if requantize and not quant:
