@@ -483,3 +483,13 @@ def test_a_config_nested_too_deeply_is_one_line(tmp_path, cli, refused, model_fo
     folder = model_folder(tmp_path)
     (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(cli("generate", "-m", folder, "-p", "a", "-n", "2"), "nested too deeply")
+
+
+def test_a_hugging_face_config_with_tie_no_is_refused(tmp_path, cli, refused):
+    from _hf_helpers import make_hf_checkpoint
+
+    src = make_hf_checkpoint(tmp_path, {"n_layer": 1, "n_embd": 16, "n_head": 2,
+                                        "n_positions": 8})
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": "no"}))
+    refused(cli("convert", src, tmp_path / "out"), "tie_word_embeddings must be true or false")

@@ -133,14 +133,18 @@ def test_a_force_run_failing_after_its_first_checkpoint_keeps_the_old_run(
     assert snapshot(out) == before and not temporaries(tmp_path)
 
 
-def test_a_failed_run_in_a_folder_of_the_users_removes_only_its_own_files(
+def test_a_users_folder_is_refused_and_a_failed_run_leaves_nothing(
         base, tmp_path, cli, refused, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    full_disk_after(monkeypatch, 0)
-    refused(cli(*finetune_args(base, out, "--steps", 2)), "No space left on device")
+    refused(cli(*finetune_args(base, out, "--steps", 2)), "holds notes.txt and no fine-tuning")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    full_disk_after(monkeypatch, 0)
+    refused(cli(*finetune_args(base, empty, "--steps", 2)), "No space left on device")
+    assert list(empty.iterdir()) == []
 
 
 def test_force_refuses_what_mlxgpt_did_not_write(base, tmp_path, cli, cli_ok, refused):

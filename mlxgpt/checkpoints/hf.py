@@ -27,6 +27,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..checks import check_bool
 from ..core.classifier import GPTClassifier
 from ..core.config import GPTConfig
 from ..core.llama import LlamaConfig
@@ -111,7 +112,8 @@ def hf_to_mlx(raw_cfg: dict[str, Any], hf: dict[str, mx.array]) -> tuple[ModelCo
     head = weights.pop("lm_head.weight", None)
     wte = weights.get("wte.weight")
     # A sequence classifier keeps no LM head: its model's head is the embedding.
-    tie = bool(raw_cfg.get("tie_word_embeddings", True)) or (head is None and SCORE in hf)
+    tie = check_bool(raw_cfg.get("tie_word_embeddings", True), "config: tie_word_embeddings") \
+        or (head is None and SCORE in hf)
     if head is not None and tie:
         same = wte is not None and head.shape == wte.shape and bool(mx.array_equal(head, wte))
         tie = same

@@ -241,6 +241,10 @@ def prepare_out(out: Path, *, resume: bool, force: bool, write: bool = True,
         return False
     leftovers = [e for e in _RUN_ENTRIES if (out / e).exists()]
     if not leftovers:
+        others = sorted(e.name for e in out.iterdir()) if out.is_dir() else []
+        if others:  # a user's folder: a run mixed into it could not be replaced or told apart
+            raise MlxgptError(f"{out} holds {named(others)} and no fine-tuning run; choose an "
+                              "empty or new --out")
         if write:
             check_writable(out)
         return False
