@@ -314,7 +314,7 @@ def _profile_parts(name: str, dropout: float, steps: int,
                                                             stepper.state)
         parts["native: whole step"] = lambda: mx.eval(stepper.step([(x, y)]), stepper.state)
     out = []
-    with parallel.blas_threads(stepper.split):  # the BLAS as training sets it, for every part
+    with blas.training_threads(stepper.split):  # the BLAS as training sets it, for every part
         for label, f in parts.items():
             f()
             f()

@@ -20,8 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..checks import shown
-from ..core.modules import set_module
 from ..errors import MlxgptError, warn
+from ..modules import set_module
 
 QUANT_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)

@@ -28,9 +28,10 @@ def info() -> None:
         click.echo(f"kernels     {blas_kernels}")
     click.echo(f"model ops   {kernels_report()}")
     if device == mx.cpu:
+        from mlxgpt.core.config import GPTConfig
         from mlxgpt.cpu.layout import layout_report
 
-        click.echo(f"layout      {layout_report()}")
+        click.echo(f"layout      {layout_report(GPTConfig())}")
         streams = parallel.stream_count()
         click.echo(f"training    {streams} CPU stream{'s' * (streams > 1)} "
                    f"({'rows of each batch split over them, ' if streams > 1 else ''}"

@@ -33,12 +33,13 @@ import math
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..core.modules import set_module
 from ..errors import MlxgptError
+from ..modules import set_module
 
 LAYOUT_ENV = "MLXGPT_LAYOUT"
 LAYOUTS = ("plain", "one-block", "blocks")  # as nn.Linear, transposed, column blocks
@@ -226,12 +227,11 @@ def prepare_layouts(model: nn.Module) -> dict[str, str]:
     return chosen
 
 
-def layout_report(cfg=None) -> str:
-    """Which layouts decoding uses here and why (for ``mlxgpt info``; GPT-2 124M's shapes)."""
-    from ..core.config import GPTConfig
-
+def layout_report(cfg: Any) -> str:
+    """Which layouts decoding uses here and why, for a model of ``cfg``'s shapes (``mlxgpt
+    info`` passes GPT-2 124M's)."""
     lines = []
-    for part, (k, n, chain) in _probes(cfg or GPTConfig()).items():
+    for part, (k, n, chain) in _probes(cfg).items():
         chosen = choose_layout(k, n, chain)
         if os.environ.get(LAYOUT_ENV):
             lines.append(f"{part} {chosen}")

@@ -87,19 +87,6 @@ def on_streams(fn: Callable[..., Any], streams: Sequence[Any]) -> list[Callable[
     return [on_stream(fn, s) for s in streams] or [fn]
 
 
-def blas_threads(split: bool) -> Any:
-    """A context for training: the BLAS on one thread while a batch is ``split`` over the cores
-    (MLX streams or native worker threads), and BLIS
-    on one thread always. BLIS 0.9's threads meet in a barrier they spin on without yielding, so
-    beside MLX's dispatching thread (busy all through a training step) a descheduled one costs
-    the others a whole time slice, many times a step: one stream of the baby config ran at
-    180-7,300 tokens/s with two BLIS threads, 8,500-9,200 with one (AMD EPYC Zen 3, BLIS zen3;
-    generation keeps two: prefill 440 vs 308 tokens/s, the dispatching thread waits there)."""
-    from . import blas
-
-    return blas.threads(1 if split or blas.preloaded_library == "BLIS" else None)
-
-
 def split_rows(batch: Sequence[Any], parts: int) -> list[tuple[Any, ...]]:
     """The arrays of ``batch`` cut along their rows into at most ``parts`` near-equal pieces."""
     rows = batch[0].shape[0]

@@ -47,8 +47,8 @@ from ..checkpoints.files import atomic_save_safetensors, atomic_write_text, read
 from ..checkpoints.folder import read_weights
 from ..checkpoints.quantize import dense_weight, dequantize, linear_dims, logical_sizes
 from ..core.model import Model, ModelConfig
-from ..core.modules import get_module, set_module
 from ..errors import MlxgptError
+from ..modules import get_module, set_module
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

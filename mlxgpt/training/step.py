@@ -23,7 +23,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from ..core.backend import keep_freed_buffers
-from ..cpu.parallel import blas_threads, new_streams, on_streams, split_rows, stream_count
+from ..cpu.blas import training_threads
+from ..cpu.parallel import new_streams, on_streams, split_rows, stream_count
 from .config import TrainConfig
 from .distributed import Batch, all_sum_tree, shard, world
 from .native_pass import NativeGradients, native_unsupported, native_update_for
@@ -110,7 +111,7 @@ class Stepper:
         Returns (mean loss, tokens, gradient norm before clipping), all ranks together,
         evaluated, with the model and optimizer state.
         """
-        with blas_threads(self.split):
+        with training_threads(self.split):
             if self.native_update is not None:
                 out = self.native_update(*self.native.sums(batches))
             else:
@@ -171,7 +172,7 @@ class Evaluator:
     def __call__(self, batches: Iterable[Batch]) -> tuple[float, int]:
         """(mean loss, tokens counted) over ``batches`` (global batches; each rank its rows)."""
         total = mx.zeros((2,))
-        with blas_threads(self.split):
+        with training_threads(self.split):
             for batch in batches:
                 if self.native is not None:
                     loss, n, _ = self.native.sums([shard(batch, self.group)], grads=False)
