@@ -66,6 +66,27 @@ def finetune_args(base, out, *more):
     return ["finetune", "--model", model, "--data", data, "--out", out, *FAST, *more]
 
 
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """``{"text", "label"}`` lines to train a classifier on."""
+    path = tmp_path_factory.mktemp("labelled") / "labelled.jsonl"
+    path.write_text("".join(json.dumps({"text": w * 3, "label": "long" if len(w) > 3 else "short"})
+                            + "\n" for w in ["apple", "sky", "coal", "fig", "snow", "pear"] * 8))
+    return path
+
+
+def task_args(task: str, base, labelled: Path, out: Path, *more) -> list:
+    """``finetune`` of a language model (LoRA, ``full``) or of a classifier (the later
+    ``--data`` wins)."""
+    extra = {"lora": [], "full": ["--full"],
+             "classify": ["--task", "classify", "--data", labelled]}[task]
+    return finetune_args(base, out, *extra, *more)
+
+
+# What a finished run publishes at OUT's top level.
+RESULT = {"lora": "adapters.safetensors", "classify": "classifier.safetensors"}
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
@@ -84,29 +105,32 @@ def dead_pid() -> int:
 # --------------------------------------------------------------------------- --force and inputs
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_out_equal_to_model_is_refused_before_anything_is_touched(base, tmp_path, cli, refused,
-                                                                  full):
+@pytest.mark.parametrize("task", ["lora", "full", "classify"])
+def test_out_equal_to_model_is_refused_before_anything_is_touched(base, labelled, tmp_path, cli,
+                                                                  refused, task):
     own = tmp_path / "base"
     shutil.copytree(base[0], own)
     before = snapshot(own)
-    r = cli(*finetune_args(base, own, "--steps", 1, "--force", *(["--full"] if full else [])),
+    r = cli(*task_args(task, base, labelled, own, "--steps", 1, "--force"),
             "--model", own)  # the last --model wins
     refused(r, f"--out {own} is --model {own}")
     assert snapshot(own) == before
 
 
-def test_force_with_a_bad_model_keeps_the_previous_run(base, tmp_path, cli, cli_ok, refused):
+@pytest.mark.parametrize("task", ["lora", "classify"])
+def test_force_with_a_bad_model_keeps_the_previous_run(base, labelled, tmp_path, cli, cli_ok,
+                                                       refused, task):
     out = tmp_path / "run"
-    cli_ok(*finetune_args(base, out, "--steps", 2))
+    cli_ok(*task_args(task, base, labelled, out, "--steps", 2))
     before = snapshot(out)
-    r = cli(*finetune_args(base, out, "--steps", 2, "--force"), "--model", tmp_path / "nowhere")
+    r = cli(*task_args(task, base, labelled, out, "--steps", 2, "--force"),
+            "--model", tmp_path / "nowhere")
     refused(r)
     assert snapshot(out) == before and not temporaries(tmp_path)
     # a good --force run replaces it once complete, and leaves no temporaries
-    cli_ok(*finetune_args(base, out, "--steps", 3, "--force"))
+    cli_ok(*task_args(task, base, labelled, out, "--steps", 3, "--force"))
     assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == 3
-    assert (out / "adapters.safetensors").is_file() and not temporaries(tmp_path)
+    assert (out / RESULT[task]).is_file() and not temporaries(tmp_path)
 
 
 def full_disk_after(monkeypatch, n_saves: int) -> None:
@@ -122,13 +146,17 @@ def full_disk_after(monkeypatch, n_saves: int) -> None:
     monkeypatch.setattr(mx, "save_safetensors", save)
 
 
+# Saves that succeed first: the adapter and the optimizer (LoRA); the adapter, the head and the
+# optimizer, then the classifier being published fails (classify, one checkpoint).
+@pytest.mark.parametrize("task, saves, steps", [("lora", 2, 4), ("classify", 3, 2)])
 def test_a_force_run_failing_after_its_first_checkpoint_keeps_the_old_run(
-        base, tmp_path, cli, cli_ok, refused, monkeypatch):
+        base, labelled, tmp_path, cli, cli_ok, refused, monkeypatch, task, saves, steps):
     out = tmp_path / "run"
-    cli_ok(*finetune_args(base, out, "--steps", 2))
+    cli_ok(*task_args(task, base, labelled, out, "--steps", 2))
     before = snapshot(out)
-    full_disk_after(monkeypatch, 2)  # the first checkpoint: the adapter and the optimizer
-    r = cli(*finetune_args(base, out, "--steps", 4, "--save-every", 2, "--force"))
+    full_disk_after(monkeypatch, saves)
+    r = cli(*task_args(task, base, labelled, out, "--steps", steps, "--save-every", 2,
+                       "--force"))
     refused(r, "No space left on device")
     assert snapshot(out) == before and not temporaries(tmp_path)
 
@@ -315,9 +343,10 @@ def test_a_pretrain_run_failing_before_its_first_checkpoint_leaves_no_folder(
     assert not out.exists()
 
 
-def test_ctrl_c_in_finetune_exits_130_and_publishes_nothing(base, tmp_path, cli, cli_ok,
-                                                            monkeypatch):
-    real_batch = Batches.batch
+@pytest.mark.parametrize("task", ["lora", "classify"])
+def test_ctrl_c_in_finetune_exits_130_and_publishes_nothing(base, labelled, tmp_path, cli, cli_ok,
+                                                            monkeypatch, task):
+    real_batch = Batches.batch  # a classifier's LabelledBatches too
 
     def interrupting(self, index):
         if index == 1 and len(self.examples) > 10:  # the train set, not validation
@@ -326,15 +355,15 @@ def test_ctrl_c_in_finetune_exits_130_and_publishes_nothing(base, tmp_path, cli,
 
     monkeypatch.setattr(Batches, "batch", interrupting)
     out = tmp_path / "run"
-    r = cli(*finetune_args(base, out, "--steps", 4))
+    r = cli(*task_args(task, base, labelled, out, "--steps", 4))
     assert r.exit_code == 130, r.output
     assert "stopped at step 2" in r.output and "--resume" in r.output
     assert "written to" not in r.output
     assert (out / "last" / "trainer_state.json").is_file()
-    assert not (out / "adapters.safetensors").exists()  # a checkpoint, not a result
+    assert not (out / RESULT[task]).exists()  # a checkpoint, not a result
     monkeypatch.setattr(Batches, "batch", real_batch)
-    cli_ok(*finetune_args(base, out, "--steps", 4, "--resume"))
-    assert (out / "adapters.safetensors").is_file()
+    cli_ok(*task_args(task, base, labelled, out, "--steps", 4, "--resume"))
+    assert (out / RESULT[task]).is_file()
 
 
 # --------------------------------------------------------------------------- failed writes
@@ -437,3 +466,106 @@ def test_outputs_follow_the_umask(base, hf_source, tmp_path, cli_ok, umask_027):
     atomic_save_safetensors(tmp_path / "w.safetensors", {"a": mx.zeros((2,))})
     assert {stat.S_IMODE((tmp_path / f).stat().st_mode) for f in ("t.txt", "w.safetensors")} \
         == {0o640}
+
+
+# --------------------------------------------------------------------------- GGUF, caches, plots
+
+
+def gguf_export(model, out: Path, *more) -> list:
+    return ["export", "--format", "gguf", model, out, *more]
+
+
+def test_gguf_force_replaces_only_a_gguf_model(base, tmp_path, cli, cli_ok, refused, umask_027):
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    falcon = gguf.GGUFWriter(tmp_path / "falcon.gguf", "falcon")  # a GGUF mlxgpt cannot read
+    for step in (falcon.write_header_to_file, falcon.write_kv_data_to_file,
+                 falcon.write_tensors_to_file, falcon.close):
+        step()
+    # a user's file, a damaged GGUF, another architecture's: each refused in one line naming it
+    for content in (b"mine", b"GGUF" + bytes(40), (tmp_path / "falcon.gguf").read_bytes()):
+        out.write_bytes(content)
+        refused(cli(*gguf_export(base[0], out, "--force")), f"{out} is not a GGUF model file")
+        assert out.read_bytes() == content
+    out.unlink()
+    stale = tmp_path / f".m.gguf.tmp-{dead_pid()}-abcd"  # a killed export's
+    stale.write_bytes(b"\0" * 1000)
+    cli_ok(*gguf_export(base[0], out))
+    assert not stale.exists()
+    cli_ok(*gguf_export(base[0], out, "--force"))  # mlxgpt's own file is replaced
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and not temporaries(tmp_path)
+    (tmp_path / "link.gguf").symlink_to(out)
+    refused(cli(*gguf_export(base[0], tmp_path / "link.gguf", "--force")), "symbolic link")
+
+
+def test_gguf_output_is_never_its_input(base, tmp_path, cli_ok):
+    from mlxgpt.checkpoints.gguf import export_gguf
+    from mlxgpt.errors import MlxgptError
+
+    g = tmp_path / "m.gguf"
+    cli_ok(*gguf_export(base[0], g))
+    before = g.read_bytes()
+    with pytest.raises(MlxgptError, match=f"OUT {g} is MODEL {g}"):
+        export_gguf(g, g, force=True)
+    assert g.read_bytes() == before
+
+
+def test_token_cache_leftovers_are_removed_and_a_failed_write_leaves_none(
+        base, tmp_path, cli, cli_ok, refused, monkeypatch):
+    import mlxgpt.data.corpus as corpus
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f".{'0' * 32}.bin.tmp-{dead_pid()}-abcd"  # another corpus's, killed
+    stale.write_bytes(b"\0" * 1000)
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write(b"partial")
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    args = ["pretrain", *PRETRAIN, "--data", base[2], "--out", tmp_path / "run", "--steps", "1",
+            "--cache-dir", cache]
+    monkeypatch.setattr(corpus, "open", full_disk, raising=False)  # the token file's writes
+    refused(cli(*args), "No space left on device")
+    assert list(cache.iterdir()) == []
+    monkeypatch.undo()
+    cli_ok(*args)
+    assert sorted(p.suffix for p in cache.iterdir()) == [".bin", ".json"]
+
+
+def test_native_build_leftovers_are_removed(tmp_path, monkeypatch):
+    from mlxgpt.cpu import native
+
+    folder = tmp_path / "native"
+    folder.mkdir()
+    stale = folder / f".gpt_train-0123456789abcdef.so.tmp-{dead_pid()}-abcd.so"  # a killed build
+    stale.write_bytes(b"\0" * 1000)
+    monkeypatch.setenv("MLXGPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # every build fails: nothing of it may stay either
+    native.library_path.cache_clear()
+    try:
+        with pytest.raises(native.BuildError, match="could not build"):
+            native.library_path()
+    finally:
+        native.library_path.cache_clear()
+    assert [p.name for p in folder.iterdir()] == ["build.lock"]
+
+
+def test_a_failed_loss_plot_leaves_no_temporary(base, tmp_path, cli_ok, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def full_disk(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    out = tmp_path / "run"
+    r = cli_ok(*finetune_args(base, out, "--steps", 2))  # the run is saved: a note, not a failure
+    assert "no loss plot" in r.output and "No space left on device" in r.output
+    assert not (out / "loss.png").exists() and not temporaries(tmp_path)

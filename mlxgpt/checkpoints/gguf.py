@@ -19,9 +19,7 @@ A vocabulary without merges (the byte tokenizer) gets one merge that can never a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from ..errors import MlxgptError
 from ..tokenizers import EOT, GPT2_PATTERN, IdTokenizer, Tokenizer
 from ..tokenizers.hf_files import from_hf, to_hf
 from ..tokenizers.load import build_bpe
+from .files import atomic_file, check_apart, write_error
 from .quantize import dequantized_weights, float_dtype
 
 ARCH = "gpt2"
@@ -150,21 +149,32 @@ def _tensor_type(gguf: Any, name: str, shape: tuple[int, ...], dtype: str) -> An
     return T.F16
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """A temporary path next to ``path`` that replaces it only if the block succeeds."""
+def _model_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF file, or None where ``path`` is no readable GGUF."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    except OSError as e:
-        raise MlxgptError(f"cannot write to {path.parent}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":  # the magic: anything else is read no further
+                return None
+        field = _gguf().GGUFReader(path).get_field("general.architecture")
+        arch = field.contents() if field is not None else None
+    except Exception:  # damage of any kind: not a file to replace
+        return None
+    return arch if isinstance(arch, str) else None
+
+
+def check_gguf_output(out: Path, force: bool) -> None:
+    """Refuse an OUT that exists, unless ``force`` and it is a GGUF model mlxgpt reads back
+    (gpt2 or llama, what it writes): --force never replaces a file of another kind."""
+    if out.is_dir():
+        raise MlxgptError(f"{out} is a folder; GGUF is one file (e.g. {out / 'model.gguf'})")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise MlxgptError(f"{out} already exists (use --force to replace it)")
+    if out.is_symlink() or _model_architecture(out) not in (ARCH, "llama"):
+        what = "a symbolic link" if out.is_symlink() else "not a GGUF model file"
+        raise MlxgptError(f"{out} is {what}; --force replaces only a GGUF model (gpt2 or "
+                          "llama): move it away or choose another OUT")
 
 
 def write_gguf(model: Model, tokenizer: Tokenizer, out_path: str | os.PathLike,
@@ -174,10 +184,7 @@ def write_gguf(model: Model, tokenizer: Tokenizer, out_path: str | os.PathLike,
     Llama models as :mod:`.gguf_llama` describes)."""
     gguf = _gguf()
     out = Path(out_path)
-    if out.exists() and not force:
-        raise MlxgptError(f"{out} already exists (use --force to replace it)")
-    if out.is_dir():
-        raise MlxgptError(f"{out} is a folder; GGUF is one file (e.g. {out / 'model.gguf'})")
+    check_gguf_output(out, force)
     dtype = dtype or default_dtype(model)
     if dtype not in DTYPES:
         raise MlxgptError(f"unknown GGUF dtype {dtype!r} (choose from {', '.join(DTYPES)})")
@@ -207,12 +214,10 @@ def write_gguf(model: Model, tokenizer: Tokenizer, out_path: str | os.PathLike,
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MlxgptError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-    try:
-        with _atomic_file(out) as tmp:
-            _write(gguf, tmp, cfg, file_type, vocab, tensors, name)
-    except OSError as e:  # a full disk, a vanished folder: nothing is left behind
-        raise MlxgptError(f"cannot write {out}: {e.strerror or e}") from None
+        raise write_error(e, out.parent) from None
+    # a full disk, a vanished folder: one line, and nothing is left behind
+    with atomic_file(out) as tmp:
+        _write(gguf, tmp, cfg, file_type, vocab, tensors, name)
     return GGUFExport(out, dtype, model.n_params, getattr(tokenizer, "name", "?"),
                       out.stat().st_size, kept_f16)
 
@@ -274,11 +279,12 @@ def export_gguf(model_path: str | os.PathLike, out_path: str | os.PathLike,
     from .hub import resolve_source
 
     out = Path(out_path)
-    if out.exists() and not force:  # before reading the model
-        raise MlxgptError(f"{out} already exists (use --force to replace it)")
+    check_apart(out, {"MODEL": model_path}, out_label="OUT")  # before reading the model
+    check_gguf_output(out, force)
     if dtype is not None and dtype not in DTYPES:
         raise MlxgptError(f"unknown GGUF dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     src = resolve_source(model_path)
+    check_apart(out, {"MODEL": src}, out_label="OUT")  # a name resolved to a local file
     if mlx_folder.is_classifier_folder(src) or is_hf_classifier(src):
         raise MlxgptError(f"{model_path}: a classifier; llama.cpp's gpt2 is a language model only")
     if src.is_file():  # another GGUF file (a known model fetched as one)

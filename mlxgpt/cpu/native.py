@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomicio import locked
+from ..atomicio import atomic_file, clean_leftovers, locked
 from ..cachedir import cache_root
 from .parallel import split_rows
 
@@ -103,18 +102,27 @@ def library_path() -> Path:
     with locked(folder / "build.lock"):
         if target.exists():
             return target
-        errors = []
-        for flags in _flag_sets():
-            fd, tmp = tempfile.mkstemp(prefix=".gpt_train-", suffix=".so", dir=folder)
-            os.close(fd)
-            out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
-                                 capture_output=True, text=True, check=False)
-            if out.returncode == 0:
-                os.replace(tmp, target)
+        # Builds killed midway (this key's or an older one's) leave temporaries: removed.
+        clean_leftovers(folder)
+        *first, portable = _flag_sets()
+        for flags in first:
+            try:
+                with atomic_file(target, suffix=".so") as tmp:
+                    _compile(cc, flags, tmp)
                 return target
-            os.unlink(tmp)
-            errors.append(out.stderr.strip().splitlines()[-1:] or ["failed"])
-        raise BuildError(f"{cc} could not build {SOURCE.name}: {errors[-1][0]}")
+            except BuildError:  # -march=native may fail: the portable flags next
+                continue
+        with atomic_file(target, suffix=".so") as tmp:
+            _compile(cc, portable, tmp)
+        return target
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    done = subprocess.run([cc, *flags, "-o", str(out), str(SOURCE), "-lm"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        raise BuildError(f"{cc} could not build {SOURCE.name}: {why}")
 
 
 def _sgemm_address() -> int | None:

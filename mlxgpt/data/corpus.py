@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import mlx.core as mx
 import numpy as np
 
+from ..atomicio import WriteError, atomic_file, atomic_write_text, clean_leftovers
 from ..cachedir import cache_root
 from ..errors import MlxgptError
 from ..tokenizers.base import GPT2_PATTERN, text_pieces
@@ -161,49 +162,49 @@ def tokenize_corpus(
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.tmp-", dir=cache)
     except OSError as e:
         raise MlxgptError(f"cannot write the token cache in {cache}: {e.strerror or e} "
                           f"(choose another with --cache-dir)") from None
-    total, done, n_tokens = sum(sizes), 0, 0
-    update = _progress(total, progress)
-    eot = tokenizer.eot_id
+    # Every corpus has its own name here: runs killed while tokenizing another leave theirs.
+    clean_leftovers(cache)
     try:
-        with os.fdopen(fd, "wb") as out:
-            for f in files:
-                data = _read_bytes(f)
-                _check_utf8(data, f)
-                pieces = _pieces(data, tokenizer)
-                step = CHUNK_BYTES // PIECE_BYTES
-                for k in range(0, len(pieces), step):
-                    group = pieces[k : k + step]
-                    for ids in _encode_pieces(tokenizer, group, dtype):
-                        out.write(ids.tobytes())
-                        n_tokens += ids.size
-                    done += sum(map(len, group))
-                    update(done)
-                if eot is not None and len(files) > 1:
-                    out.write(np.asarray([eot], dtype=dtype).tobytes())
-                    n_tokens += 1
+        with atomic_file(bin_path) as tmp, open(tmp, "wb") as out:
+            n_tokens = _write_tokens(out, files, tokenizer, dtype,
+                                     _progress(sum(sizes), progress))
+            if n_tokens == 0:
+                raise MlxgptError(f"{path}: the corpus has no tokens")
         meta = {"format": TOKEN_FORMAT, "n_tokens": n_tokens, "dtype": np.dtype(dtype).name,
                 "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-                "files": [str(f) for f in files], "bytes": total}
-        if n_tokens == 0:
-            raise MlxgptError(f"{path}: the corpus has no tokens")
-        os.replace(tmp, bin_path)
-        _atomic_json(meta_path, meta)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                "files": [str(f) for f in files], "bytes": sum(sizes)}
+        # Written after the tokens: an entry is used only when both files are there.
+        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    except WriteError as e:  # a full or read-only disk
+        raise WriteError(f"{e} (choose another cache folder with --cache-dir)") from None
     tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,))
     return TokenFile(bin_path, tokens, meta)
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def _write_tokens(out: BinaryIO, files: Sequence[Path], tokenizer: Any, dtype: type,
+                  update: Callable[[int], None]) -> int:
+    """Write the tokens of ``files`` (each followed by end-of-text where there are several)
+    to ``out``; returns how many."""
+    done, n_tokens, eot = 0, 0, tokenizer.eot_id
+    for f in files:
+        data = _read_bytes(f)
+        _check_utf8(data, f)
+        pieces = _pieces(data, tokenizer)
+        step = CHUNK_BYTES // PIECE_BYTES
+        for k in range(0, len(pieces), step):
+            group = pieces[k : k + step]
+            for ids in _encode_pieces(tokenizer, group, dtype):
+                out.write(ids.tobytes())
+                n_tokens += ids.size
+            done += sum(map(len, group))
+            update(done)
+        if eot is not None and len(files) > 1:
+            out.write(np.asarray([eot], dtype=dtype).tobytes())
+            n_tokens += 1
+    return n_tokens
 
 
 # --------------------------------------------------------------------------- tokenizer training

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +41,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..atomicio import make_temp_dir, remove, write_error
 from ..checkpoints import folder as mlx_folder
+from ..checkpoints.files import mlx_write_failure
 from ..checkpoints.quantize import float_dtype, model_quantization
 from ..core.classifier import GPTClassifier
 from ..data.examples import (
@@ -63,6 +63,7 @@ from .finetune import FinetuneOptions, prepare_model, prepare_out, report_traina
 from .loop import train
 from .lora import fuse, save_adapter
 from .loss import hidden_lm_loss
+from .state import run_folder
 from .step import LossFn
 
 Records = Sequence[tuple[str, dict[str, Any]]]
@@ -109,7 +110,10 @@ def finetune_classifier(opts: ClassifyOptions,
     echo = rank0_echo(echo)
     splits = read_splits(opts)  # bad data stops the run before the model is read
     labels = label_set(splits, opts.data)
-    prepare_out(out, resume=opts.resume, force=opts.force, write=rank0)
+    # OUT is only checked here: a run over an old one (--force) trains in a folder of its own
+    # that replaces the old run once it ends (run_folder), as finetune's does.
+    replace = prepare_out(out, resume=opts.resume, force=opts.force, write=rank0, clear=False,
+                          inputs={"--model": opts.model, "--data": opts.data})
     if opts.resume and (had := mlx_folder.read_labels(out / "last")) != labels:
         raise MlxgptError(f"cannot resume: {out / 'last'} has the labels {', '.join(had)}, "
                           f"the data {', '.join(labels)}")
@@ -138,19 +142,24 @@ def finetune_classifier(opts: ClassifyOptions,
     save, restore = checkpoint_functions(opts, lora, tokenizer)
     mode = ("head-only" if opts.head_only else "full" if lora is None
             else "dora" if lora.dora else "lora")
-    result = train(clf, classify_loss(lm_weight), train_data, cfg, out, save_weights=save,
-                   load_weights=restore, val_data=val_data, sample=sample, resume=opts.resume,
-                   fingerprint={"data": str(opts.data), "lora": str(lora), "mode": mode,
-                                "labels": labels, "lm_weight": lm_weight},
-                   echo=echo)
-    if rank0:
-        publish_classifier(clf, out, restore, fuse_lora=lora is not None, tokenizer=tokenizer,
-                           extra={"finetuned_from": str(opts.model), "training": mode})
+    with run_folder(out, resume=opts.resume, replace=replace, write=rank0) as run_dir:
+        result = train(clf, classify_loss(lm_weight), train_data, cfg, run_dir,
+                       save_weights=save, load_weights=restore, val_data=val_data,
+                       sample=sample, resume=opts.resume, shown_dir=out,
+                       fingerprint={"data": str(opts.data), "lora": str(lora), "mode": mode,
+                                    "labels": labels, "lm_weight": lm_weight},
+                       echo=echo)
+        # A stopped run is a checkpoint to resume, not a result: nothing is published.
+        if rank0 and not result.interrupted:
+            publish_classifier(clf, run_dir, restore, fuse_lora=lora is not None,
+                               tokenizer=tokenizer,
+                               extra={"finetuned_from": str(opts.model), "training": mode})
     ex_s = result.tokens / result.elapsed if result.elapsed else 0.0  # counts are examples
     echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}: "
          f"{ex_s:,.1f} examples/s, peak memory {result.peak_memory / 2**30:.2f} GiB")
-    best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
-    echo(f"classifier written to {out}{best}")
+    if not result.interrupted:
+        best = f" (best val loss {result.best_val_loss:.4f})" if result.best_val_loss else ""
+        echo(f"classifier written to {out}{best}")
     return result
 
 
@@ -234,14 +243,20 @@ def publish_classifier(clf: GPTClassifier, out: Path,
     restore(clf, out / ("best" if (out / "best").is_dir() else "last"))
     if fuse_lora:
         fuse(clf.transformer)
-    tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=out))
     try:
-        mlx_folder.write_classifier_files(clf, tmp, tokenizer, extra=extra,
-                                          quantization=model_quantization(clf.transformer))
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # .publish.tmp-PID-*: what a killed run leaves is removed by the next (recover_run)
+        tmp = make_temp_dir(out / "publish")
+        try:
+            mlx_folder.write_classifier_files(clf, tmp, tokenizer, extra=extra,
+                                              quantization=model_quantization(clf.transformer))
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+        finally:
+            remove(tmp)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError) or mlx_write_failure(e):  # a full disk: one line
+            raise write_error(e, out) from None
+        raise
 
 
 # --------------------------------------------------------------------------- prediction

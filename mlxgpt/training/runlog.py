@@ -4,11 +4,10 @@ curve, ``loss.png`` (when matplotlib is installed: ``pip install 'mlxgpt[plot]'`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.files import atomic_write_text
+from ..checkpoints.files import atomic_file, atomic_write_text
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
@@ -76,8 +75,10 @@ def plot_losses(log_path: Path, out_path: Path, title: str = "") -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        # a failed save (a full disk) leaves no temporary behind, and is one line
+        with atomic_file(out_path, suffix=".png") as tmp:  # the suffix picks the format
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return None
