@@ -422,7 +422,12 @@ def run_process_cases(w: World) -> list[Outcome]:
     time.sleep(20)
     p.kill()
     p.wait()
-    r = subprocess.run([*cmd[:-1], "--steps", "41", "--resume", "--quiet"], env=env,
+    try:  # wherever the kill caught it, the run goes on from its last checkpoint
+        step = json.loads((run / "last" / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        step = 0
+    r = subprocess.run([*cmd[:cmd.index("--steps")], "--steps", str(step + 5),
+                        *cmd[cmd.index("--steps") + 2:], "--resume"], env=env,
                        capture_output=True, text=True)
     text = r.stdout + r.stderr
     verdict = ("traceback" if "Traceback" in text else
