@@ -288,13 +288,106 @@ def test_cli_generate_streams_and_matches_the_library(tmp_path, model_folder, ml
     expect = generate(model, tok, "Hello", max_tokens=20, sampling=GREEDY, stop_at_eos=False)
     assert p.stdout == expect + "\n"
     assert "tok/s" in p.stderr and "finish: length" in p.stderr
-    # The prompt from stdin, and every sampling option accepted.
+    # The prompt from stdin, and every sampling option at once: the library's text with them.
     options = ["--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.2",
                "--presence-penalty", "0.1", "--frequency-penalty", "0.1", "--penalty-window", "8",
                "--logit-bias", "65=2", "--seed", "1", "--stop", "zz", "--context", "stop", "-q"]
-    p = mlxgpt_process("generate", "-m", folder, "-p", "-", "-n", "5", *options, stdin="Hello")
+    p = mlxgpt_process("generate", "-m", folder, "-p", "-", "-n", "30", *options, stdin="Hello")
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
+    settings = SamplingSettings(top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
+                                presence_penalty=0.1, frequency_penalty=0.1, penalty_window=8,
+                                logit_bias={65: 2.0}, seed=1)
+    expect = generate(model, tok, "Hello", max_tokens=30, sampling=settings, stop=["zz"],
+                      context="stop")
+    assert p.stdout == expect + "\n"
+    assert expect != generate(model, tok, "Hello", max_tokens=30,
+                              sampling=SamplingSettings(seed=1))
+
+
+@pytest.fixture(scope="module")
+def byte_folder(tmp_path_factory, model_folder):
+    return model_folder(tmp_path_factory.mktemp("generate"))  # byte tokenizer, 64 positions
+
+
+def cli_text(cli_ok, folder, *args) -> str:
+    out = cli_ok("generate", "-m", folder, "-p", "Hello", "-n", "40", "--ignore-eos", "-q", *args)
+    return out.stdout[:-1]  # generate ends its output with a newline
+
+
+# (option arguments, the library's setting, the setting to differ from): at temperature 1,
+# seed 1 (each option last on the command line, so --temp and --seed override those)
+OPTION_CASES = [
+    (["--top-k", "3"], {"top_k": 3}, {}),
+    (["--top-p", "0.3"], {"top_p": 0.3}, {}),
+    (["--min-p", "0.5"], {"min_p": 0.5}, {}),
+    (["--repetition-penalty", "2"], {"repetition_penalty": 2.0}, {}),
+    (["--presence-penalty", "1.5"], {"presence_penalty": 1.5}, {}),
+    (["--frequency-penalty", "1"], {"frequency_penalty": 1.0}, {}),
+    (["--frequency-penalty", "1", "--penalty-window", "4"],
+     {"frequency_penalty": 1.0, "penalty_window": 4}, {"frequency_penalty": 1.0}),
+    (["--logit-bias", "65=4"], {"logit_bias": {65: 4.0}}, {}),
+    (["--seed", "2"], {"seed": 2}, {}),
+    (["--temp", "0.5"], {"temperature": 0.5}, {}),
+]
+
+
+@pytest.mark.parametrize("args, setting, without", OPTION_CASES,
+                         ids=[" ".join(c[0]) for c in OPTION_CASES])
+def test_cli_sampling_option_changes_the_text_as_the_library_does(byte_folder, cli_ok, args,
+                                                                  setting, without):
+    model, tok = mlxgpt.load(str(byte_folder))
+    sampled = {"temperature": 1.0, "seed": 1}
+
+    def lib(**kw) -> str:
+        return generate(model, tok, "Hello", max_tokens=40, stop_at_eos=False,
+                        sampling=SamplingSettings(**{**sampled, **kw}))
+
+    expect = lib(**setting)
+    assert expect != lib(**without)  # the option matters here
+    assert cli_text(cli_ok, byte_folder, "--temp", "1", "--seed", "1", *args) == expect
+
+
+def test_cli_stop_cuts_the_text_before_the_stop_string(byte_folder, cli_ok):
+    letters = [f"{ord(c)}=3" for c in "abcdefghijklmnopqrstuvwxyz"]
+    args = ["--temp", "1", "--seed", "1", *(a for b in letters for a in ("--logit-bias", b))]
+    full = cli_text(cli_ok, byte_folder, *args)
+    # three letters from the middle of the text, at their first occurrence (not the start)
+    k = next(i for i in range(len(full) // 3, len(full) - 3)
+             if full[i:i + 3].isalpha() and full[i:i + 3].isascii()
+             and full.find(full[i:i + 3]) > 0)
+    stop = full[k:k + 3]
+    out = cli_ok("generate", "-m", byte_folder, "-p", "Hello", "-n", "40", "--ignore-eos",
+                 *args, "--stop", "zzzz", "--stop", stop)
+    assert out.stdout == full[:full.find(stop)] + "\n"
+    assert "finish: stop" in out.stderr
+
+
+def test_cli_context_window_and_eos_options_take_effect(byte_folder, cli_ok):
+    model, tok = mlxgpt.load(str(byte_folder))  # 64 positions
+    base = ["generate", "-m", byte_folder, "-p", "abcdefgh", "-n", "100", "--temp", "0",
+            "--frequency-penalty", "0.5", "--ignore-eos"]
+    settings = SamplingSettings(temperature=0, frequency_penalty=0.5)
+
+    def lib(**kw) -> str:
+        return generate(model, tok, "abcdefgh", max_tokens=100, sampling=settings,
+                        stop_at_eos=False, **kw)
+
+    slide = cli_ok(*base)
+    assert "generated 100 tokens" in slide.stderr and "finish: length" in slide.stderr
+    assert slide.stdout == lib() + "\n"
+    stop = cli_ok(*base, "--context", "stop")
+    assert "generated 57 tokens" in stop.stderr  # 64 positions - 8 prompt tokens + 1
+    assert stop.stdout == lib(context="stop") + "\n" != slide.stdout
+    keep = cli_ok(*base, "--window-keep", "5")
+    assert keep.stdout == lib(window_keep=5) + "\n" != slide.stdout
+    # <|endoftext|> (id 256) made certain: it ends the text unless --ignore-eos
+    eos = ["generate", "-m", byte_folder, "-p", "a", "-n", "5", "--temp", "0",
+           "--logit-bias", "256=50"]
+    ended = cli_ok(*eos)
+    assert ended.stdout == "\n" and "finish: eos" in ended.stderr
+    ignored = cli_ok(*eos, "--ignore-eos")
+    assert "generated 5 tokens" in ignored.stderr and "finish: length" in ignored.stderr
 
 
 def test_cli_generate_bad_input_is_one_line(tmp_path, cli, refused, model_folder):

@@ -321,3 +321,53 @@ def test_reads_adapters_written_by_mlx_lm(tmp_path, base):
     }))
     fresh = load_adapter(base(), tmp_path / "ad")
     assert mx.array_equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("kind, num_layers, keys", [
+    ("lora", 1, None),  # mlx-lm's default keys: every linear layer of the last block
+    ("dora", 2, ["attn.c_attn", "mlp.c_proj"]),
+])
+def test_reads_an_adapter_trained_by_mlx_lm(tmp_path, base, kind, num_layers, keys):
+    """An adapter made entirely by mlx-lm's own code (``mlx_lm lora --train``: its loader,
+    ``linear_to_lora_layers``, trainer and files) on a folder mlxgpt wrote: mlxgpt's logits
+    with it equal mlx-lm's."""
+    import types
+
+    mlx_lm_lora = pytest.importorskip("mlx_lm.lora")
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    pytest.importorskip("transformers")
+    import mlxgpt
+    from mlxgpt.checkpoints.folder import save_model
+    from mlxgpt.tokenizers import gpt2_tokenizer
+
+    save_model(base(vocab_size=50257), tmp_path / "base", gpt2_tokenizer())
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot today",
+             "we like to read books", "rain falls on the roof", "birds sing in the tree"]
+    for name, texts in (("train", lines), ("valid", lines[:2])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                    for t in texts))
+    params = {"rank": 4, "dropout": 0.0, "scale": 2.0}
+    if keys is not None:
+        params["keys"] = keys
+    args = types.SimpleNamespace(**{
+        **mlx_lm_lora.CONFIG_DEFAULTS, "model": str(tmp_path / "base"), "train": True,
+        "data": str(data), "fine_tune_type": kind, "num_layers": num_layers, "batch_size": 2,
+        "iters": 6, "val_batches": 1, "learning_rate": 1e-2, "steps_per_report": 3,
+        "adapter_path": str(tmp_path / "ad"), "lora_parameters": params})
+    mlx_lm_lora.run(args)
+    meta = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
+    assert meta["fine_tune_type"] == kind and "rank" not in meta  # mlx-lm's config, not ours
+
+    theirs, _ = mlx_lm_utils.load(str(tmp_path / "base"), adapter_path=str(tmp_path / "ad"))
+    ours, _ = mlxgpt.load(tmp_path / "base", adapter=tmp_path / "ad")
+    plain, _ = mlxgpt.load(tmp_path / "base")
+    x = mx.array(np.random.default_rng(3).integers(0, 50257, (2, 16)), mx.int32)
+    expect = np.array(theirs(x))
+    np.testing.assert_allclose(np.array(ours(x)), expect, atol=1e-4)
+    assert np.abs(np.array(plain(x)) - expect).max() > 1e-3  # training moved the adapter
+    adapted = {path for path, _ in lora_modules(ours)}
+    layers = [f"h.{i}" for i in range(2 - num_layers, 2)]
+    names = keys or ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert adapted == {f"{layer}.{n}" for layer in layers for n in names}

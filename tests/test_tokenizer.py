@@ -14,7 +14,6 @@ from tiktoken.load import load_tiktoken_bpe
 from mlxgpt.errors import MlxgptError
 from mlxgpt.tokenizers import (
     EOT,
-    GPT2_PATTERN,
     BPETokenizer,
     IdTokenizer,
     byte_tokenizer,
@@ -25,8 +24,13 @@ from mlxgpt.tokenizers import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_RANKS = ROOT.parent / "shared" / "assets" / "gpt2.tiktoken"
+# tiktoken's published SHA-256 of GPT-2's ranks (r50k_base.tiktoken, in tiktoken_ext/openai_public)
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# tiktoken's published GPT-2 split pattern (r50k_pat_str in tiktoken_ext/openai_public), written
+# here so the reference shares nothing with mlxgpt's code
+TIKTOKEN_GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare.txt"
 
 TEXTS = [
@@ -55,14 +59,18 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference() -> tiktoken.Encoding:
-    """GPT-2 built directly by tiktoken from the shared ranks file (see ../shared/README.md)."""
-    if not SHARED_RANKS.is_file():
-        pytest.skip(f"{SHARED_RANKS} not present")
+    """GPT-2 as tiktoken builds it (its ``gpt2``/``r50k_base`` encoding): the shipped ranks
+    file, checked by tiktoken against the published hash, tiktoken's pattern and special token;
+    nothing from mlxgpt's code."""
+    from importlib.resources import as_file, files
+
+    with as_file(files("mlxgpt").joinpath("assets", "gpt2.tiktoken")) as ranks:
+        mergeable_ranks = load_tiktoken_bpe(str(ranks), expected_hash=RANKS_SHA256)
     return tiktoken.Encoding(
         name="gpt2-reference",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=load_tiktoken_bpe(str(SHARED_RANKS)),
-        special_tokens={EOT: 50256},
+        pat_str=TIKTOKEN_GPT2_PATTERN,
+        mergeable_ranks=mergeable_ranks,
+        special_tokens={"<|endoftext|>": 50256},
         explicit_n_vocab=50257,
     )
 
