@@ -9,11 +9,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxgpt.checkpoints.adapters.lora import load_adapter
 from mlxgpt.checkpoints.folder import load_model
 from mlxgpt.data.examples import Batches, read_jsonl
 from mlxgpt.tokenizers import byte_tokenizer
 from mlxgpt.training.evaluate import classify
-from mlxgpt.training.lora import load_adapter
 
 COLOURS = {"apple": "red", "banana": "yellow", "sky": "blue", "grass": "green",
            "coal": "black", "snow": "white"}
@@ -196,8 +196,8 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_model):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
+    from mlxgpt.checkpoints.adapters.lora import LoRAConfig, apply_lora, lora_modules
     from mlxgpt.training.finetune import grad_checkpoint
-    from mlxgpt.training.lora import LoRAConfig, apply_lora, lora_modules
     from mlxgpt.training.loss import lm_loss
 
     x = mx.array(np.random.default_rng(0).integers(0, 97, (2, 17)), mx.int32)

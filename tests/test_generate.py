@@ -13,7 +13,8 @@ from mlxgpt.checkpoints.folder import shipped_model
 from mlxgpt.core.backend import prepare_for_inference
 from mlxgpt.errors import MlxgptError
 from mlxgpt.generation.context import Context
-from mlxgpt.generation.generate import StopMatcher, generate, generate_tokens, stream_generate
+from mlxgpt.generation.decode import StopMatcher, generate_tokens
+from mlxgpt.generation.generate import generate, stream_generate
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler
 from mlxgpt.tokenizers import byte_tokenizer, gpt2_tokenizer
 
@@ -511,7 +512,7 @@ def test_layout_choice_is_timed_and_a_bad_name_refused(monkeypatch):
 
 
 def test_cli_generate_applies_an_adapter(tmp_path, model_folder, cli_ok):
-    from mlxgpt.training.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+    from mlxgpt.checkpoints.adapters.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
 
     folder = model_folder(tmp_path)
     model, tok = mlxgpt.load(str(folder))

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 import mlxgpt
 from mlxgpt.core.backend import ARITHMETIC, FUSED, Kernels
 from mlxgpt.generation.context import Context
-from mlxgpt.generation.generate import generate_tokens
+from mlxgpt.generation.decode import generate_tokens
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler
 from mlxgpt.training.loss import lm_loss
 

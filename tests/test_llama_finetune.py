@@ -29,13 +29,7 @@ pytest.importorskip("gguf")
 from _llama_helpers import SMALL, SMOL_TEMPLATE, random_llama, write_llama_gguf  # noqa: E402
 
 import mlxgpt  # noqa: E402
-from mlxgpt.checkpoints.folder import load_model, save_classifier, save_model  # noqa: E402
-from mlxgpt.core.classifier import GPTClassifier  # noqa: E402
-from mlxgpt.core.llama import Llama, LlamaConfig  # noqa: E402
-from mlxgpt.data.examples import encode_records, read_jsonl  # noqa: E402
-from mlxgpt.errors import MlxgptError  # noqa: E402
-from mlxgpt.training.evaluate import classify  # noqa: E402
-from mlxgpt.training.lora import (  # noqa: E402
+from mlxgpt.checkpoints.adapters.lora import (  # noqa: E402
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LoRAConfig,
@@ -46,6 +40,12 @@ from mlxgpt.training.lora import (  # noqa: E402
     parse_targets,
     save_adapter,
 )
+from mlxgpt.checkpoints.folder import load_model, save_classifier, save_model  # noqa: E402
+from mlxgpt.core.classifier import GPTClassifier  # noqa: E402
+from mlxgpt.core.llama import Llama, LlamaConfig  # noqa: E402
+from mlxgpt.data.examples import encode_records, read_jsonl  # noqa: E402
+from mlxgpt.errors import MlxgptError  # noqa: E402
+from mlxgpt.training.evaluate import classify  # noqa: E402
 
 TOL = 1e-4  # float32 logits, absolute
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -11,9 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxgpt import GPT, GPTConfig
-from mlxgpt.checkpoints.quantize import dense_weight
-from mlxgpt.errors import MlxgptError
-from mlxgpt.training.lora import (
+from mlxgpt.checkpoints.adapters.lora import (
     ADAPTER_CONFIG,
     DoRALinear,
     LoRAConfig,
@@ -28,6 +26,8 @@ from mlxgpt.training.lora import (
     parse_targets,
     save_adapter,
 )
+from mlxgpt.checkpoints.quantize import dense_weight
+from mlxgpt.errors import MlxgptError
 
 SHAPE = {"vocab_size": 97, "n_positions": 32, "n_embd": 64}
 TINY = GPTConfig(**{**conftest.TINY, **SHAPE})

@@ -37,7 +37,7 @@ from mlxgpt.core.backend import prepare_for_inference
 from mlxgpt.cpu import blas
 from mlxgpt.generation.cache import KVCache
 from mlxgpt.generation.context import Context, compiled_forward
-from mlxgpt.generation.generate import generate_tokens
+from mlxgpt.generation.decode import generate_tokens
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "q8": 8, "q4": 4}

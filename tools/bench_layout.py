@@ -22,7 +22,7 @@ from mlxgpt import GPT, GPTConfig
 from mlxgpt.cpu import blas
 from mlxgpt.cpu.layout import LAYOUTS, block_weights, choose_layout, layout_limit
 from mlxgpt.generation.context import Context
-from mlxgpt.generation.generate import generate_tokens
+from mlxgpt.generation.decode import generate_tokens
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler
 
 

@@ -40,7 +40,7 @@ from mlxgpt.checkpoints.gguf_llama import read_llama_gguf  # noqa: E402
 from mlxgpt.core import backend  # noqa: E402
 from mlxgpt.cpu import blas  # noqa: E402
 from mlxgpt.generation.context import Context  # noqa: E402
-from mlxgpt.generation.generate import generate_tokens  # noqa: E402
+from mlxgpt.generation.decode import generate_tokens  # noqa: E402
 from mlxgpt.generation.sample import SamplingSettings, TokenSampler  # noqa: E402
 
 

@@ -74,9 +74,9 @@ def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full
                   ckpt: bool) -> dict:
     import mlx.core as mx
 
+    from mlxgpt.checkpoints.adapters.lora import LoRAConfig
     from mlxgpt.training.config import TrainConfig
     from mlxgpt.training.finetune import FinetuneOptions, finetune
-    from mlxgpt.training.lora import LoRAConfig
 
     opts = FinetuneOptions(
         model=model, data=data, out=out, batch_size=BATCH, max_seq_len=SEQ, force=True,

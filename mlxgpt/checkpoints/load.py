@@ -56,7 +56,7 @@ def load(
     if explicit is None and on_cpu():
         model.set_dtype(mx.float32, lambda t: t in _HALF)
     if adapter is not None:
-        from ..training.lora import load_adapter  # only adapter users pay for importing LoRA
+        from .adapters.lora import load_adapter  # only adapter users pay for importing LoRA
 
         model = load_adapter(model, adapter)
     return model, tokenizer

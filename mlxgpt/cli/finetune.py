@@ -80,10 +80,10 @@ def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_pr
     Lines are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]};
     with --task classify, {"text", "label"}.
     """
+    from mlxgpt.checkpoints.adapters.lora import LoRAConfig
     from mlxgpt.training.config import TrainConfig
     from mlxgpt.training.finetune import FinetuneOptions, steps_per_epoch
     from mlxgpt.training.finetune import finetune as finetune_lm
-    from mlxgpt.training.lora import LoRAConfig
 
     classify = task == "classify"
     if not classify and (head_only or lm_weight is not None):

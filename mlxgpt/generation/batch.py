@@ -35,7 +35,7 @@ from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .cache import STEP
 from .context import PREFILL_STEP, common_prefix
-from .generate import StopMatcher, check_limits, fit_prompt
+from .decode import StopMatcher, check_limits, fit_prompt
 from .sample import NEG_INF, SamplingSettings, TokenSampler
 
 

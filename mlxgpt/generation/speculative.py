@@ -33,6 +33,7 @@ from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import SHORT_READ, Context
+from .decode import generate_tokens
 from .draft_length import PAUSE, RECENT_ROUNDS, DraftCosts, costs_for, drafting_pays
 from .identity import tokenizer_digest
 from .sample import TokenSampler
@@ -251,8 +252,6 @@ class Speculator:
     def undrafted(self, max_tokens: int) -> Iterator[tuple[int, float | None]]:
         """The next ``max_tokens`` tokens decoded without the draft, as generation without one
         decodes (each step queued before the token before it is read)."""
-        from .generate import generate_tokens
-
         window = self.keep if self.slide else None
         # what the model holds (its window, if it slid) and the token it has not read yet
         held = [*self.ctx.tokens, self.seq[-1]]

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..atomicio import make_temp_dir, remove, write_error
 from ..checkpoints import folder as mlx_folder
+from ..checkpoints.adapters.lora import fuse, save_adapter
 from ..checkpoints.files import mlx_write_failure
 from ..checkpoints.quantize import float_dtype, model_quantization
 from ..core.classifier import GPTClassifier
@@ -61,7 +62,6 @@ from .distributed import is_rank0, rank0_echo
 from .evaluate import confusion_lines
 from .finetune import FinetuneOptions, prepare_model, prepare_out, report_trainable, restore_adapter
 from .loop import train
-from .lora import fuse, save_adapter
 from .loss import hidden_lm_loss
 from .state import run_folder
 from .step import LossFn

@@ -31,6 +31,18 @@ import mlx.nn as nn
 
 from ..atomicio import MARKER, atomic_file, remove
 from ..checkpoints import folder as mlx_folder
+from ..checkpoints.adapters.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoRAConfig,
+    apply_lora,
+    base_identity,
+    count_parameters,
+    fuse,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from ..checkpoints.files import check_apart, check_output, check_writable, named, read_marker
 from ..checkpoints.load import load
 from ..checkpoints.quantize import model_quantization, quantize
@@ -43,18 +55,6 @@ from .config import TrainConfig, TrainResult
 from .distributed import is_rank0, rank0_echo
 from .evaluate import greedy_text
 from .loop import train
-from .lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LoRAConfig,
-    apply_lora,
-    base_identity,
-    count_parameters,
-    fuse,
-    load_adapter,
-    read_adapter_config,
-    save_adapter,
-)
 from .loss import lm_loss
 from .optim import OPTIMIZER_FILE
 from .runlog import LOG_FILE, PLOT_FILE

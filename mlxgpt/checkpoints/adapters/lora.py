@@ -43,12 +43,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..checkpoints.files import atomic_save_safetensors, atomic_write_text, read_json
-from ..checkpoints.folder import read_weights
-from ..checkpoints.quantize import dense_weight, dequantize, linear_dims, logical_sizes
-from ..core.model import Model, ModelConfig
-from ..errors import MlxgptError
-from ..modules import get_module, set_module
+from ...core.model import Model, ModelConfig
+from ...errors import MlxgptError
+from ...modules import get_module, set_module
+from ..files import atomic_save_safetensors, atomic_write_text, read_json
+from ..folder import read_weights
+from ..quantize import dense_weight, dequantize, linear_dims, logical_sizes
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
