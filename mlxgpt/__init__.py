@@ -17,10 +17,12 @@ examples), ``training`` (the loop, LoRA, pretrain/finetune/eval), ``cli``.
 
 from __future__ import annotations
 
-from mlxgpt.cpu import blas, parallel
+from mlxgpt.cpu import blas
 
-blas.preload()  # must run before mlx is first imported; see mlxgpt/cpu/blas.py
-parallel.configure()  # before MLX's first evaluation; see mlxgpt/cpu/parallel.py
+# The one thing importing mlxgpt does: load the BLAS MLX's CPU matmuls will use, which must
+# happen before mlx is first imported (mlxgpt/cpu/blas.py; it starts no process). Everything
+# else is decided on first need (MLX's CPU streams: when training code is imported).
+blas.preload()
 
 from mlxgpt.checkpoints.load import load, load_classifier  # noqa: E402
 from mlxgpt.core.classifier import GPTClassifier  # noqa: E402

@@ -65,6 +65,11 @@ from mlxgpt.errors import MlxgptError
 @click.option("--save-every", default=100, show_default=True, callback=at_least_0)
 @click.option("--log-every", default=10, show_default=True, callback=positive)
 @click.option("--seed", default=0, show_default=True, callback=seed_range)
+@click.option("--train-pass", type=click.Choice(["auto", "native", "mlx"]), default="auto",
+              show_default=True,
+              help="native: the C pass (full fine-tuning of a float32 GPT-2 on the CPU), or an "
+                   "error; mlx: MLX's graph; auto: native where it applies. The run prints "
+                   "which and why.")
 @dtype_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True,
@@ -73,8 +78,8 @@ from mlxgpt.errors import MlxgptError
 def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_prompt, rank,
              alpha, dropout, targets, layers, fine_tune_type, full, quantize, grad_checkpoint,
              steps, batch_size, grad_accum, lr, min_lr, warmup, weight_decay, grad_clip,
-             max_seq_len, eval_every, eval_batches, save_every, log_every, seed, dtype, resume,
-             force):
+             max_seq_len, eval_every, eval_batches, save_every, log_every, seed, train_pass,
+             dtype, resume, force):
     """Fine-tune a model on JSONL data with LoRA (or DoRA, or --full).
 
     Lines are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]};
@@ -122,7 +127,7 @@ def finetune(model, data, out, task, lm_weight, head_only, val_fraction, mask_pr
             warmup=warmup if warmup is not None else min(100, n // 20),
             weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum,
             eval_every=eval_every, eval_batches=eval_batches, save_every=save_every,
-            log_every=log_every, seed=seed)
+            log_every=log_every, seed=seed, train_pass=train_pass)
 
     opts.train = make_config
     if run(opts, echo=click.echo).interrupted:

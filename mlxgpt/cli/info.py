@@ -1,4 +1,5 @@
-"""``mlxgpt info``: versions, device and the BLAS MLX's CPU matmul uses."""
+"""``mlxgpt info``: versions, device and the BLAS MLX's CPU matmul uses; ``--calibrate``
+times the installed BLAS libraries (the one probe mlxgpt never runs by itself)."""
 
 import platform
 
@@ -6,12 +7,18 @@ import click
 
 
 @click.command()
-def info() -> None:
+@click.option("--calibrate", is_flag=True,
+              help="Time the installed BLAS libraries against each other now (a few seconds, "
+                   "in processes of their own) and keep the faster for later runs.")
+def info(calibrate: bool) -> None:
     """Show MLX version, device, backend and BLAS."""
     import mlx.core as mx
 
     from mlxgpt.core.backend import default_dtype, kernels_report
     from mlxgpt.cpu import blas, parallel
+
+    if calibrate:
+        click.echo(f"calibrated  {blas.calibrate()}")
 
     device = mx.default_device()
     backend = "metal" if mx.metal.is_available() else ("cuda" if _cuda() else "cpu")

@@ -43,6 +43,9 @@ def _opt(*names: str, type=None, help: str = ""):
 @_opt("--val-fraction", type=float, help="Share of the tokens held out for validation.")
 @_opt("--seed", type=int, help="Random seed (initialisation, batches, dropout).")
 @_opt("--cache-dir", help="Where tokenized corpora are cached (default ~/.cache/mlxgpt).")
+@_opt("--train-pass", type=click.Choice(["auto", "native", "mlx"]),
+      help="auto (default): the native C pass where it applies (CPU, float32), else MLX's "
+      "graph; native: it or an error; mlx: MLX's graph. The run prints which and why.")
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from RUN_DIR/last.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def pretrain(resume: bool, quiet: bool, config_file: str | None, **options) -> None:

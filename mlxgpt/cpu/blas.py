@@ -19,6 +19,11 @@ kernels from the CPU itself (``zen3``, ``skx``, ``haswell``...) and reads no Ope
 so the environment's reason for pinning OpenBLAS does not apply to it. ``MLXGPT_BLAS=openblas``
 or ``blis`` names the library instead (:func:`choose_library`). Training runs BLIS on one thread
 with both operands of every product packed (:func:`threads`, :data:`BLIS_PACK_ENVS`).
+
+Where both are installed and nothing names one, the faster on this machine is chosen by timing
+them, in processes of their own (:func:`calibrate`, ``mlxgpt info --calibrate``); the preload
+only reads that choice from the cache, and takes OpenBLAS until it is there: importing mlxgpt
+starts no process.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ preloaded_path: str | None = None
 preloaded_library: str | None = None  # "OpenBLAS" or "BLIS"
 preload_note: str = "not attempted"
 config_error: str | None = None  # a bad MLXGPT_BLAS (the CLI refuses to run with it, one line)
+# The environment before the preload set anything in it: what the choice was made from (a
+# calibration times the libraries under it, so that its cache entry is the one read here).
+_env_before: dict[str, str] | None = None
 _handle: ctypes.CDLL | None = None
 
 CORETYPE_ENV = "OPENBLAS_CORETYPE"
@@ -200,13 +208,15 @@ def choose_library(openblas: str | None, blis: str | None, env: Mapping[str, str
 # packs the whole weight matrix first), while both multiply many rows at the same speed; an
 # Intel AVX-512 CPU may rank them otherwise. So where both are installed and nothing pins one
 # (MLXGPT_BLAS and OPENBLAS_CORETYPE unset), mlxgpt times each once per machine (blas_probe.py,
-# a process per library, about 2.5 s for both) and keeps the answer in its cache folder; child
-# processes inherit it through MEASURED_ENV, so a run and the processes it starts multiply alike
-# (same rounding).
+# a process per library, about 2.5 s for both) when asked (`mlxgpt info --calibrate`: the
+# preload, at import, starts no process) and keeps the answer in its cache folder; child
+# processes inherit the choice through MEASURED_ENV, so a run and the processes it starts
+# multiply alike (same rounding), even when the cache changes between them.
 MEASURED_ENV = "MLXGPT_BLAS_MEASURED"
 PROBE_VERSION = 5  # bumped when blas_probe.py measures differently
 CACHE_FILE = "blas.json"
 CACHE_ENTRIES = 8
+CALIBRATE_HINT = "not yet timed against BLIS here, see mlxgpt info --calibrate"
 # BLIS is chosen when it multiplies one row (decoding) at least DECODE_WIN times faster and the
 # many-row products (prompts, training) at most ROWS_SLACK times slower. On a Zen 3 the probe
 # gave BLIS decode 1.29-1.38x, prefill 0.91-0.96x (and once 1.16x: it is noisy), training
@@ -251,13 +261,14 @@ def _probe(path: str, env: dict[str, str], threads: int) -> dict[str, float]:
     return json.loads(run.stdout)
 
 
-def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
-                    flags: frozenset[str]) -> tuple[str, str]:
+def measured_choice(paths: Mapping[str, str], env: Mapping[str, str], flags: frozenset[str],
+                    *, cached_only: bool = False, fresh: bool = False) -> tuple[str, str]:
     """OpenBLAS or BLIS, whichever :func:`prefer_blis` finds faster on this machine, and why:
-    inherited from the parent process, read from the cache, or measured now and cached."""
+    inherited from the parent process, read from the cache, or measured now and cached (with
+    ``cached_only``: OpenBLAS until it is cached; with ``fresh``: measured again)."""
     inherited = env.get(MEASURED_ENV)
     if inherited in paths:
-        return inherited, "measured here (by the parent process)"
+        return inherited, "as the parent process chose"
     threads = _whole(env.get("OPENBLAS_NUM_THREADS")) or cpu_cores()
     files = {name: os.stat(p) for name, p in paths.items()}
     key = {"version": PROBE_VERSION, "cpu": cpu_model(), "threads": threads,
@@ -266,33 +277,77 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str],
                          for n, f in files.items()},
            "env": {v: env.get(v) for v in (CORETYPE_ENV, *BLIS_PACK_ENVS)}}
 
-    def measure() -> dict:
+    def measure() -> dict:  # a process per library (blas_probe.py)
         times = {name: _probe(p, {**env, **library_settings(name, env, flags)[0]}, threads)
                  for name, p in paths.items()}
         return {"times": times,
                 "choice": "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"}
 
+    made: list[dict] = []
+
+    def make() -> dict:
+        made.append(measure())
+        return made[-1]
+
     def read(entry: dict) -> dict:
         if entry["choice"] not in paths or not {"OpenBLAS", "BLIS"} <= entry["times"].keys():
             raise ValueError("not this machine's libraries")
+        if fresh and not made:
+            raise ValueError("measured again")  # cached_json measures over a rejected entry
         return entry
 
     cache = cache_root() / CACHE_FILE
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    try:  # one entry per setting (thread count, libraries...), the latest few
-        entry = cached_json(cache, digest, read, measure, keep=CACHE_ENTRIES)
-    except (OSError, ValueError, subprocess.SubprocessError) as e:
-        return "OpenBLAS", f"timing the libraries failed ({e})"
+    if cached_only:
+        entry = _saved_entry(cache, digest, read)
+        if entry is None:
+            return "OpenBLAS", CALIBRATE_HINT
+    else:
+        try:  # one entry per setting (thread count, libraries...), the latest few
+            entry = cached_json(cache, digest, read, make, keep=CACHE_ENTRIES)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            return "OpenBLAS", f"timing the libraries failed ({e})"
     times = entry["times"]
     ratio = {k: times["OpenBLAS"][k] / times["BLIS"][k] for k in ("decode", *ROW_PRODUCTS)}
     shown = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
     return entry["choice"], f"measured here (BLIS vs OpenBLAS speed: {shown}; {cache})"
 
 
+def _saved_entry(path: Path, key: str, read: Callable[[dict], dict]) -> dict | None:
+    """The cached entry under ``key``, read as :func:`cached_json` would, without its lock (the
+    file is replaced atomically) and without measuring: None when there is none."""
+    try:
+        return read(json.loads(path.read_text(encoding="utf-8"))[key])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def calibrate() -> str:
+    """Time OpenBLAS against BLIS now, where both are installed and nothing names one, and cache
+    the choice for later processes (``mlxgpt info --calibrate``); say what was found."""
+    if not sys.platform.startswith("linux"):
+        return "nothing to time on this platform"
+    env = {k: v for k, v in (_env_before or os.environ).items()
+           if k != MEASURED_ENV}  # time, not inherit
+    flags = cpu_flags()
+    paths = {"OpenBLAS": find_openblas(), "BLIS": find_blis()}
+    timed: list[str] = []
+
+    def measure() -> tuple[str, str]:
+        timed.append("yes")
+        return measured_choice(paths, env, flags, fresh=True)  # type: ignore[arg-type]
+
+    library, why = choose_library(paths["OpenBLAS"], paths["BLIS"], env, flags, measure)
+    if not timed:
+        return f"nothing to time: {library or 'no BLAS'} ({why or 'chosen without timing'})"
+    later = "" if library == preloaded_library else " (from the next process on)"
+    return f"{library}{later}: {why}"
+
+
 def preload() -> None:
     """Load the chosen BLAS globally if we are on Linux, mlx is not imported yet, and not
     disabled."""
-    global preloaded_path, preloaded_library, preload_note, config_error, _handle
+    global preloaded_path, preloaded_library, preload_note, config_error, _handle, _env_before
     if not sys.platform.startswith("linux"):
         preload_note = "not needed on this platform"
         return
@@ -303,14 +358,17 @@ def preload() -> None:
         preload_note = "mlx was imported before mlxgpt; preload skipped"
         return
     env = dict(os.environ)
+    _env_before = dict(env)
     if env.get(LIBRARY_ENV, "auto").lower() not in ("auto", "openblas", "blis"):
         config_error = f"{LIBRARY_ENV}={env[LIBRARY_ENV]!r}: choose openblas, blis or auto"
         env[LIBRARY_ENV] = "auto"
     flags = cpu_flags()
     paths = {"OpenBLAS": find_openblas(), "BLIS": find_blis()}
+    measured: list[str] = []
 
-    def measure() -> tuple[str, str]:
-        return measured_choice(paths, env, flags)  # type: ignore[arg-type]  (both found)
+    def measure() -> tuple[str, str]:  # the cached choice only: no probe process at import
+        measured.append("yes")
+        return measured_choice(paths, env, flags, cached_only=True)  # type: ignore[arg-type]
 
     library, why = choose_library(paths["OpenBLAS"], paths["BLIS"], env, flags, measure)
     if library is None:
@@ -320,7 +378,7 @@ def preload() -> None:
             config_error = f"{LIBRARY_ENV}={env[LIBRARY_ENV]}: {why} (install: {hint})"
         preload_note = why
         return
-    if why.startswith("measured here"):
+    if measured:  # the processes this one starts choose as it did
         os.environ[MEASURED_ENV] = library
     settings, notes = library_settings(library, os.environ, flags)
     os.environ.update(settings)

@@ -13,7 +13,9 @@ threads -> two streams with one each).
 Two things make that work. MLX orders a graph breadth-first only up to
 :data:`BFS_WIDTH` arrays wide (``MLX_BFS_MAX_WIDTH``, default 20) and keeps at most ten tasks in
 flight, so with its default the ops of one stream's half are queued before the other's and the
-streams take turns; :func:`configure` widens it before MLX first evaluates anything. And each
+streams take turns; :func:`configure` widens it when the training code is imported
+(:mod:`mlxgpt.training.step`), before a run first evaluates anything (a process that evaluates
+before importing it keeps MLX's width, 20: set ``MLX_BFS_MAX_WIDTH=200`` for it). And each
 stream needs its own compiled function (MLX caches a trace per Python function, streams
 included): :func:`on_stream` makes one.
 """
@@ -32,8 +34,8 @@ BFS_WIDTH = "200"
 
 
 def configure() -> None:
-    """Widen MLX's breadth-first evaluation order unless the user set it (read once, at MLX's
-    first evaluation, so this runs when mlxgpt is imported)."""
+    """Widen MLX's breadth-first evaluation order unless the user set it (MLX reads it once, at
+    its first evaluation: :mod:`mlxgpt.training.step` calls this when it is imported)."""
     os.environ.setdefault(BFS_ENV, BFS_WIDTH)
 
 

@@ -9,6 +9,8 @@ from typing import Any
 from ..checks import check_bool, check_int, check_number, check_seed
 from ..errors import MlxgptError
 
+TRAIN_PASSES = ("auto", "native", "mlx")  # TrainConfig.train_pass
+
 
 @dataclass
 class TrainConfig:
@@ -29,6 +31,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     compile: bool = True
+    # auto: the native C pass where it applies, else MLX's graph; native: it or an error; mlx
+    # (see mlxgpt/training/native_pass.py). Checkpoints record the pass taken (compute.train_pass)
+    train_pass: str = "auto"
 
     def __post_init__(self) -> None:
         # Types first (a config file's "100" is a string), each with its range, named as the
@@ -44,6 +49,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             check_number(getattr(self, name), name, 0, 1)
         check_bool(self.compile, "compile")
+        if self.train_pass not in TRAIN_PASSES:
+            raise MlxgptError(f"train-pass must be {', '.join(TRAIN_PASSES)}, not "
+                              f"{self.train_pass!r}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise MlxgptError(f"need 0 <= min-lr <= lr and lr > 0 (lr={self.lr}, "
                               f"min-lr={self.min_lr})")

@@ -66,7 +66,7 @@ from ..core.backend import compute_setup
 from ..errors import MlxgptError
 from .config import TrainConfig, TrainResult
 from .distributed import Batch, check_ranks_agree, rank0_echo, shard, step_seed, world
-from .native_pass import native_unsupported
+from .native_pass import choose_train_pass
 from .optim import OPTIMIZER_FILE, load_optimizer, lr_schedule, make_optimizer
 from .progress import Progress, StopFlag
 from .runlog import LOG_FILE, PLOT_FILE, JsonlLog, plot_losses
@@ -145,8 +145,11 @@ class _Run:
         self.resumed = False
         self.window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since logged
         self.compute = compute_setup(getattr(model, "kernels", None))
-        # the native C pass or MLX's graph (they round differently; =1 without it: an error here)
-        self.compute["train_pass"] = ("mlx" if native_unsupported(model, loss_fn) else "native")
+        # the native C pass or MLX's graph, decided once (they round differently; --train-pass
+        # native where it cannot run: an error here, before anything is written)
+        self.train_pass = choose_train_pass(model, loss_fn, cfg.train_pass)
+        self.compute["train_pass"] = self.train_pass.name
+        say(self.train_pass.line())
 
     @property
     def micro_index(self) -> int:
@@ -183,9 +186,11 @@ class _Run:
     def start(self, train_data: BatchSource, progress: bool) -> None:
         shard(train_data.batch(self.micro_index), self.group)  # a batch that does not divide
         mx.eval(self.model.parameters(), self.opt.state)
-        self.stepper = Stepper(self.model, self.loss_fn, self.opt, self.cfg, self.group)
+        self.stepper = Stepper(self.model, self.loss_fn, self.opt, self.cfg, self.group,
+                               self.train_pass)
         self.evaluator = Evaluator(self.model, self.loss_fn, compile=self.cfg.compile,
-                                   group=self.group, native=self.stepper.native)
+                                   group=self.group, native=self.stepper.native,
+                                   train_pass=self.train_pass.name)
         if self.rank0:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)

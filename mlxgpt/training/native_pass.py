@@ -9,14 +9,17 @@ forward. It applies to full-model training
 of a float32 GPT with the language-model loss, on the CPU: ``mlxgpt pretrain`` and full
 fine-tuning (dropout masks come from the C code's own counter-based hash, seeded from MLX's
 random state). LoRA, classifiers, quantized or frozen weights and GPUs train through MLX's
-graph. ``MLXGPT_NATIVE_TRAINING=0`` turns it off, ``=1`` makes its absence an
-error.
+graph. Which pass a run takes is :class:`TrainConfig`'s ``train_pass`` (``mlxgpt pretrain`` and
+``finetune --train-pass auto|native|mlx``), decided once by :func:`choose_train_pass`: ``auto``
+the native pass where it applies (``MLXGPT_NATIVE_TRAINING`` may make ``auto`` mean ``mlx``, 0,
+or ``native``, 1), ``native`` it or an error saying why not, ``mlx`` MLX's graph always.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -28,47 +31,93 @@ from ..core.backend import on_cpu
 from ..core.gpt2 import GPT, Block
 from ..cpu import native
 from ..errors import MlxgptError
+from .config import TRAIN_PASSES
 from .loss import lm_loss
 from .optim import GPTAdamW
 
-NATIVE_ENV = "MLXGPT_NATIVE_TRAINING"  # 0: MLX's graph always; 1: the native pass or an error
+NATIVE_ENV = "MLXGPT_NATIVE_TRAINING"  # what ``auto`` means: 0 MLX's graph, 1 the native pass
+# what the native pass needs, said when it is chosen (the reasons below say what is missing)
+NATIVE_NEEDS = "CPU, float32 GPT-2, C library built"
 
 
-def native_unsupported(model: nn.Module, loss_fn: Callable[..., Any], *,
-                       training: bool = True) -> str | None:
-    """Why training ``model`` on ``loss_fn`` (or, with ``training`` False, evaluating that
-    loss) cannot use the native pass here (None: it can)."""
+@dataclass(frozen=True)
+class TrainPass:
+    """The pass a run trains with ("native" or "mlx", as checkpoints record it) and why."""
+
+    name: str
+    why: str
+
+    def line(self) -> str:
+        """What a run prints: ``training pass: native (CPU, float32 GPT-2, ...)``."""
+        shown = "native" if self.name == "native" else "MLX's graph"
+        return f"training pass: {shown} ({self.why})"
+
+
+def choose_train_pass(model: nn.Module, loss_fn: Callable[..., Any], requested: str = "auto",
+                      *, training: bool = True) -> TrainPass:
+    """The pass that trains ``model`` on ``loss_fn`` (with ``training`` False: evaluates that
+    loss) for ``requested`` (auto, native or mlx). ``native`` where the pass cannot run is an
+    error when training; evaluation then takes MLX's graph."""
+    if requested not in TRAIN_PASSES:
+        raise MlxgptError(f"train-pass must be {', '.join(TRAIN_PASSES)}, not {requested!r}")
     setting = os.environ.get(NATIVE_ENV, "")
     if setting not in ("", "0", "1"):
         raise MlxgptError(f"{NATIVE_ENV} must be 0 or 1, not {setting!r}")
-    if setting == "0":
-        return f"{NATIVE_ENV}=0"
+    source = f"--train-pass {requested}"
+    if requested == "auto" and setting:  # the variable only says what auto means
+        requested, source = ("native" if setting == "1" else "mlx"), f"{NATIVE_ENV}={setting}"
+    if requested == "mlx":
+        return TrainPass("mlx", source)
     reason = _reason(model, loss_fn, training)
-    if reason and setting == "1" and training:
-        raise MlxgptError(f"{NATIVE_ENV}=1, but the native training pass cannot run: {reason}")
-    return reason
+    if reason is None:
+        return TrainPass("native", NATIVE_NEEDS + (f"; {source}" if requested == "native"
+                                                   else ""))
+    if requested == "native" and training:
+        raise MlxgptError(f"{source}, but the native training pass cannot run: {reason}")
+    return TrainPass("mlx", reason)
+
+
+def native_unsupported(model: nn.Module, loss_fn: Callable[..., Any], *,
+                       training: bool = True, requested: str = "auto") -> str | None:
+    """Why :func:`choose_train_pass` takes MLX's graph (None: it takes the native pass)."""
+    chosen = choose_train_pass(model, loss_fn, requested, training=training)
+    return None if chosen.name == "native" else chosen.why
+
+
+_ONLY = "the native pass trains every weight of a plain float32 GPT-2 only"
 
 
 def _reason(model: nn.Module, loss_fn: Callable[..., Any], training: bool) -> str | None:
     if not on_cpu():
-        return "MLX computes on a GPU"
-    if loss_fn is not lm_loss or type(model) is not GPT:
-        return "it trains a plain GPT on the language-model loss only"
+        return "MLX computes on a GPU; the native pass is for the CPU"
+    if type(model) is not GPT:
+        return (f"a {type(model).__name__} model: the native pass trains a plain GPT-2 on the "
+                f"language-model loss only")
+    if loss_fn is not lm_loss:
+        return "another loss: the native pass trains a plain GPT-2 on the language-model loss only"
     if any(type(block) is not Block for block in model.h):
-        return "the blocks recompute their activations (--grad-checkpoint)"
+        return ("the blocks recompute their activations (--grad-checkpoint), which the native "
+                "pass does not")
     cfg = model.config
     names = native.parameter_names(cfg.n_layer, cfg.tie_word_embeddings)
     params = dict(tree_flatten(model.parameters()))
     trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
-    if sorted(params) != sorted(names) or (training and sorted(trainable) != sorted(names)):
-        return "the model has other or frozen parameters (LoRA, quantized layers)"
-    if any(v.dtype != mx.float32 for v in params.values()):
-        return "the weights are not float32"
+    if sorted(params) != sorted(names):
+        extra = " ".join(sorted(set(params) - set(names)))
+        kind = ("LoRA adapters" if "lora" in extra else
+                "quantized weights" if "scales" in extra else "other parameters than GPT-2's")
+        return f"{kind}: {_ONLY}"
+    if training and sorted(trainable) != sorted(names):
+        return f"frozen weights: {_ONLY}"
+    dtypes = sorted({str(v.dtype).removeprefix("mlx.core.") for v in params.values()
+                     if v.dtype != mx.float32})
+    if dtypes:
+        return f"{'/'.join(dtypes)} weights: {_ONLY}"
     return native.build_error()
 
 
 def native_report() -> str:
-    """What ``mlxgpt info`` says of the training pass on this machine."""
+    """What ``mlxgpt info`` says of the training pass ``--train-pass auto`` takes here."""
     if not on_cpu():
         return "MLX's graph (GPU)"
     setting = os.environ.get(NATIVE_ENV, "")
@@ -78,7 +127,7 @@ def native_report() -> str:
     if error:
         return f"MLX's graph (the native pass cannot be built here: {error})"
     return (f"native C pass for float32 GPTs ({native.library_path()}; LoRA and classifiers "
-            f"train through MLX's graph; {NATIVE_ENV}=0 for it always)")
+            f"train through MLX's graph; --train-pass mlx for it always)")
 
 
 def _slot(tree: Any, name: str) -> tuple[Any, str]:

@@ -97,6 +97,7 @@ class PretrainSettings:
     log_every: int = 10
     val_fraction: float = 0.1
     seed: int = 1337
+    train_pass: str = "auto"  # auto, native or mlx (TrainConfig.train_pass)
     cache_dir: str | None = None
     sample_prompt: str = "\n"
     sample_tokens: int = 200

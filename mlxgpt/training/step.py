@@ -23,11 +23,16 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from ..core.backend import keep_freed_buffers
+from ..cpu import parallel
 from ..cpu.blas import training_threads
 from ..cpu.parallel import new_streams, on_streams, split_rows, stream_count
 from .config import TrainConfig
 from .distributed import Batch, all_sum_tree, shard, world
-from .native_pass import NativeGradients, native_unsupported, native_update_for
+from .native_pass import NativeGradients, TrainPass, choose_train_pass, native_update_for
+
+# MLX reads its breadth-first width once, at its first evaluation: training code is imported
+# before a run builds (and evaluates) its model, so this is where the CPU streams' setting goes.
+parallel.configure()
 
 LossFn = Callable[..., tuple[mx.array, mx.array]]  # (model, *batch) -> (mean loss, n tokens)
 
@@ -46,11 +51,14 @@ class Stepper:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: optim.Optimizer,
-                 cfg: TrainConfig, group: mx.distributed.Group):
+                 cfg: TrainConfig, group: mx.distributed.Group,
+                 train_pass: TrainPass | None = None):
+        """``train_pass``: the one the run chose (else chosen here from ``cfg.train_pass``)."""
         self.model, self.opt, self.cfg, self.group = model, opt, cfg, group
+        self.train_pass = train_pass or choose_train_pass(model, loss_fn, cfg.train_pass)
         workers = stream_count(group.size())
-        self.native = (NativeGradients(model, workers)
-                       if native_unsupported(model, loss_fn) is None else None)
+        self.native = (NativeGradients(model, workers) if self.train_pass.name == "native"
+                       else None)
         self.native_update = (None if self.native is None else native_update_for(
             self.native, opt, cfg.grad_clip, group))
         self.streams = new_streams(workers) if self.native is None else []
@@ -150,13 +158,14 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, compile: bool = True,
                  group: mx.distributed.Group | None = None,
-                 native: NativeGradients | None = None):
+                 native: NativeGradients | None = None, train_pass: str = "auto"):
         """``native``: a training Stepper's pass, to share its buffers (else one of its own
-        where the pass applies)."""
+        where ``train_pass``, auto, native or mlx, takes it)."""
         self.group = group or world()
         workers = stream_count(self.group.size())
         self.split = workers > 1
-        if native is None and native_unsupported(model, loss_fn, training=False) is None:
+        if native is None and choose_train_pass(model, loss_fn, train_pass,
+                                                training=False).name == "native":
             native = NativeGradients(model, workers)
         self.native = native
         self.streams = new_streams(workers) if self.native is None else []
