@@ -31,17 +31,9 @@ from mlxgpt.core.llama import LlamaConfig  # noqa: E402
 from mlxgpt.core.model import GPT, Llama  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
 from mlxgpt.generation.batch import batch_generate  # noqa: E402
+from mlxgpt.generation.classify import classify  # noqa: E402
 from mlxgpt.generation.generate import generate, stream_generate  # noqa: E402
 
 __all__ = ["GPT", "GPTClassifier", "GPTConfig", "Llama", "LlamaConfig", "MlxgptError",
            "batch_generate", "classify", "generate", "load", "load_classifier", "stream_generate"]
 
-
-def __getattr__(name: str):
-    # ``classify`` lives with the training code; importing it only when used keeps
-    # ``import mlxgpt`` (and every command) from paying for the trainer.
-    if name == "classify":
-        from mlxgpt.training.classify import classify
-
-        return classify
-    raise AttributeError(f"module 'mlxgpt' has no attribute {name!r}")

@@ -15,8 +15,8 @@ from mlxgpt.cli.repl import apply_setting
 from mlxgpt.errors import MlxgptError
 from mlxgpt.generation.chat import ChatSession, ChatSettings
 from mlxgpt.generation.sample import SamplingSettings
-from mlxgpt.generation.transcript import Message, render_transcript
 from mlxgpt.tokenizers import byte_tokenizer, gpt2_tokenizer
+from mlxgpt.tokenizers.transcript import Message, render_transcript
 
 GREEDY = ChatSettings(max_tokens=12, sampling=SamplingSettings(temperature=0))
 

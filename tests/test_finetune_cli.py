@@ -13,7 +13,7 @@ from mlxgpt.checkpoints.adapters.lora import load_adapter
 from mlxgpt.checkpoints.folder import load_model
 from mlxgpt.data.examples import Batches, read_jsonl
 from mlxgpt.tokenizers import byte_tokenizer
-from mlxgpt.training.evaluate import classify
+from mlxgpt.training.evaluate import generated_labels
 
 COLOURS = {"apple": "red", "banana": "yellow", "sky": "blue", "grass": "green",
            "coal": "black", "snow": "white"}
@@ -54,7 +54,7 @@ def test_lora_learns_a_simple_mapping(tiny, tmp_path, cli_ok):
     model_dir, data = tiny
     base, tok = load_model(model_dir), byte_tokenizer()
     records = read_jsonl(data / "valid.jsonl")
-    before = classify(base, tok, records).accuracy
+    before = generated_labels(base, tok, records).accuracy
     out = tmp_path / "ad"
     r = cli_ok("finetune", "--model", model_dir, "--data", data, "--out", out, "--mask-prompt",
                "--steps", 120, "--eval-every", 60, *FAST)
@@ -63,7 +63,7 @@ def test_lora_learns_a_simple_mapping(tiny, tmp_path, cli_ok):
     # Start: about ln(257) = 5.5 nats (random model); the mapping is learnt far below that.
     assert curve[0] > 4.0 and np.mean(curve[-10:]) < 0.3 * curve[0]
     tuned = load_adapter(load_model(model_dir), out)
-    after = classify(tuned, tok, records)
+    after = generated_labels(tuned, tok, records)
     assert before < 0.2 and after.accuracy >= 0.9, (before, after.report())
     # The published adapter is the best checkpoint; eval reports the same accuracy.
     r = cli_ok("eval", "--model", model_dir, "--adapter", out, "--data", data / "valid.jsonl",

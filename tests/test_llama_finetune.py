@@ -45,7 +45,7 @@ from mlxgpt.core.classifier import GPTClassifier  # noqa: E402
 from mlxgpt.core.llama import Llama, LlamaConfig  # noqa: E402
 from mlxgpt.data.examples import encode_records, read_jsonl  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
-from mlxgpt.training.evaluate import classify  # noqa: E402
+from mlxgpt.training.evaluate import generated_labels  # noqa: E402
 
 TOL = 1e-4  # float32 logits, absolute
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -286,7 +286,7 @@ def test_lora_learns_a_two_label_mapping_on_held_out_rows(llama, tmp_path, cli_o
     write_rows(tmp_path / "d" / "train.jsonl", train)
     test = read_jsonl(write_rows(tmp_path / "test.jsonl", held_out))
     assert {r["completion"] for _, r in test} == {" fruit", " tree"}
-    assert classify(load_model(folder), tok, test).accuracy == 0.0  # the base says neither
+    assert generated_labels(load_model(folder), tok, test).accuracy == 0.0  # the base says neither
     r = cli_ok("finetune", "--model", folder, "--data", tmp_path / "d", "--out", tmp_path / "o",
                "--mask-prompt", "--steps", 80, "--lr", "1e-2", "--warmup", 0, "--batch-size", 8,
                "--eval-every", 0, "--save-every", 0, "--log-every", 40)
@@ -294,7 +294,7 @@ def test_lora_learns_a_two_label_mapping_on_held_out_rows(llama, tmp_path, cli_o
     meta = json.loads((tmp_path / "o" / ADAPTER_CONFIG).read_text())
     assert meta["targets"] == list(TARGETS) and meta["layers"] == [0, 1], r.output
     tuned, _ = mlxgpt.load(folder, adapter=tmp_path / "o")
-    result = classify(tuned, tok, test)
+    result = generated_labels(tuned, tok, test)
     assert result.accuracy == 1.0, result.report()
 
 

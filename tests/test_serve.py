@@ -114,7 +114,7 @@ def test_chat_streamed_equals_whole_and_library(client, folder):
     from mlxgpt.cli.options import load_model
     from mlxgpt.generation.generate import generate
     from mlxgpt.generation.sample import SamplingSettings
-    from mlxgpt.generation.transcript import STOPS, render_transcript
+    from mlxgpt.tokenizers.transcript import STOPS, render_transcript
 
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "What is the capital of France?"}]

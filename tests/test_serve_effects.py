@@ -95,7 +95,7 @@ def test_penalties_change_greedy_text_as_the_library_does(client, library, penal
 
 
 def test_penalties_reach_chat_requests(client, library):
-    from mlxgpt.generation.transcript import chat_prompt
+    from mlxgpt.tokenizers.transcript import chat_prompt
 
     model, tok = library
     messages = [{"role": "user", "content": "Tell me a story."}]
@@ -199,7 +199,7 @@ def test_max_tokens_ends_with_length(client, library):
 
 @pytest.mark.parametrize("key", ["max_completion_tokens", "max_tokens"])
 def test_chat_token_limit_ends_with_length(client, library, key):
-    from mlxgpt.generation.transcript import chat_prompt
+    from mlxgpt.tokenizers.transcript import chat_prompt
 
     messages = [{"role": "user", "content": "Hi"}]
     ids, stops = chat_prompt(library[1], messages)
@@ -245,7 +245,7 @@ def test_stop_string_from_the_greedy_output_cuts_it(client, library, stream):
 
 
 def test_chat_stop_string_from_the_greedy_reply_cuts_it(client, library):
-    from mlxgpt.generation.transcript import chat_prompt
+    from mlxgpt.tokenizers.transcript import chat_prompt
 
     messages = [{"role": "user", "content": "Tell me a story."}]
     ids, stops = chat_prompt(library[1], messages)
@@ -296,7 +296,7 @@ def test_a_shared_prefix_is_reused_and_gives_a_fresh_runs_text(folder, client, l
         assert b.choices[0].text == lib_run(library, second, temperature=0)[0]
         # chat requests sharing a system message reuse it too (the transcript starts with
         # the system text: the first reuses what it shares with the completions above)
-        from mlxgpt.generation.transcript import chat_prompt
+        from mlxgpt.tokenizers.transcript import chat_prompt
 
         chats = [[{"role": "system", "content": head}, {"role": "user", "content": q}]
                  for q in ("Who are you?", "Where is it?")]
@@ -329,7 +329,7 @@ def test_completion_logprobs_are_the_model_log_softmax(client, library):
 
 
 def test_chat_logprobs_are_the_model_log_softmax_even_when_sampling(client, library):
-    from mlxgpt.generation.transcript import chat_prompt
+    from mlxgpt.tokenizers.transcript import chat_prompt
 
     model, tok = library
     messages = [{"role": "user", "content": "Hi"}]

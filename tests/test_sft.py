@@ -137,7 +137,7 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path):
 
 
 def test_messages_use_the_chat_transcript_and_mask_all_but_assistant_turns(tmp_path):
-    from mlxgpt.generation.transcript import render_transcript
+    from mlxgpt.tokenizers.transcript import render_transcript
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},

@@ -119,7 +119,7 @@ def test_greedy_tokens_match_transformers(smollm2, reference):
 
 
 def test_greedy_through_the_chat_template_matches_transformers(smollm2, reference):
-    from mlxgpt.generation.transcript import chat_prompt
+    from mlxgpt.tokenizers.transcript import chat_prompt
 
     model, tok = smollm2
     for question in ("What is the capital of France?", "Write a haiku about the sea."):
@@ -131,7 +131,7 @@ def test_greedy_through_the_chat_template_matches_transformers(smollm2, referenc
 
 def test_the_answer_is_right():
     from mlxgpt.generation.sample import SamplingSettings
-    from mlxgpt.generation.transcript import chat_prompt
+    from mlxgpt.tokenizers.transcript import chat_prompt
 
     model, tok = mlxgpt.load("smollm2")
     ids, _ = chat_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])

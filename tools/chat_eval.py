@@ -20,7 +20,7 @@ from pathlib import Path
 import mlxgpt
 from mlxgpt.generation.chat import ChatSession, ChatSettings
 from mlxgpt.generation.sample import SamplingSettings
-from mlxgpt.generation.transcript import Message
+from mlxgpt.tokenizers.transcript import Message
 
 
 def boundary_share(model_ref: str, conversations: list[list[dict]], max_tokens: int) -> float:

@@ -34,7 +34,7 @@ def parity(model, tok) -> None:
     from mlx.utils import tree_flatten
 
     from mlxgpt.generation.sample import SamplingSettings
-    from mlxgpt.generation.transcript import chat_prompt
+    from mlxgpt.tokenizers.transcript import chat_prompt
 
     cfg = transformers.LlamaConfig(**{k: v for k, v in model.config.to_dict().items()
                                       if k not in ("architectures", "model_type")})

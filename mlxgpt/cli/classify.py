@@ -18,7 +18,7 @@ from mlxgpt.errors import MlxgptError
 def classify(model, texts, batch_size, dtype):
     """Print "LABEL<TAB>PROBABILITY" for each TEXT; "-" reads texts from stdin, one a line."""
     from mlxgpt.checkpoints.load import load_classifier
-    from mlxgpt.training.classify import classify as run
+    from mlxgpt.generation.classify import classify as run
 
     if not texts:
         raise MlxgptError("give one or more TEXT arguments, or - to read texts from stdin")

@@ -174,7 +174,7 @@ def fuse(model, adapter, out, requantize, dtype, force):
 def evaluate(model, adapter, data, task, mask_prompt, batch_size, limit, dtype):
     """Loss and perplexity, or classification accuracy, of a model (with an adapter) on data."""
     from mlxgpt.checkpoints.load import is_classifier, load, load_classifier
-    from mlxgpt.training.evaluate import classify, evaluate_loss, read_eval_records
+    from mlxgpt.training.evaluate import evaluate_loss, generated_labels, read_eval_records
 
     if task == "classify" and is_classifier(model):
         from mlxgpt.training.classify import evaluate_classifier, read_labelled
@@ -202,4 +202,4 @@ def evaluate(model, adapter, data, task, mask_prompt, batch_size, limit, dtype):
         if tty and (done % 10 == 0 or done == total):
             click.echo(f"\r{done}/{total}", nl=done == total, err=True)
 
-    click.echo(classify(m, tokenizer, records, progress=progress).report())
+    click.echo(generated_labels(m, tokenizer, records, progress=progress).report())

@@ -8,9 +8,12 @@ from collections.abc import Callable
 import click
 
 from mlxgpt.cli.options import (
+    json_constraint_for,
+    json_options,
     load_model,
     model_options,
     positive,
+    read_json_schema,
     sampling_options,
     sampling_settings,
 )
@@ -65,6 +68,7 @@ def load_draft_model(ref: str | None, model, tokenizer, dtype: str):
                    "the space or newline the text would have).")
 @sampling_options
 @draft_options
+@json_options
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at <|endoftext|>.")
 @click.option("--context", type=click.Choice(["slide", "stop"]), default="slide",
@@ -74,22 +78,28 @@ def load_draft_model(ref: str | None, model, tokenizer, dtype: str):
 @click.option("--window-keep", type=int, default=None, callback=positive,
               help="Tokens kept when the window slides (default: half the context).")
 @click.option("--quiet", "-q", is_flag=True, help="No statistics line on stderr.")
-def generate(model, adapter, dtype, prompt, prompt_cache, draft_model, draft_tokens, stop,
-             ignore_eos, context, window_keep, quiet, **opts) -> None:
+def generate(model, adapter, dtype, prompt, prompt_cache, draft_model, draft_tokens,
+             json_schema, json_object, json_whitespace, stop, ignore_eos, context, window_keep,
+             quiet, **opts) -> None:
     """Continue a prompt and stream the text to stdout."""
-    from mlxgpt.generation.generate import format_rate, stream_generate
+    from mlxgpt.generation.generate import NO_DRAFT_WITH_JSON, format_rate, stream_generate
 
     max_tokens = opts.pop("max_tokens")
     sampling = sampling_settings(opts)
+    constrained, schema = read_json_schema(json_schema, json_object)
+    if constrained and draft_model is not None:
+        raise MlxgptError(NO_DRAFT_WITH_JSON)
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load_model(model, adapter, dtype)
+    constraint = json_constraint_for(m, tok, constrained, schema, json_whitespace)
     draft = load_draft_model(draft_model, m, tok, dtype)
     final = None
     for r in stream_generate(
         m, tok, prompt or "", max_tokens=max_tokens, sampling=sampling, stop=stop,
         stop_at_eos=not ignore_eos, context=context, window_keep=window_keep,
         draft_model=draft, draft_tokens=draft_tokens, prompt_cache=prompt_cache,
+        json_schema=constraint,
     ):
         if r.text:
             sys.stdout.write(r.text)

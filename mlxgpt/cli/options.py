@@ -1,14 +1,22 @@
-"""Options shared by several commands, defined once: model, dtype, sampling."""
+"""Options shared by several commands, defined once: model, dtype, sampling, JSON output."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mlxgpt.checks import SEED_MAX, check_int
 from mlxgpt.errors import MlxgptError, warn
 from mlxgpt.generation.sample import SamplingSettings
+
+if TYPE_CHECKING:
+    from mlxgpt.core.model import Model
+    from mlxgpt.generation.constrain import JsonConstraint
+    from mlxgpt.tokenizers import Tokenizer
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -72,6 +80,69 @@ def sampling_options(f: Callable) -> Callable:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def json_options(f: Callable) -> Callable:
+    """``--json-schema`` / ``--json-object`` / ``--json-whitespace`` (generate and chat)."""
+    options = [
+        click.option("--json-schema", default=None, metavar="FILE_OR_JSON",
+                     help="Write JSON this schema accepts (a file, or the schema itself as "
+                          "JSON): each token is one that keeps the text a prefix of such a "
+                          "document, and the output ends when it is complete. The server's "
+                          "response_format subset."),
+        click.option("--json-object", is_flag=True,
+                     help="Write one JSON object (any keys and values)."),
+        click.option("--json-whitespace", type=int, default=0, show_default=True,
+                     callback=int_range(0, 16),
+                     help="Whitespace bytes allowed between the tokens of the JSON (0: "
+                          "compact, as `mlxgpt serve` writes it; a small model otherwise "
+                          "pads)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def read_json_schema(value: str | None, json_object: bool) -> tuple[bool, dict | None]:
+    """(constrained, schema) from --json-schema / --json-object, read before any model loads:
+    the schema is the option's text when that starts with "{", else the file it names; None
+    with --json-object (any object)."""
+    if value is not None and json_object:
+        raise MlxgptError("give --json-schema or --json-object, not both")
+    if value is None:
+        return json_object, None
+    if value.lstrip().startswith("{"):
+        try:
+            schema: Any = json.loads(value)
+        except RecursionError:
+            raise MlxgptError("--json-schema: not valid JSON (nested too deeply)") from None
+        except json.JSONDecodeError as e:
+            raise MlxgptError(f"--json-schema: not valid JSON ({e})") from None
+    else:
+        from mlxgpt.checkpoints.files import read_json
+
+        if not Path(value).is_file():
+            raise MlxgptError(f"--json-schema: no file {value!r} (give a schema file, or the "
+                              "schema's JSON, which starts with '{')")
+        try:
+            schema = read_json(Path(value))
+        except MlxgptError as e:  # its messages start with the file's name
+            raise MlxgptError(f"--json-schema {e}") from None
+    if not isinstance(schema, dict):
+        raise MlxgptError("--json-schema: a schema is a JSON object")
+    return True, schema
+
+
+def json_constraint_for(model: Model, tokenizer: Tokenizer, constrained: bool,
+                        schema: dict | None, whitespace: int) -> JsonConstraint | None:
+    """The compiled constraint (None when not ``constrained``): one ``--json-schema:`` line
+    for a schema mlxgpt cannot follow."""
+    if not constrained:
+        return None
+    from mlxgpt.generation.generate import json_constraint
+
+    return json_constraint(tokenizer, model.config.vocab_size, schema, whitespace,
+                           name="--json-schema")
 
 
 def model_options(f: Callable) -> Callable:

@@ -34,6 +34,10 @@ from mlxgpt.errors import MlxgptError
                    "recent tokens; a reply that reaches the limit ends (stop) or slides.")
 @click.option("--prefix-cache", type=int, default=8, show_default=True,
               help="Recent sequences whose KV cache a new request sharing their start reuses.")
+@click.option("--prompt-cache", "prompt_caches", multiple=True, metavar="CACHE",
+              help="A file from `mlxgpt cache-prompt` made with this model (repeatable): its "
+                   "prefix is kept in the prefix cache for the server's life, so a request "
+                   "starting with it does not read it again.")
 @click.option("--json-whitespace", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Whitespace bytes allowed between the tokens of response_format JSON "
                    "(0: compact; a small model otherwise pads).")
@@ -48,8 +52,8 @@ from mlxgpt.errors import MlxgptError
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info", show_default=True)
 def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, api_key_file,
-          context, prefix_cache, json_whitespace, shutdown_timeout, max_body, request_timeout,
-          log_level) -> None:
+          context, prefix_cache, prompt_caches, json_whitespace, shutdown_timeout, max_body,
+          request_timeout, log_level) -> None:
     """Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models."""
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -74,6 +78,13 @@ def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, api_
     m, tok = load_model(model, adapter, dtype)
     name = Path(model).name
     engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache)
+    if prompt_caches:
+        from mlxgpt.generation.prompt_cache import load_prompt_cache
+
+        for path in prompt_caches:  # each checked to be this model's before it is served
+            cache = load_prompt_cache(path, m, tok)
+            engine.generator.prefixes.pin(cache.tokens, cache.kv)
+            click.echo(f"prompt cache {path}: {len(cache)} tokens kept", err=True)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, "
                f"context {m.config.n_positions} tokens, policy {context})", err=True)
     config = ServerConfig(model_id=name, api_key=api_key, context=context,

@@ -6,7 +6,7 @@ Each line of a ``.jsonl`` file is one example, in one of three forms::
     {"prompt": "...", "completion": "..."}            loss on the completion only with mask_prompt
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
         rendered with the model's own chat template when its tokenizer has one, else with the
-        transcript format of ``mlxgpt chat`` (:mod:`mlxgpt.generation.transcript`): what the
+        transcript format of ``mlxgpt chat`` (:mod:`mlxgpt.tokenizers.transcript`): what the
         model sees when it chats; with mask_prompt the loss counts only the assistant turns
         (what the model says in a chat)
 
@@ -36,8 +36,8 @@ import numpy as np
 
 from ..checks import check_int
 from ..errors import MlxgptError
-from ..generation.transcript import ROLES, render_transcript
 from ..tokenizers.chat_template import render_chat
+from ..tokenizers.transcript import ROLES, render_transcript
 
 SPLITS = ("train", "valid", "test")
 PAD_MULTIPLE = 32  # pad batch lengths to a multiple of this: fewer distinct shapes to compile

@@ -25,29 +25,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .cache import STEP
 from .context import PREFILL_STEP, common_prefix
-from .decode import StopMatcher, check_limits, fit_prompt
-from .sample import NEG_INF, SamplingSettings, TokenSampler
-
-
-class Constraint(Protocol):
-    """What limits a sequence's tokens (e.g. :class:`mlxgpt.generation.constrain.JsonState`)."""
-
-    complete: bool  # the text is a finished document: the sequence ends here
-
-    def allowed(self) -> np.ndarray:
-        """bool (V,): the tokens that may come next."""
-
-    def advance(self, token: int) -> None: ...
+from .decode import Constraint, SequenceText, check_limits, constrain_logits, fit_prompt
+from .sample import SamplingSettings, TokenSampler
 
 
 @dataclass
@@ -123,19 +111,27 @@ class _Row:
     prompt_tokens: int
     cached_tokens: int
     keep: int  # window kept when sliding
-    decoder: Any
-    matcher: StopMatcher
+    text: SequenceText
     logits: mx.array | None = None  # (V,) where the next token is drawn from
     generated: int = 0
 
 
 class PrefixStore:
-    """The token ids and keys/values of a few recent sequences, newest first: a new prompt
-    that starts like one of them reads only the rest."""
+    """The token ids and keys/values of a few recent sequences, newest first, and of pinned
+    prefixes (prompt cache files, never dropped): a new prompt that starts like one of them
+    reads only the rest."""
 
     def __init__(self, size: int = 8):
         self.size = size
         self.entries: list[tuple[list[int], list[tuple[mx.array, mx.array]]]] = []
+        self.pinned: list[tuple[list[int], list[tuple[mx.array, mx.array]]]] = []
+
+    def pin(self, tokens: Sequence[int], kv: list[tuple[mx.array, mx.array]]) -> None:
+        """Keep this prefix (each layer's keys and values, (1, H, N, D)) for as long as the
+        store lives, whatever its size."""
+        if not tokens:
+            raise MlxgptError("a pinned prefix needs at least one token")
+        self.pinned.append((list(tokens), list(kv)))
 
     def add(self, tokens: list[int], kv: list[tuple[mx.array, mx.array]]) -> None:
         if self.size <= 0 or not tokens:
@@ -150,7 +146,7 @@ class PrefixStore:
     def longest(self, ids: Sequence[int]) -> tuple[int, list[tuple[mx.array, mx.array]] | None]:
         """(n, keys/values of ids[:n]) for the stored sequence sharing the longest prefix."""
         best, best_kv = 0, None
-        for tokens, kv in self.entries:
+        for tokens, kv in [*self.entries, *self.pinned]:  # a tie: the recent one (same ids)
             n = common_prefix(tokens, ids)
             if n > best:
                 best, best_kv = n, kv
@@ -216,7 +212,8 @@ class BatchGenerator:
             uid=next(self._uids), request=request,
             sampler=TokenSampler(request.sampling, self.vocab_size), tokens=ids,
             prompt_tokens=len(ids), cached_tokens=0, keep=keep,
-            decoder=self.tokenizer.stream_decoder(), matcher=StopMatcher(request.stop),
+            text=SequenceText(self.tokenizer, request.stop, request.stop_at_eos,
+                              request.constraint),
         )
         self.pending.append(row)
         return row.uid
@@ -378,9 +375,7 @@ class BatchGenerator:
         logits = row.logits[None]  # (1, V)
         row.logits = None
         req = row.request
-        if req.constraint is not None:
-            allowed = mx.array(req.constraint.allowed()[: self.vocab_size])
-            logits = mx.where(allowed, logits, NEG_INF)
+        logits = constrain_logits(logits, req.constraint)
         window = req.sampling.penalty_window if req.sampling.penalised else 0
         recent = mx.array(row.tokens[-window:], mx.int32)[None] if window else None
         tok = row.sampler(logits, recent)  # (1,)
@@ -405,25 +400,17 @@ class BatchGenerator:
             pairs = zip(top_ids.tolist(), top_lps.tolist(), strict=True)
             event.top_logprobs = sorted(pairs, key=lambda p: -p[1])
         req = row.request
-        eos = self.tokenizer.eot_id if req.stop_at_eos else None
-        if tok == eos:
+        if req.constraint is not None:  # (<|endoftext|> is allowed only once it is complete)
+            req.constraint.advance(tok)  # before the text: it says when the document is done
+        event.text, reason = row.text.add(tok)
+        if reason == "eos":
             event.token = None  # <|endoftext|> is not part of the text
-            return self._finish(row, event, "eos")
-        if req.constraint is not None:
-            req.constraint.advance(tok)
-        event.text, hit = row.matcher.feed(row.decoder.add(tok))
-        if hit:
-            return self._finish(row, event, "stop")
-        if req.constraint is not None and req.constraint.complete:
-            return self._finish(row, event, "stop")
-        if row.generated >= req.max_tokens:
-            return self._finish(row, event, "length")
-        return event
+        if reason is None and row.generated >= req.max_tokens:
+            reason = "length"
+        return event if reason is None else self._finish(row, event, reason)
 
     def _finish(self, row: _Row, event: TokenEvent, reason: str) -> TokenEvent:
-        if reason != "stop":  # what the decoder and the stop matcher still hold
-            tail, _ = row.matcher.feed(row.decoder.flush())
-            event.text += tail + row.matcher.flush()
+        event.text += row.text.tail()
         event.finish_reason = reason
         event.prompt_tokens, event.cached_tokens = row.prompt_tokens, row.cached_tokens
         event.generation_tokens = row.generated

@@ -13,16 +13,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checkpoints.files import atomic_write_text
 from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
-from .context import Context
-from .generate import GenerationResponse, stream_generate
-from .sample import SamplingSettings
-from .speculative import DEFAULT_DRAFT_TOKENS, check_draft, check_draft_tokens, load_draft
-from .transcript import (
+from ..tokenizers.transcript import (
     ASSISTANT,
     STOPS,
     Message,
@@ -30,6 +27,13 @@ from .transcript import (
     render_message,
     render_transcript,
 )
+from .context import Context
+from .generate import NO_DRAFT_WITH_JSON, GenerationResponse, json_constraint, stream_generate
+from .sample import SamplingSettings
+from .speculative import DEFAULT_DRAFT_TOKENS, check_draft, check_draft_tokens, load_draft
+
+if TYPE_CHECKING:
+    from .constrain import JsonConstraint
 
 
 @dataclass
@@ -49,13 +53,24 @@ class ChatSession:
     decoded speculatively, ``draft_tokens`` at a time ("auto": 4 while that is faster on this
     machine than decoding without the draft, see :mod:`mlxgpt.generation.draft_length`); the
     draft keeps its own cache too.
+
+    With ``json_schema`` (a schema, or a compiled
+    :class:`~mlxgpt.generation.constrain.JsonConstraint`) every reply is a JSON document it
+    accepts, as :func:`~mlxgpt.generation.generate.stream_generate` writes it.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, settings: ChatSettings | None = None,
                  system: str | None = None, *, draft_model: Model | str | None = None,
-                 draft_tokens: int | str = DEFAULT_DRAFT_TOKENS):
+                 draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
+                 json_schema: dict | JsonConstraint | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ChatSettings()
+        if json_schema is not None and draft_model is not None:
+            raise MlxgptError(NO_DRAFT_WITH_JSON)
+        # Compiled once: each reply starts a fresh document of the same schema.
+        self.json = None if json_schema is None else json_constraint(
+            tokenizer, model.config.vocab_size, json_schema)
+        self.check_json_budget()
         self.system = system
         self.messages: list[Message] = []  # user and assistant turns, oldest first
         self.ctx = Context(model)
@@ -98,6 +113,13 @@ class ChatSession:
         if self.templated:
             return chat_prompt(self.tokenizer, self.transcript(), False)[0]
         return [i for m in self.transcript() for i in self._ids(m)]
+
+    def check_json_budget(self) -> None:
+        """Refuse a reply budget too small for the schema's shortest document (before a turn
+        is added, so a refused turn leaves the conversation as it was)."""
+        if self.json is not None and self.settings.max_tokens < self.json.min_tokens:
+            raise MlxgptError(f"max_tokens {self.settings.max_tokens} is too small for this "
+                              f"schema: it needs at least {self.json.min_tokens}")
 
     def _room(self) -> int:
         """Positions a reply needs: max_tokens, up to half the context."""
@@ -150,6 +172,7 @@ class ChatSession:
 
         If the consumer stops early (Ctrl-C), the reply so far is kept as the assistant's turn.
         """
+        self.check_json_budget()
         self.messages.append(Message("user", user_text))
         ids = self._fit()
         parts: list[str] = []
@@ -157,7 +180,7 @@ class ChatSession:
             for r in stream_generate(
                 self.model, self.tokenizer, ids, ctx=self.ctx, stop=self.stops,
                 max_tokens=self.settings.max_tokens, sampling=self.settings.sampling,
-                draft_ctx=self.draft_ctx, draft_tokens=self.draft_tokens,
+                draft_ctx=self.draft_ctx, draft_tokens=self.draft_tokens, json_schema=self.json,
             ):
                 text = r.text
                 if not parts:

@@ -6,18 +6,24 @@
 - :func:`generate_tokens`: token ids (and log-probabilities) from a :class:`Context`, with the
   sampler's penalty window; it builds step n+1 and starts evaluating it (``mx.async_eval``)
   before reading token n, so Python overhead hides behind the model;
-- :class:`StopMatcher`: stop strings over streamed text, a possible partial match held back.
+- a :class:`Constraint` (e.g. a compiled JSON schema): :func:`constrain_logits` masks what it
+  forbids before the sampler sees the logits, :func:`constraint_budget` sizes it;
+- :class:`StopMatcher`: stop strings over streamed text, a possible partial match held back;
+- :class:`SequenceText`: one sequence's tokens -> text and the reason it ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import MlxgptError
+from ..tokenizers import Tokenizer
 from .context import SHORT_READ, Context
-from .sample import TokenSampler
+from .sample import NEG_INF, TokenSampler
 
 CONTEXT_POLICIES = ("slide", "stop")
 
@@ -49,6 +55,35 @@ def check_limits(n_positions: int, max_tokens: int, context: str,
     return keep
 
 
+class Constraint(Protocol):
+    """What limits a sequence's tokens (e.g. :class:`mlxgpt.generation.constrain.JsonState`)."""
+
+    complete: bool  # the text is a finished document: the sequence ends here
+
+    def allowed(self) -> np.ndarray:
+        """bool (V,): the tokens that may come next."""
+
+    def advance(self, token: int) -> None: ...
+
+
+def constrain_logits(logits: mx.array, constraint: Constraint | None) -> mx.array:
+    """``logits`` (1, V) with every token the constraint forbids at -inf (before the sampler,
+    so penalties, bias and filters act only among the allowed ones)."""
+    if constraint is None:
+        return logits
+    allowed = mx.array(constraint.allowed()[: logits.shape[-1]])
+    return mx.where(allowed, logits, NEG_INF)
+
+
+def constraint_budget(max_tokens: int, prompt_tokens: int, n_positions: int,
+                      context: str) -> int:
+    """The tokens a constrained document must end within: ``max_tokens``, and with the "stop"
+    policy no more than the context has left after the prompt (a sliding window goes on)."""
+    if context == "stop":
+        return min(max_tokens, n_positions - prompt_tokens)
+    return max_tokens
+
+
 def generate_tokens(
     ctx: Context,
     prompt: Sequence[int],
@@ -59,13 +94,17 @@ def generate_tokens(
     window_keep: int | None = None,
     logprobs: bool = False,
     history: Sequence[int] | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[tuple[int, float | None]]:
     """Yield (token id, log-probability or None) for up to ``max_tokens`` new tokens.
 
     The cache of ``ctx`` is synced to ``prompt`` first (a shared prefix is not read again).
-    Ends early only when the context is full and ``context == "stop"``. The penalties look
-    back over ``history`` (the text so far, when ``prompt`` is only its window), else
-    ``prompt``.
+    Ends early only when the context is full and ``context == "stop"``, or after the token
+    that completes ``constraint``'s document. The penalties look back over ``history`` (the
+    text so far, when ``prompt`` is only its window), else ``prompt``.
+
+    With ``constraint`` every token is drawn from those it allows and is read by it before
+    the next draw; log-probabilities are of the masked logits (as the server reports them).
     """
     n_pos = ctx.n_positions
     keep = check_limits(n_pos, max_tokens, context, window_keep)
@@ -76,6 +115,7 @@ def generate_tokens(
 
     def pick(logits: mx.array) -> tuple[mx.array, mx.array | None]:
         nonlocal recent
+        logits = constrain_logits(logits, constraint)
         tok = sampler(logits, recent)  # (1,)
         if recent is not None:
             recent = mx.concatenate([recent, tok[None]], axis=1)[:, -window:]
@@ -85,15 +125,20 @@ def generate_tokens(
         mx.async_eval(tok, *([] if lp is None else [lp]))
         return tok, lp
 
-    def advance(y: mx.array):
-        """Queue the step after token y (None when the context is full and we stop)."""
+    def forward(y: mx.array) -> mx.array | None:
+        """The logits after token y, queued (None when the context is full and we stop)."""
         if ctx.offset < n_pos:
-            return pick(ctx.step(y))
+            return ctx.step(y)
         if context == "slide":
             ids = ctx.tokens[-(keep - 1) :] if keep > 1 else []
             ctx.reset()
-            return pick(ctx.prefill([*ids, y.item()]))
+            return ctx.prefill([*ids, y.item()])
         return None
+
+    def advance(y: mx.array):
+        """Queue the step after token y (None when the context is full and we stop)."""
+        logits = forward(y)
+        return None if logits is None else pick(logits)
 
     def read(y: mx.array, lp: mx.array | None) -> tuple[int, float | None]:
         return y.item(), (lp.item() if lp is not None else None)
@@ -101,7 +146,19 @@ def generate_tokens(
     y, lp = pick(ctx.sync(prompt, unpadded=SHORT_READ))
     for n in range(max_tokens):
         last = n + 1 == max_tokens
-        if n == 0:
+        if constraint is not None:
+            # The mask of step n+1 needs token n read, so only the model's forward is queued
+            # ahead (the mask is computed while it runs).
+            logits = None if last else forward(y)
+            if logits is not None:
+                mx.async_eval(logits)
+            out = read(y, lp)
+            constraint.advance(out[0])
+            yield out
+            if logits is None or constraint.complete:
+                return
+            nxt = pick(logits)
+        elif n == 0:
             yield read(y, lp)  # the first token goes out at once (time to first token)
             nxt = None if last else advance(y)
         else:
@@ -141,3 +198,41 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+class SequenceText:
+    """One sequence's new tokens as text, and why it ends: every path feeds its tokens here.
+
+    :meth:`add` returns the text a token adds ("" while a character or a possible stop string
+    is held back) and the finish reason it causes: ``"eos"`` (``<|endoftext|>``, not part of
+    the text), ``"stop"`` (a stop string, which is cut with everything after it, or a
+    constraint whose document the token completed), else None. The caller ends a sequence
+    for its own reasons ("length": the token budget or a full context) and every ending takes
+    :meth:`tail`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), stop_at_eos: bool = True,
+                 constraint: Constraint | None = None):
+        self.decoder = tokenizer.stream_decoder()
+        self.matcher = StopMatcher(stop)
+        self.eos = tokenizer.eot_id if stop_at_eos else None
+        self.constraint = constraint  # read only: whoever draws the tokens advances it
+        self.cut = False  # a stop string ended the text
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        if token == self.eos:
+            return "", "eos"
+        text, self.cut = self.matcher.feed(self.decoder.add(token))
+        if self.cut:
+            return text, "stop"
+        if self.constraint is not None and self.constraint.complete:
+            return text, "stop"
+        return text, None
+
+    def tail(self) -> str:
+        """What the decoder and the stop matcher still hold, at the end ("" after a stop
+        string: what it held is the stop string's start)."""
+        if self.cut:
+            return ""
+        text, _ = self.matcher.feed(self.decoder.flush())
+        return text + self.matcher.flush()

@@ -18,6 +18,11 @@ context unless given), which are read again from position 0, and generation goes
 Two ways to spend less time, both through :func:`stream_generate`: a draft model
 (:mod:`.speculative`, same output) and a prompt cache file (:mod:`.prompt_cache`, a long prefix
 read once and saved).
+
+Structured output: ``json_schema`` (a JSON schema, or a compiled
+:class:`~mlxgpt.generation.constrain.JsonConstraint`) limits every token to those that keep the
+text a prefix of a document the schema accepts; generation ends (finish reason ``"stop"``) when
+the document is complete. The same compiled schema and mask as the server's ``response_format``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -33,7 +39,13 @@ from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import PREFILL_STEP, Context, common_prefix
-from .decode import StopMatcher, check_limits, fit_prompt, generate_tokens
+from .decode import (
+    SequenceText,
+    check_limits,
+    constraint_budget,
+    fit_prompt,
+    generate_tokens,
+)
 from .prompt_cache import PromptCache, check_prompt_cache, load_prompt_cache
 from .sample import SamplingSettings, TokenSampler
 from .speculative import (
@@ -43,6 +55,9 @@ from .speculative import (
     load_draft,
     speculative_tokens,
 )
+
+if TYPE_CHECKING:  # the JSON compiler is imported only when a schema is given
+    from .constrain import JsonConstraint
 
 MIN_TIMED = 1e-3  # seconds: a rate over a shorter time is noise (or a division by ~0)
 
@@ -57,7 +72,8 @@ class GenerationResponse:
     text: str = ""  # new text; may be "" while a character or a possible stop string is held
     token: int | None = None
     logprob: float | None = None
-    finish_reason: str | None = None  # "stop" (stop string), "eos" (<|endoftext|>), "length"
+    finish_reason: str | None = None  # "stop" (stop string, JSON document complete), "eos"
+    # (<|endoftext|>), "length"
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens already in the KV cache (not read again)
     generation_tokens: int = 0
@@ -95,6 +111,7 @@ def stream_generate(
     draft_tokens: int | str = DEFAULT_DRAFT_TOKENS,
     draft_ctx: Context | None = None,
     prompt_cache: PromptCache | str | os.PathLike | None = None,
+    json_schema: dict | JsonConstraint | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text piece by piece. ``prompt`` is text or token ids.
 
@@ -108,7 +125,15 @@ def stream_generate(
     draft's cache between calls).
     ``prompt_cache`` (a file from ``mlxgpt cache-prompt`` or a :class:`PromptCache`): its
     prefix is taken as read, and ``prompt`` follows it (encoded on its own; may be empty).
+    ``json_schema``: the output is a JSON document the schema accepts, within ``max_tokens``
+    (compact: no whitespace between its tokens; a
+    :class:`~mlxgpt.generation.constrain.JsonConstraint` of your own allows some, or with
+    schema None any JSON object); not with a draft model.
     """
+    if json_schema is not None and (draft_model is not None or draft_ctx is not None):
+        raise MlxgptError(NO_DRAFT_WITH_JSON)
+    constraint = None if json_schema is None else json_constraint(
+        tokenizer, model.config.vocab_size, json_schema)
     sampling = sampling or SamplingSettings()
     start = time.perf_counter()  # reading a prompt cache counts towards the first token
     if isinstance(prompt, str):
@@ -128,45 +153,43 @@ def stream_generate(
         check_draft(model, draft)
         draft_ctx = Context(draft, prefill_step)
     sampler = TokenSampler(sampling, model.config.vocab_size)
-    decoder = tokenizer.stream_decoder()
-    matcher = StopMatcher(stop)
-    eos = tokenizer.eot_id if stop_at_eos else None
+    state = None
+    if constraint is not None:
+        keep = check_limits(ctx.n_positions, max_tokens, context, window_keep)
+        read = len(fit_prompt(ids, ctx.n_positions, context, keep))
+        state = constraint.start(constraint_budget(max_tokens, read, ctx.n_positions, context))
+    seq = SequenceText(tokenizer, stop, stop_at_eos, state)
 
     mx.reset_peak_memory()
     cached = common_prefix(ctx.tokens, ids)
     first = last = start
     n = 0
-    reason = "length"
     stats = DraftStats()
     if draft_ctx is None:
         tokens = generate_tokens(ctx, ids, sampler, max_tokens=max_tokens, context=context,
-                                 window_keep=window_keep, logprobs=logprobs)
+                                 window_keep=window_keep, logprobs=logprobs, constraint=state)
     else:
         keep = check_limits(ctx.n_positions, max_tokens, context, window_keep)
         tokens = speculative_tokens(
             ctx, draft_ctx, fit_prompt(ids, ctx.n_positions, context, keep), sampler,
             draft_tokens=draft_tokens, max_tokens=max_tokens, keep=keep,
             slide=context == "slide", logprobs=logprobs, stats=stats)
+    reason = "length"  # unless a token ends it: the budget was spent or the context is full
     for tok, lp in tokens:
         last = time.perf_counter()
         if n == 0:
             first = last
         n += 1
-        if tok == eos:
-            reason = "eos"
-            break
-        text, hit = matcher.feed(decoder.add(tok))
-        if hit:
-            yield GenerationResponse(text, tok, lp)
-            reason = "stop"
+        text, why = seq.add(tok)
+        if why == "eos":  # <|endoftext|> is no part of the text
+            reason = why
             break
         yield GenerationResponse(text, tok, lp)
-    tail = ""
-    if reason != "stop":
-        tail, _ = matcher.feed(decoder.flush())
-        tail += matcher.flush()
+        if why is not None:
+            reason = why
+            break
     yield GenerationResponse(
-        text=tail,
+        text=seq.tail(),
         finish_reason=reason,
         prompt_tokens=len(ids),
         cached_tokens=cached,
@@ -179,6 +202,31 @@ def stream_generate(
         accepted_tokens=stats.accepted,
         undrafted_tokens=stats.undrafted,
     )
+
+
+NO_DRAFT_WITH_JSON = ("a draft model and JSON output cannot be combined: speculative decoding "
+                      "does not apply the JSON constraint")
+
+
+def json_constraint(tokenizer: Tokenizer, vocab_size: int, schema: dict | JsonConstraint | None,
+                    whitespace: int = 0, name: str = "json_schema") -> JsonConstraint:
+    """``schema`` compiled for this tokenizer and vocabulary (a JsonConstraint as it is; None:
+    any JSON object). Whitespace bytes per gap: 0 by default, compact as the server writes.
+    A schema it cannot compile: one line naming ``name``."""
+    from .constrain import JsonConstraint
+
+    if isinstance(schema, JsonConstraint):
+        if schema.vocab_size != vocab_size:
+            raise MlxgptError(f"{name}: compiled for {schema.vocab_size} token ids, the model "
+                              f"has {vocab_size}")
+        return schema
+    if schema is not None and not isinstance(schema, dict):
+        raise MlxgptError(f"{name} must be a JSON schema (a dict), got "
+                          f"{type(schema).__name__}")
+    try:
+        return JsonConstraint(tokenizer, schema, vocab_size, whitespace=whitespace)
+    except MlxgptError as e:  # the compiler words its messages for the server's field
+        raise MlxgptError(f"{name}: {str(e).removeprefix('response_format ')}") from None
 
 
 def use_prompt_cache(ctx: Context, cache: PromptCache | str | os.PathLike,

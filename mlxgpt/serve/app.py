@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import MlxgptError
 from ..generation.batch import TokenEvent
+from ..generation.decode import constraint_budget
 from ..tokenizers import Tokenizer
 from .engine import Engine, Handle, QueueFull
 from .protocol import (
@@ -246,11 +247,10 @@ class Server:
                 if len(self.constraints) > CONSTRAINTS_KEPT:
                     self.constraints.popitem(last=False)
             self.constraints.move_to_end(key)
-            for choice in job.choices:
-                budget = choice.max_tokens
-                if self.config.context == "stop":  # the reply ends where the context does
-                    budget = min(budget, self.n_positions - len(job.prompt_ids))
-                choice.constraint = constraint.start(budget)
+            for choice in job.choices:  # budgets as the library's (generate, chat) are
+                choice.constraint = constraint.start(constraint_budget(
+                    choice.max_tokens, len(job.prompt_ids), self.n_positions,
+                    self.config.context))
         except MlxgptError as e:
             msg = str(e)  # the compiler's messages mostly name response_format already
             raise bad(msg if msg.startswith("response_format") else f"response_format: {msg}",

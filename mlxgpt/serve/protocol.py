@@ -17,8 +17,8 @@ from typing import Any
 from ..errors import MlxgptError
 from ..generation.batch import SequenceRequest, TokenEvent
 from ..generation.sample import SamplingSettings
-from ..generation.transcript import ROLES, chat_prompt
 from ..tokenizers import Tokenizer
+from ..tokenizers.transcript import ROLES, chat_prompt
 
 MAX_N = 16  # choices per request
 MAX_STOPS = 4  # as OpenAI

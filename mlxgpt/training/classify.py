@@ -35,11 +35,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..atomicio import make_temp_dir, remove, write_error
 from ..checkpoints import folder as mlx_folder
@@ -48,15 +47,14 @@ from ..checkpoints.files import mlx_write_failure
 from ..checkpoints.quantize import float_dtype, model_quantization
 from ..core.classifier import GPTClassifier
 from ..data.examples import (
-    Example,
     LabelledBatches,
     check_labelled_record,
     encode_labelled,
     find_splits,
     read_jsonl,
-    text_example,
 )
 from ..errors import MlxgptError
+from ..generation.classify import example_probabilities
 from .config import TrainResult
 from .distributed import is_rank0, rank0_echo
 from .evaluate import confusion_lines
@@ -259,42 +257,7 @@ def publish_classifier(clf: GPTClassifier, out: Path,
         raise
 
 
-# --------------------------------------------------------------------------- prediction
-
-
-class Prediction(NamedTuple):
-    label: str
-    probability: float
-
-
-def classify(clf: GPTClassifier, tokenizer: Any, texts: Sequence[str], *,
-             batch_size: int = 16) -> list[Prediction]:
-    """The likeliest label of each text, with its probability."""
-    probs = probabilities(clf, tokenizer, texts, batch_size=batch_size)
-    return [Prediction(clf.labels[i], float(probs[k, i])) for k, i in enumerate(probs.argmax(-1))]
-
-
-def probabilities(clf: GPTClassifier, tokenizer: Any, texts: Sequence[str], *,
-                  batch_size: int = 16) -> np.ndarray:
-    """Each label's probability for each text: (texts, labels), labels in ``clf.labels``'
-    order. Texts are cut to the context as in training."""
-    examples = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise MlxgptError(f"text {i + 1} is empty")
-        examples.append(text_example(tokenizer, text, clf.config.n_positions)[0])
-    return _probabilities(clf, tokenizer, examples, batch_size)
-
-
-def _probabilities(clf: GPTClassifier, tokenizer: Any, examples: Sequence[Example],
-                   batch_size: int) -> np.ndarray:
-    if not examples:
-        return np.zeros((0, len(clf.labels)), np.float32)
-    batches = LabelledBatches(examples, batch_size, lm=False, pad_id=tokenizer.eot_id or 0,
-                              max_width=clf.config.n_positions)
-    forward = mx.compile(lambda t, n: mx.softmax(clf(t, n).astype(mx.float32), axis=-1),
-                         inputs=clf.state)
-    return np.concatenate([np.array(forward(t, n)) for t, n, _ in batches.epoch()])
+# --------------------------------------------------------------------------- accuracy
 
 
 def accuracy(clf: GPTClassifier, batches: Any) -> tuple[int, int]:
@@ -370,5 +333,5 @@ def evaluate_classifier(clf: GPTClassifier, tokenizer: Any, records: Records, *,
     if not records:
         raise MlxgptError("no examples to evaluate")
     examples, _ = encode_labelled(records, tokenizer, clf.labels, max_len=clf.config.n_positions)
-    probs = _probabilities(clf, tokenizer, examples, batch_size)
+    probs = example_probabilities(clf, tokenizer, examples, batch_size)
     return HeadEvaluation(clf.labels, [e.label for e in examples], probs.argmax(-1).tolist())

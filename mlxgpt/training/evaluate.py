@@ -122,7 +122,7 @@ def _share_equal(a: Sequence[str], b: Sequence[str]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / max(len(a), 1)
 
 
-def classify(
+def generated_labels(
     model: nn.Module,
     tokenizer: Any,
     records: Sequence[tuple[str, dict[str, Any]]],

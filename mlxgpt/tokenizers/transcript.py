@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from ..errors import MlxgptError
-from ..tokenizers import Tokenizer
-from ..tokenizers.chat_template import render_chat
+from .base import Tokenizer
+from .chat_template import render_chat
 
 USER = "User"
 ASSISTANT = "Assistant"
