@@ -68,9 +68,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class PretrainSettings:
-    """Everything a pretraining run needs; names match the CLI options (``-`` -> ``_``)."""
+class PretrainSettings(TrainConfig):
+    """Everything a pretraining run needs: the optimisation settings of :class:`TrainConfig`
+    (pretraining's own defaults where they differ), the data, the model's shape and the run's
+    files; names match the CLI options (``-`` -> ``_``)."""
 
+    steps: int = 2000
+    beta2: float = 0.99  # nanoGPT's for small models (fine-tuning keeps 0.95)
     data: str | None = None
     out: str | None = None
     tokenizer: str = "byte"
@@ -80,24 +84,9 @@ class PretrainSettings:
     n_embd: int = 128
     block_size: int = 64
     batch_size: int = 12
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int = 100
-    steps: int = 2000
     max_tokens: int | None = None  # when given, sets steps = max_tokens / tokens per step
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
     dropout: float = 0.0
-    eval_every: int = 250
-    eval_batches: int = 20
-    save_every: int = 0
-    log_every: int = 10
     val_fraction: float = 0.1
-    seed: int = 1337
-    train_pass: str = "auto"  # auto, native or mlx (TrainConfig.train_pass)
     cache_dir: str | None = None
     sample_prompt: str = "\n"
     sample_tokens: int = 200
