@@ -20,6 +20,10 @@ results.
 
     python tools/bench_lora.py                 # ~5 minutes on 2 CPU cores
     python tools/bench_lora.py --steps 20 --window 10
+    python tools/bench_lora.py --smollm2 --seq 128 --speed-only   # the real model (fetched)
+
+``--smollm2``: SmolLM2-135M-Instruct (its float32 weights, converted once) instead, both trainers
+with LoRA on every linear layer of the last 16 blocks (mlxgpt's and mlx-lm's default).
 """
 
 from __future__ import annotations
@@ -42,18 +46,29 @@ SEQ = 512  # tokens per example, end-of-text included
 BATCH = 4
 RANK, ALPHA = 8, 16.0
 KINDS = ["mlxgpt-lora", "mlx_lm-lora", "mlxgpt-full", "mlxgpt-lora-ckpt", "mlxgpt-full-ckpt"]
+# What each family's LoRA adapts: GPT-2's c_attn in every block, or (SmolLM2) every linear layer
+# of the last 16 blocks.
+LLAMA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def make_inputs(work: Path, corpus: Path, n_lines: int = 64) -> tuple[Path, Path]:
-    """A 124M-shape model folder and JSONL files of texts that tokenize to SEQ - 1 tokens."""
+def make_inputs(work: Path, corpus: Path, n_lines: int = 64,
+                smollm2: bool = False) -> tuple[Path, Path]:
+    """A model folder (GPT-2 124M shape, random; or SmolLM2 in float32) and JSONL files of texts
+    that tokenize to SEQ - 1 tokens."""
     import mlx.core as mx
 
     from mlxgpt import GPT, GPTConfig
     from mlxgpt.checkpoints.folder import save_model
     from mlxgpt.tokenizers import gpt2_tokenizer
 
-    tok = gpt2_tokenizer()
     model_dir, data_dir = work / "model", work / "data"
+    if smollm2:
+        model, tok = mlxgpt.load("smollm2", dtype="float32")
+        if not model_dir.exists():
+            save_model(model, model_dir, tok)
+    else:
+        tok = gpt2_tokenizer()
     if not model_dir.exists():
         mx.random.seed(0)
         save_model(GPT(GPTConfig()), model_dir, tok)
@@ -71,7 +86,7 @@ def make_inputs(work: Path, corpus: Path, n_lines: int = 64) -> tuple[Path, Path
 
 
 def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full: bool,
-                  ckpt: bool) -> dict:
+                  ckpt: bool, llama: bool = False) -> dict:
     import mlx.core as mx
 
     from mlxgpt.checkpoints.adapters.lora import LoRAConfig
@@ -81,7 +96,8 @@ def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full
     opts = FinetuneOptions(
         model=model, data=data, out=out, batch_size=BATCH, max_seq_len=SEQ, force=True,
         grad_checkpoint=ckpt,
-        lora=None if full else LoRAConfig(rank=RANK, alpha=ALPHA, targets=("c_attn",)),
+        lora=None if full else LoRAConfig(rank=RANK, alpha=ALPHA, targets=(
+            tuple(LLAMA_KEYS) if llama else ("c_attn",)), layers="last:16" if llama else "all"),
         train=lambda n: TrainConfig(steps=steps, lr=2e-5 if full else 1e-4, min_lr=0.0,
                                     warmup=0, weight_decay=0.0, eval_every=0,
                                     log_every=window, save_every=10**9),
@@ -109,7 +125,8 @@ def worker_mlxgpt(model: str, data: str, out: str, steps: int, window: int, full
             "trainable": next(s for s in lines if s.startswith("trainable"))}
 
 
-def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int) -> dict:
+def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int,
+                  llama: bool = False) -> dict:
     import mlx.core as mx
     from mlx_lm import lora as mlx_lm_lora
     from mlx_lm.tuner.callbacks import TrainingCallback
@@ -123,11 +140,12 @@ def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int) -> d
 
     args = dict(mlx_lm_lora.CONFIG_DEFAULTS)
     args.update(model=model, data=data, train=True, adapter_path=out, iters=steps,
-                batch_size=BATCH, max_seq_length=SEQ, num_layers=12, learning_rate=1e-4,
+                batch_size=BATCH, max_seq_length=SEQ, num_layers=16 if llama else 12,
+                learning_rate=1e-4,
                 steps_per_report=window, steps_per_eval=10**9, val_batches=1,
                 save_every=10**9,
                 lora_parameters={"rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0,
-                                 "keys": ["attn.c_attn"]})
+                                 "keys": LLAMA_KEYS if llama else ["attn.c_attn"]})
     args = types.SimpleNamespace(**args)
     m, tokenizer = load(model)
     train_set, valid_set, _ = mlx_lm_lora.load_dataset(args, tokenizer)
@@ -138,9 +156,11 @@ def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int) -> d
             "cpu_s_per_step": cpu}
 
 
-def run_worker(kind: str, model: Path, data: Path, work: Path, steps: int, window: int) -> dict:
+def run_worker(kind: str, model: Path, data: Path, work: Path, steps: int, window: int,
+               llama: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--data", str(data),
-           "--out", str(work / f"out-{kind}"), "--steps", str(steps), "--window", str(window)]
+           "--out", str(work / f"out-{kind}"), "--steps", str(steps), "--window", str(window),
+           "--seq", str(SEQ), *(["--smollm2"] if llama else [])]
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if r.returncode != 0:
         sys.exit(f"worker {kind} failed (exit {r.returncode}):\n{r.stdout[-2000:]}")
@@ -148,6 +168,7 @@ def run_worker(kind: str, model: Path, data: Path, work: Path, steps: int, windo
 
 
 def main() -> None:
+    global SEQ  # --seq sets it for this process and its workers
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--window", type=int, default=5, help="steps per timing window")
@@ -160,20 +181,25 @@ def main() -> None:
                     help="only peak memory: every run for --ckpt-steps steps, no mlx-lm")
     ap.add_argument("--ckpt-steps", type=int, default=2,
                     help="steps of the --grad-checkpoint runs (memory only)")
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct (see above)")
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens per example")
     ap.add_argument("--worker", choices=KINDS)
     ap.add_argument("--model")
     ap.add_argument("--data")
     ap.add_argument("--out")
     args = ap.parse_args()
+    SEQ = args.seq
     if args.steps < 2 * args.window and not args.memory_only:
         ap.error("--steps must be at least twice --window (the first window is warm-up)")
 
     if args.worker:
         if args.worker == "mlx_lm-lora":
-            res = worker_mlx_lm(args.model, args.data, args.out, args.steps, args.window)
+            res = worker_mlx_lm(args.model, args.data, args.out, args.steps, args.window,
+                                args.smollm2)
         else:
             res = worker_mlxgpt(args.model, args.data, args.out, args.steps, args.window,
-                                full="full" in args.worker, ckpt="ckpt" in args.worker)
+                                full="full" in args.worker, ckpt="ckpt" in args.worker,
+                                llama=args.smollm2)
         print(json.dumps(res))
         return
 
@@ -181,13 +207,13 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-lora-"))
     work.mkdir(parents=True, exist_ok=True)
-    model, data = make_inputs(work, args.corpus)
+    model, data = make_inputs(work, args.corpus, smollm2=args.smollm2)
     res: dict[str, dict] = {}
     ratios, cpu_ratios = [], []
     # Speed: mlxgpt and mlx-lm alternate, so a change in the machine's load hits both alike.
     for rep in range(0 if args.memory_only else args.repeats):
         for k in ("mlxgpt-lora", "mlx_lm-lora"):
-            r = run_worker(k, model, data, work, args.steps, args.window)
+            r = run_worker(k, model, data, work, args.steps, args.window, args.smollm2)
             res.setdefault(k, r)
             res[k]["runs"] = [*res[k].get("runs", []), r["tok_per_s"]]
             res[k]["cpu"] = [*res[k].get("cpu", []), r["cpu_s_per_step"]]
@@ -200,12 +226,14 @@ def main() -> None:
     for k in memory_kinds if not args.speed_only else []:
         steps, window = (args.ckpt_steps, 1) if "ckpt" in k or args.memory_only else (
             args.steps, args.window)
-        res[k] = run_worker(k, model, data, work, steps, window)
+        res[k] = run_worker(k, model, data, work, steps, window, args.smollm2)
         print(f"{k}: {res[k]['tok_per_s']:,.0f} tokens/s, peak "
               f"{res[k]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
     gib = 2**30
-    print(f"GPT-2 124M shape, batch {BATCH} x {SEQ} tokens, rank {RANK} alpha {ALPHA:g} on "
-          f"c_attn x 12 layers, {args.steps} steps (timing: last {args.window})")
+    what = ("SmolLM2-135M-Instruct (float32), every linear layer of the last 16 blocks"
+            if args.smollm2 else "GPT-2 124M shape, c_attn x 12 layers")
+    print(f"{what}, batch {BATCH} x {SEQ} tokens, rank {RANK} alpha {ALPHA:g}, {args.steps} "
+          f"steps (timing: last {args.window})")
     print(f"BLAS: {blas.blas_in_use()}")
     print(res["mlxgpt-lora"]["trainable"])
     print(f"{'run':<18}{'tokens/s':>16}{'peak GiB':>10}")
