@@ -86,6 +86,23 @@ def gguf_name(hf_key: str) -> str:
     return f"blk.{i}.{BLOCK[rest]}.{leaf}"
 
 
+def smollm_reference_tokenizer(tokens: list[str], types: list[int], merges: list[str]):
+    """SmolLM2's tokenizer as Hugging Face ``tokenizers`` runs it (its tokenizer.json: digits
+    split one by one, then GPT-2's byte-level split), from GGUF-style lists: the reference for
+    mlxgpt's own."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True)
+                            for t, k in zip(tokens, types, strict=True) if k == 3])
+    return tok
+
+
 def small_vocab(n: int):
     """The first ``n`` ids of GPT-2's BPE as GGUF token strings + merges, plus two specials."""
     from mlxgpt.tokenizers import gpt2_tokenizer

@@ -376,20 +376,12 @@ def test_a_hub_id_loads_through_the_hugging_face_cache(tmp_path, small, monkeypa
 
 def test_a_smollm_style_tokenizer_json_splits_digits_as_hugging_face(tmp_path):
     """SmolLM2's tokenizer.json: Digits(individual_digits) before the byte-level split."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from _llama_helpers import small_vocab
+    pytest.importorskip("tokenizers")
+    from _llama_helpers import small_vocab, smollm_reference_tokenizer
 
     from mlxgpt.tokenizers import tokenizer_from_hf_folder
 
-    tokens, types, merges = small_vocab(300)
-    ref = tokenizers.Tokenizer(tokenizers.models.BPE(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges]))
-    ref.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-        tokenizers.pre_tokenizers.Digits(individual_digits=True),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    ref.decoder = tokenizers.decoders.ByteLevel()
-    ref.add_special_tokens([tokenizers.AddedToken(t, special=True)
-                            for t, k in zip(tokens, types, strict=True) if k == 3])
+    ref = smollm_reference_tokenizer(*small_vocab(300))
     ref.save(str(tmp_path / "tokenizer.json"))
     tok = tokenizer_from_hf_folder(tmp_path)
     for text in ("12345 678.9 3,000", "in 2024  the  42nd\t7 x1y22z333", " 1 2  3   4\n5\n\n6",

@@ -150,20 +150,13 @@ def test_the_answer_is_right():
 @pytest.fixture(scope="module")
 def hf_reference_tokenizer(smollm2_path):
     """SmolLM2's tokenizer as Hugging Face tokenizers runs it, from the GGUF's vocabulary."""
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
+    from _llama_helpers import smollm_reference_tokenizer
+
     _, meta = mx.load(str(smollm2_path), return_metadata=True)
-    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
     types = np.array(meta["tokenizer.ggml.token_type"]).tolist()
-    bpe = tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                merges=[tuple(m.split(" ")) for m in merges])
-    tok = tokenizers.Tokenizer(bpe)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-        tokenizers.pre_tokenizers.Digits(individual_digits=True),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True)
-                            for t, k in zip(tokens, types, strict=True) if k == 3])
-    return tok
+    return smollm_reference_tokenizer(meta["tokenizer.ggml.tokens"], types,
+                                      meta["tokenizer.ggml.merges"])
 
 
 def texts(leave_out: set[int] | None = None) -> list[str]:

@@ -82,13 +82,12 @@ class Impl:
         return mx.get_peak_memory() / 1e9
 
 
-class MlxgptImpl(Impl):
-    name = "mlxgpt"
+class MlxgptModel(Impl):
+    """mlxgpt's generation on a model already loaded (greedy, through its KV cache)."""
 
-    def __init__(self, folder: Path, dtype):
-        self.model = load_model(folder, dtype if not isinstance(dtype, int) else None)
-        prepare_for_inference(self.model)
-        self.sampler = TokenSampler(SamplingSettings(temperature=0), self.model.config.vocab_size)
+    def __init__(self, name: str, model):
+        self.name, self.model = name, model
+        self.sampler = TokenSampler(SamplingSettings(temperature=0), model.config.vocab_size)
 
     def first_token(self, ids: list[int]) -> float:
         t = time.perf_counter()
@@ -101,6 +100,14 @@ class MlxgptImpl(Impl):
             stamps.append(time.perf_counter())
             out.append(tok)
         return (n - 1) / (stamps[-1] - stamps[0]), out
+
+
+class MlxgptImpl(MlxgptModel):
+    """mlxgpt on a model folder, prepared for inference as the commands prepare it."""
+
+    def __init__(self, folder: Path, dtype):
+        model = load_model(folder, dtype if not isinstance(dtype, int) else None)
+        super().__init__("mlxgpt", prepare_for_inference(model))
 
 
 class MlxLmImpl(Impl):

@@ -31,7 +31,7 @@ import mlxgpt  # noqa: F401  (first: preloads the fast BLAS before mlx is import
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import Impl, MlxLmImpl, measure, run_torch, summarize  # noqa: E402
+from bench import Impl, MlxgptModel, MlxLmImpl, measure, run_torch, summarize  # noqa: E402
 
 from mlxgpt.checkpoints.fetch import fetch  # noqa: E402
 from mlxgpt.checkpoints.folder import save_model  # noqa: E402
@@ -39,27 +39,6 @@ from mlxgpt.checkpoints.gguf import write_gguf  # noqa: E402
 from mlxgpt.checkpoints.gguf_llama import read_llama_gguf  # noqa: E402
 from mlxgpt.core import backend  # noqa: E402
 from mlxgpt.cpu import blas  # noqa: E402
-from mlxgpt.generation.context import Context  # noqa: E402
-from mlxgpt.generation.decode import generate_tokens  # noqa: E402
-from mlxgpt.generation.sample import SamplingSettings, TokenSampler  # noqa: E402
-
-
-class Mlxgpt(Impl):
-    def __init__(self, name: str, model):
-        self.name, self.model = name, model
-        self.sampler = TokenSampler(SamplingSettings(temperature=0), model.config.vocab_size)
-
-    def first_token(self, ids: list[int]) -> float:
-        t = time.perf_counter()
-        next(generate_tokens(Context(self.model), ids, self.sampler, max_tokens=1))
-        return time.perf_counter() - t
-
-    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
-        stamps, out = [], []
-        for tok, _ in generate_tokens(Context(self.model), ids, self.sampler, max_tokens=n):
-            stamps.append(time.perf_counter())
-            out.append(tok)
-        return (n - 1) / (stamps[-1] - stamps[0]), out
 
 
 class LlamaCpp(Impl):
@@ -111,13 +90,13 @@ def main() -> None:
     text = (Path(__file__).parents[1] / "tests" / "data" / "english_sample.txt").read_text()
     ids = tok.encode(text)
     long, short = ids[: args.prompt_tokens], ids[1000:1016]
-    impls: list[Impl] = [Mlxgpt("mlxgpt", dense)]
+    impls: list[Impl] = [MlxgptModel("mlxgpt", dense)]
     if "q4" not in skip:
         backend.keep_quantized = lambda device=None: True  # MLX's own 4-bit layers
         from mlxgpt.checkpoints import gguf_llama
 
         gguf_llama.keep_quantized = backend.keep_quantized
-        impls.append(Mlxgpt("mlxgpt-q4", read_llama_gguf(gguf_path, mx.float32)[0]))
+        impls.append(MlxgptModel("mlxgpt-q4", read_llama_gguf(gguf_path, mx.float32)[0]))
     folder = save_model(dense, work / "float32", tok)  # mlx-lm and transformers read it as is
     if "mlx-lm" not in skip:
         impls.append(MlxLmImpl(folder, None))

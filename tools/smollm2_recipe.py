@@ -95,6 +95,12 @@ CURVE = (500, 1000, 2000)  # smaller training sets the heads are also trained on
 # --------------------------------------------------------------------------- bookkeeping
 
 
+def padded(rows: list[list[int]], pad: int) -> tuple[mx.array, mx.array]:
+    """Token rows right-padded to the longest: (B, T) ids and (B,) real lengths."""
+    width = max(len(r) for r in rows)
+    return mx.array([r + [pad] * (width - len(r)) for r in rows]), mx.array([len(r) for r in rows])
+
+
 def digest(*parts: Any) -> str:
     """A short key for what a cached result was computed from."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -244,9 +250,7 @@ def label_scores(model: Any, tokenizer: Any, prompts: list[list[int]]) -> dict[s
     pad = tokenizer.eot_id or 0
     for start in range(0, len(order), PROMPT_BATCH):
         rows = order[start : start + PROMPT_BATCH]
-        width = max(len(rests[i]) for i in rows)
-        batch = mx.array([rests[i] + [pad] * (width - len(rests[i])) for i in rows])
-        lengths = mx.array([len(rests[i]) for i in rows])
+        batch, lengths = padded([rests[i] for i in rows], pad)
         caches = [KVCache(mx.repeat(k, len(rows), axis=0), mx.repeat(v, len(rows), axis=0),
                           shared) for k, v in prefix.kv]
         h = model.hidden(batch, caches)  # (B, T, C), positions continuing the prefix
@@ -330,9 +334,8 @@ def hidden_features(model: Any, tokenizer: Any, texts: list[str]) -> dict[str, n
     pad = tokenizer.eot_id or 0
     for start in range(0, len(order), FEATURE_BATCH):
         rows = order[start : start + FEATURE_BATCH]
-        width = max(len(toks[i]) for i in rows)
-        batch = mx.array([toks[i] + [pad] * (width - len(toks[i])) for i in rows])
-        lengths = mx.array([len(toks[i]) for i in rows])
+        batch, lengths = padded([toks[i] for i in rows], pad)
+        width = batch.shape[1]
         h = model.hidden(batch)  # (B, T, C)
         real = (mx.arange(width)[None, :] < lengths[:, None])[..., None]  # (B, T, 1)
         lt = h[mx.arange(len(rows)), lengths - 1]
@@ -383,10 +386,8 @@ def classifier_check(model: Any, tokenizer: Any, weight: np.ndarray, texts: list
     between its logits (batched, right-padded, explicit lengths) and the cached features'."""
     clf = GPTClassifier(model, LABELS)
     clf.score.weight = mx.array(weight)
-    toks = [tokenizer.encode(t) for t in texts]
-    width = max(len(t) for t in toks)
-    batch = mx.array([t + [tokenizer.eot_id or 0] * (width - len(t)) for t in toks])
-    logits = np.array(clf(batch, mx.array([len(t) for t in toks])))
+    batch, lengths = padded([tokenizer.encode(t) for t in texts], tokenizer.eot_id or 0)
+    logits = np.array(clf(batch, lengths))
     return float(np.abs(logits - feats @ weight.T).max())
 
 

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..checks import check_int
+from ..checks import check_bool, check_int, check_number
 from ..errors import MlxgptError
 from .backend import Kernels, kernels_for
 from .config import HF_BOOKKEEPING, MAX_SIZES, check_params
@@ -86,13 +86,9 @@ class LlamaConfig:
             raise MlxgptError(f"config: head_dim must be even for rotary positions, "
                               f"got {self.head_dim}")
         for name in ("rms_norm_eps", "rope_theta"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise MlxgptError(f"config: {name} must be a positive number, got {v!r}")
+            check_number(getattr(self, name), f"config: {name}", 0, above=True)
         for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise MlxgptError(f"config: {name} must be true or false, "
-                                  f"got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), f"config: {name}")
         if self.hidden_act != "silu":
             raise MlxgptError(f"config: hidden_act {self.hidden_act!r} is not supported (silu)")
         rope_inv_freq(self)  # refuses an unknown or malformed rope_scaling
