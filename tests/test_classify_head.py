@@ -208,6 +208,8 @@ def test_finetune_learns_and_eval_and_classify_print_it(toy, tmp_path, cli_ok, m
     out = tmp_path / mode
     r = cli_ok("finetune", "--model", model_dir, "--data", data, "--out", out, *FAST, *args)
     assert "train: 160 examples (number " in r.output and "val accuracy" in r.output
+    # The classifier's loss counts examples, and the progress lines say so.
+    assert " ex/s | ETA" in r.output and "tok/s" not in r.output
     for f in ("config.json", "model.safetensors", "classifier.safetensors", "classifier.json"):
         assert (out / f).is_file(), f
     assert json.loads((out / "classifier.json").read_text())["labels"] == ["number", "word"]

@@ -43,7 +43,7 @@ from mlxgpt.checkpoints.adapters.lora import (  # noqa: E402
 from mlxgpt.checkpoints.folder import load_model, save_classifier, save_model  # noqa: E402
 from mlxgpt.core.classifier import GPTClassifier  # noqa: E402
 from mlxgpt.core.llama import Llama, LlamaConfig  # noqa: E402
-from mlxgpt.data.examples import encode_records, read_jsonl  # noqa: E402
+from mlxgpt.data.examples import answer_prompt, encode_records, read_jsonl  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
 from mlxgpt.training.evaluate import generated_labels  # noqa: E402
 
@@ -471,3 +471,39 @@ def test_finetune_classify_trains_a_head_on_a_llama_model(llama, tmp_path, cli_o
     assert "accuracy: 1.0000" in report
     assert [p.label for p in mlxgpt.classify(clf, tok, ["oak elm fir", "fig kiwi plum"])] == [
         "tree", "fruit"]
+
+
+def as_chat(rows):
+    """The cue rows as conversations: the words asked in a user turn, the label answered."""
+    return [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["completion"].strip()}]}
+            for r in rows]
+
+
+def test_chat_answers_are_learnt_and_evaluated_through_the_template(llama, tmp_path, cli_ok):
+    _, folder, tok = llama
+    train, held_out = cue_rows()
+    (tmp_path / "d").mkdir()
+    write_rows(tmp_path / "d" / "train.jsonl", as_chat(train))
+    test_file = write_rows(tmp_path / "test.jsonl", as_chat(held_out))
+    # What evaluation reads and scores is what training taught: the prompt, then the answer as
+    # the template writes it (its end-of-turn marker included), the only tokens with loss.
+    (ex,), _ = encode_records(read_jsonl(test_file)[:1], tok, mask_prompt=True, max_len=512)
+    prompt, label, answer = answer_prompt(read_jsonl(test_file)[0][1], tok)
+    n = len(prompt) + len(answer)
+    assert ex.tokens[:n] == prompt + answer and answer[-1] == tok.eot_id
+    assert ex.mask[:n] == [0] * len(prompt) + [1] * len(answer) and not any(ex.mask[n:])
+    assert label == held_out[0]["completion"].strip()
+
+    def accuracies(*adapter):
+        report = cli_ok("eval", "--task", "classify", "--model", folder, *adapter,
+                        "--data", test_file).output
+        values = dict(line.split(": ", 1) for line in report.splitlines() if ": " in line)
+        return (float(values["accuracy"].split()[0]), float(values["label accuracy"].split()[0]),
+                float(values["label macro-F1"]))
+
+    assert accuracies()[0] == 0.0  # the base answers with neither label
+    cli_ok("finetune", "--model", folder, "--data", tmp_path / "d", "--out", tmp_path / "o",
+           "--mask-prompt", "--steps", 160, "--lr", "1e-2", "--warmup", 0, "--batch-size", 8,
+           "--eval-every", 0, "--save-every", 0, "--log-every", 40)
+    assert accuracies("--adapter", tmp_path / "o") == (1.0, 1.0, 1.0)

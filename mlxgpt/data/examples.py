@@ -185,6 +185,32 @@ def encode_record(rec: dict[str, Any], tokenizer: Any, mask_prompt: bool,
     return tokens, mask
 
 
+def answer_prompt(rec: dict[str, Any], tokenizer: Any,
+                  where: str = "") -> tuple[list[int], str, list[int]]:
+    """(prompt tokens, answer, answer tokens) of a ``{"prompt", "completion"}`` record or of a
+    conversation whose last turn is the assistant's: what the model reads, the answer stripped,
+    and the tokens that write the answer as training taught them (the completion and the
+    end-of-text token; or the reply as the chat template renders it, its end-of-turn marker
+    included), tokenized as :func:`encode_record` tokenizes them."""
+    kind = record_kind(rec)
+    if kind == "completion":
+        end = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+        return (tokenizer.encode(rec["prompt"]), rec["completion"].strip(),
+                tokenizer.encode(rec["completion"]) + end)
+    if kind != "messages" or rec["messages"][-1]["role"] != "assistant":
+        raise MlxgptError(f"{where}: needs a prompt and a completion, or messages ending with "
+                          "the assistant's answer")
+    templated = _has_template(tokenizer)
+    segments = record_segments(rec, tokenizer)
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    prompt = [t for text, _ in segments[:last]
+              for t in tokenizer.encode(text, allow_special=templated)]
+    answer = tokenizer.encode(segments[last][0], allow_special=templated)
+    if not templated and tokenizer.eot_id is not None:
+        answer.append(tokenizer.eot_id)
+    return prompt, rec["messages"][-1]["content"].strip(), answer
+
+
 def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

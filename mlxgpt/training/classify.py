@@ -57,7 +57,7 @@ from ..errors import MlxgptError
 from ..generation.classify import example_probabilities
 from .config import TrainResult
 from .distributed import is_rank0, rank0_echo
-from .evaluate import confusion_lines
+from .evaluate import confusion_lines, macro_f1
 from .finetune import FinetuneOptions, prepare_model, prepare_out, report_trainable, restore_adapter
 from .loop import train
 from .loss import hidden_lm_loss
@@ -146,7 +146,7 @@ def finetune_classifier(opts: ClassifyOptions,
                        sample=sample, resume=opts.resume, shown_dir=out,
                        fingerprint={"data": str(opts.data), "lora": str(lora), "mode": mode,
                                     "labels": labels, "lm_weight": lm_weight},
-                       echo=echo)
+                       echo=echo, unit="ex")
         # A stopped run is a checkpoint to resume, not a result: nothing is published.
         if rank0 and not result.interrupted:
             publish_classifier(clf, run_dir, restore, fuse_lora=lora is not None,
@@ -287,16 +287,7 @@ class HeadEvaluation:
 
     @property
     def macro_f1(self) -> float:
-        """Mean F1 over the labels that occur (in the data or the predictions)."""
-        present = sorted(set(self.gold) | set(self.predicted))
-        pairs = list(zip(self.gold, self.predicted, strict=True))
-        scores = []
-        for c in present:
-            tp = sum(g == c and p == c for g, p in pairs)
-            fp = sum(g != c and p == c for g, p in pairs)
-            fn = sum(g == c and p != c for g, p in pairs)
-            scores.append(2 * tp / (2 * tp + fp + fn))
-        return sum(scores) / max(len(scores), 1)
+        return macro_f1(self.gold, self.predicted)
 
     def majority(self) -> tuple[str, float]:
         """The commonest gold label and its share: what always answering it scores."""

@@ -1,11 +1,13 @@
 """Evaluation: loss and perplexity on text or JSONL; accuracy of a classifier made by fine-tuning.
 
 Loss is the mean next-token cross-entropy (nats) over the counted tokens, perplexity its
-exponential. For ``{"prompt", "completion"}`` data, :func:`classify` asks the model for each
-prompt's completion (greedy decoding, stopping at end-of-text or after the longest label's
-length plus one token) and compares it with the label, both stripped of surrounding whitespace:
-exact match, nothing fuzzier. It also reports which label the model finds most likely, a score
-that is meaningful even for a base model that never answers with a bare label. (A classifier
+exponential. For ``{"prompt", "completion"}`` data, or conversations whose last turn is the
+assistant's answer (rendered through the model's chat template), :func:`generated_labels` asks
+the model for each prompt's answer (greedy decoding, stopping at end-of-text or after the
+longest label's length) and compares it with the label, both stripped of surrounding
+whitespace: exact match, nothing fuzzier. It also reports which label the model finds most
+likely (the answers' log-probabilities compared, end token included), a score that is
+meaningful even for a base model that never answers with a bare label. (A classifier
 with its own head, ``mlxgpt finetune --task classify``, is evaluated by :mod:`.classify`.)
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..data.examples import Batches, encode_records, read_jsonl, read_text, record_kind
+from ..data.examples import (
+    Batches,
+    answer_prompt,
+    encode_records,
+    read_jsonl,
+    read_text,
+    record_kind,
+)
 from ..errors import MlxgptError
 from ..generation.context import Context
 from ..generation.generate import generate
@@ -85,6 +94,10 @@ class Classification:
     def label_accuracy(self) -> float:
         return _share_equal(self.gold, self.likeliest)
 
+    @property
+    def label_macro_f1(self) -> float:
+        return macro_f1(self.gold, self.likeliest)
+
     def confusion(self) -> dict[str, Counter]:
         """gold label -> Counter of predicted labels (answers that are no label: ``OTHER``)."""
         table: dict[str, Counter] = {label: Counter() for label in self.labels}
@@ -99,6 +112,7 @@ class Classification:
             f"examples: {n}",
             f"accuracy: {self.accuracy:.4f} (generated completion == label, exact after strip)",
             f"label accuracy: {self.label_accuracy:.4f} (most likely label)",
+            f"label macro-F1: {self.label_macro_f1:.4f}",
             f"majority-class baseline: {majority:.4f}",
             "",
             "confusion (rows: label, columns: generated):",
@@ -118,6 +132,17 @@ def confusion_lines(rows: Sequence[str], cols: Sequence[str],
     return lines
 
 
+def macro_f1(gold: Sequence[Hashable], predicted: Sequence[Hashable]) -> float:
+    """Mean F1 over the labels that occur (in the data or the predictions)."""
+    pairs = list(zip(gold, predicted, strict=True))
+    scores = []
+    for c in set(gold) | set(predicted):
+        tp = sum(g == c and p == c for g, p in pairs)
+        wrong = sum((g == c) != (p == c) for g, p in pairs)  # false positives and negatives
+        scores.append(2 * tp / (2 * tp + wrong))
+    return sum(scores) / max(len(scores), 1)
+
+
 def _share_equal(a: Sequence[str], b: Sequence[str]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / max(len(a), 1)
 
@@ -129,24 +154,25 @@ def generated_labels(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> Classification:
-    """Generate each prompt's completion and compare it with the label (see module doc)."""
-    if any(record_kind(r) != "completion" for _, r in records):
-        raise MlxgptError('--task classify needs {"prompt", "completion"} lines (or, for '
-                          '{"text", "label"} lines, a classifier: finetune --task classify)')
-    labels = sorted({r["completion"].strip() for _, r in records})
-    # Each label as the model would produce it: with the leading space the data uses.
-    forms = sorted({r["completion"] for _, r in records})
-    form_ids = [tokenizer.encode(f) for f in forms]
-    budget = max(len(ids) for ids in form_ids) + 1  # room for one end-of-text or newline
-    out = Classification(labels)
+    """Generate each prompt's answer and compare it with the label (see module doc)."""
+    if any(record_kind(r) == "text" for _, r in records):
+        raise MlxgptError('--task classify needs {"prompt", "completion"} lines or messages '
+                          'ending with the answer (or, for {"text", "label"} lines, a '
+                          'classifier: finetune --task classify)')
+    items = [answer_prompt(rec, tokenizer, where) for where, rec in records]
+    # Each label as the model would write it (with the leading space or the template's
+    # end-of-turn marker the data gives it): the likeliest of these is the predicted label.
+    forms = sorted({tuple(ids): label for _, label, ids in items}.items())
+    budget = max(len(ids) for ids, _ in forms)  # room for the answer and its end
+    out = Classification(sorted({label for _, label, _ in items}))
     room = model.config.n_positions - budget - 1  # keep the prompt's end if it is too long
     ctx = Context(model)  # one compiled forward for every example
-    for k, (_, rec) in enumerate(records):
-        prompt = tokenizer.encode(rec["prompt"])[-room:]
-        out.gold.append(rec["completion"].strip())
+    for k, (prompt, label, _) in enumerate(items):
+        prompt = prompt[-room:]
+        out.gold.append(label)
         out.generated.append(greedy_text(model, tokenizer, prompt, budget, ctx).strip())
-        scores = completion_logprobs(model, tokenizer, prompt, form_ids)
-        out.likeliest.append(forms[max(range(len(forms)), key=scores.__getitem__)].strip())
+        scores = completion_logprobs(model, prompt, [list(ids) for ids, _ in forms])
+        out.likeliest.append(forms[max(range(len(forms)), key=scores.__getitem__)][1])
         if progress:
             progress(k + 1, len(records))
     return out
@@ -159,18 +185,14 @@ def greedy_text(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], max_t
                     sampling=SamplingSettings(temperature=0.0), ctx=ctx)
 
 
-def completion_logprobs(
-    model: nn.Module, tokenizer: Any, prompt: list[int], completions: Sequence[list[int]]
-) -> list[float]:
-    """log p(completion + end-of-text | prompt) for each completion, in one padded batch."""
-    end = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-    rows = [prompt + c + end for c in completions]
+def completion_logprobs(model: nn.Module, prompt: list[int],
+                        completions: Sequence[list[int]]) -> list[float]:
+    """log p(completion | prompt) for each completion (its end token included), in one padded
+    batch."""
+    rows = [prompt + c for c in completions]
     width = max(len(r) for r in rows)
     tokens = mx.array([r + [0] * (width - len(r)) for r in rows], mx.int32)  # (L, S)
     logp = nn.log_softmax(model(tokens[:, :-1]).astype(mx.float32), axis=-1)  # (L, S-1, V)
     picked = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # (L, S-1)
-    scores = []
-    for i, c in enumerate(completions):
-        start = len(prompt) - 1  # position that predicts the completion's first token
-        scores.append(picked[i, start:start + len(c) + len(end)].sum().item())
-    return scores
+    start = len(prompt) - 1  # position that predicts the completion's first token
+    return [picked[i, start:start + len(c)].sum().item() for i, c in enumerate(completions)]

@@ -98,14 +98,16 @@ def train(
     progress: bool = True,
     should_stop: Callable[[int], bool] | None = None,
     shown_dir: str | os.PathLike | None = None,
+    unit: str = "tok",
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.steps`` optimizer steps; see the module docstring."""
+    """Train ``model`` for ``cfg.steps`` optimizer steps; see the module docstring. ``unit``
+    names what ``loss_fn`` counts, for the progress bar ("tok", or "ex" for examples)."""
     run = _Run(model, loss_fn, cfg, Path(run_dir), save_weights, last_name, best_name,
                rank0_echo(echo), fingerprint or {}, Path(shown_dir or run_dir))
     try:
         if resume:
             run.restore(load_weights)
-        run.start(train_data, progress)
+        run.start(train_data, progress, unit)
         with StopFlag() as stop:
             while run.result.step < cfg.steps:
                 run.train_step(train_data)
@@ -183,7 +185,7 @@ class _Run:
                      f"{'; '.join(changed)}): losses can differ from an uninterrupted run's "
                      f"in their last digits")
 
-    def start(self, train_data: BatchSource, progress: bool) -> None:
+    def start(self, train_data: BatchSource, progress: bool, unit: str) -> None:
         shard(train_data.batch(self.micro_index), self.group)  # a batch that does not divide
         mx.eval(self.model.parameters(), self.opt.state)
         self.stepper = Stepper(self.model, self.loss_fn, self.opt, self.cfg, self.group,
@@ -198,7 +200,8 @@ class _Run:
                 raise MlxgptError(f"cannot write to {self.run_dir}: {e.strerror or e}") from None
         self.log = JsonlLog(self.run_dir / LOG_FILE, self.rank0,
                             self.result.step if self.resumed else None)
-        self.bar = Progress(self.cfg.steps, self.result.step, enabled=self.rank0 and progress)
+        self.bar = Progress(self.cfg.steps, self.result.step, enabled=self.rank0 and progress,
+                            unit=unit)
         self.model.train()
 
     # -- a step

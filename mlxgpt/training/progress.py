@@ -16,11 +16,17 @@ def _fmt_time(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s"
 
 
-class Progress:
-    """A one-line progress bar on stderr: step, loss, tokens/s, ETA (plain lines when not a tty)."""
+def _fmt_rate(rate: float) -> str:
+    return f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.1f}"
 
-    def __init__(self, total: int, start: int, enabled: bool = True, stream=None):
-        self.total, self.start, self.enabled = total, start, enabled
+
+class Progress:
+    """A one-line progress bar on stderr: step, loss, speed, ETA (plain lines when not a tty).
+    ``unit`` names what the loss counts: tokens ("tok") or, for a classifier, examples ("ex")."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, stream=None,
+                 unit: str = "tok"):
+        self.total, self.start, self.enabled, self.unit = total, start, enabled, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = max(1, (total - start) // 20)  # non-tty: about 20 lines per run
@@ -38,12 +44,12 @@ class Progress:
             return
         dt = time.perf_counter() - self.t0
         done = step - self.start
-        tok_s = self.tokens / dt if dt > 0 else 0.0
+        rate = self.tokens / dt if dt > 0 else 0.0
         eta = dt / done * (self.total - step) if done else 0.0
         width = 24
         fill = int(width * step / self.total)
         line = (f"step {step}/{self.total} [{'#' * fill}{'.' * (width - fill)}] loss {loss:.4f} "
-                f"| {tok_s / 1000:.1f}k tok/s | ETA {_fmt_time(eta) if done else '?'}")
+                f"| {_fmt_rate(rate)} {self.unit}/s | ETA {_fmt_time(eta) if done else '?'}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()
