@@ -23,13 +23,20 @@ results.
     python tools/bench_lora.py --smollm2 --seq 128 --speed-only   # the real model (fetched)
 
 ``--smollm2``: SmolLM2-135M-Instruct (its float32 weights, converted once) instead, both trainers
-with LoRA on every linear layer of the last 16 blocks (mlxgpt's and mlx-lm's default).
+with LoRA on every linear layer of the last 16 blocks (mlxgpt's and mlx-lm's default), and a
+third peer in the speed runs: ``peft-lora``, transformers' ``LlamaForCausalLM`` on the same folder
+with PEFT's LoRA on the same layers (rank, alpha, no dropout), torch's AdamW at the same learning
+rate, on the same token rows (tokenized once, by mlxgpt), in float32 with torch's own threads.
+Every worker also reports its process's peak resident memory (``ru_maxrss``: weights, optimizer
+and activations, whatever allocates them), the one figure all three measure alike; MLX's peak is
+its allocator's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +52,8 @@ CORPUS = ROOT.parent / "shared" / "data" / "shakespeare.txt"
 SEQ = 512  # tokens per example, end-of-text included
 BATCH = 4
 RANK, ALPHA = 8, 16.0
-KINDS = ["mlxgpt-lora", "mlx_lm-lora", "mlxgpt-full", "mlxgpt-lora-ckpt", "mlxgpt-full-ckpt"]
+KINDS = ["mlxgpt-lora", "mlx_lm-lora", "mlxgpt-full", "mlxgpt-lora-ckpt", "mlxgpt-full-ckpt",
+         "peft-lora"]
 # What each family's LoRA adapts: GPT-2's c_attn in every block, or (SmolLM2) every linear layer
 # of the last 16 blocks.
 LLAMA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -156,6 +164,46 @@ def worker_mlx_lm(model: str, data: str, out: str, steps: int, window: int,
             "cpu_s_per_step": cpu}
 
 
+def worker_peft(model: str, data: str, steps: int, window: int) -> dict:
+    """transformers + PEFT LoRA on the same folder and token rows (see the module docstring)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mlxgpt.tokenizers.load import load_tokenizer
+
+    meta = json.loads((Path(model) / "config.json").read_text()).get("mlxgpt", {})
+    tok = load_tokenizer(Path(model), meta.get("tokenizer"))
+    rows = [tok.encode(json.loads(line)["text"]) + [tok.eot_id]
+            for line in (Path(data) / "train.jsonl").read_text().splitlines() if line.strip()]
+    assert all(len(r) == SEQ for r in rows), "rows must be SEQ tokens, as the others train on"
+    base = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    n_layer = base.config.num_hidden_layers
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
+                     target_modules=[k.split(".")[-1] for k in LLAMA_KEYS],
+                     layers_to_transform=list(range(max(0, n_layer - 16), n_layer)))
+    m = get_peft_model(base, cfg)
+    m.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4,
+                            weight_decay=0.0)
+    batch_tokens = BATCH * (SEQ - 1)  # loss tokens per step, as the MLX trainers count them
+    marks: list[tuple[float, float]] = []  # (wall, CPU) at the start of every step
+    for step in range(steps + 1):
+        marks.append((time.perf_counter(), time.process_time()))
+        if step == steps:
+            break
+        batch = torch.tensor([rows[(step * BATCH + i) % len(rows)] for i in range(BATCH)])
+        loss = m(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    # The steps after the first window, as for the MLX trainers.
+    wall = marks[steps][0] - marks[window][0]
+    cpu = (marks[steps][1] - marks[window][1]) / (steps - window)
+    return {"tok_per_s": batch_tokens * (steps - window) / wall, "peak_bytes": None,
+            "cpu_s_per_step": cpu}
+
+
 def run_worker(kind: str, model: Path, data: Path, work: Path, steps: int, window: int,
                llama: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--data", str(data),
@@ -196,10 +244,13 @@ def main() -> None:
         if args.worker == "mlx_lm-lora":
             res = worker_mlx_lm(args.model, args.data, args.out, args.steps, args.window,
                                 args.smollm2)
+        elif args.worker == "peft-lora":
+            res = worker_peft(args.model, args.data, args.steps, args.window)
         else:
             res = worker_mlxgpt(args.model, args.data, args.out, args.steps, args.window,
                                 full="full" in args.worker, ckpt="ckpt" in args.worker,
                                 llama=args.smollm2)
+        res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
         print(json.dumps(res))
         return
 
@@ -211,17 +262,21 @@ def main() -> None:
     res: dict[str, dict] = {}
     ratios, cpu_ratios = [], []
     # Speed: mlxgpt and mlx-lm alternate, so a change in the machine's load hits both alike.
+    speed_kinds = ("mlxgpt-lora", "mlx_lm-lora", *(["peft-lora"] if args.smollm2 else []))
+    peer_ratios: list[float] = []
     for rep in range(0 if args.memory_only else args.repeats):
-        for k in ("mlxgpt-lora", "mlx_lm-lora"):
+        for k in speed_kinds:
             r = run_worker(k, model, data, work, args.steps, args.window, args.smollm2)
             res.setdefault(k, r)
             res[k]["runs"] = [*res[k].get("runs", []), r["tok_per_s"]]
             res[k]["cpu"] = [*res[k].get("cpu", []), r["cpu_s_per_step"]]
             print(f"{k} (run {rep + 1}): {r['tok_per_s']:,.0f} tokens/s wall, "
-                  f"{r['cpu_s_per_step']:.1f} CPU-s/step, peak "
-                  f"{r['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+                  f"{r['cpu_s_per_step']:.1f} CPU-s/step, peak RSS "
+                  f"{r['peak_rss'] / 2**30:.2f} GiB", flush=True)
         ratios.append(res["mlxgpt-lora"]["runs"][-1] / res["mlx_lm-lora"]["runs"][-1])
         cpu_ratios.append(res["mlx_lm-lora"]["cpu"][-1] / res["mlxgpt-lora"]["cpu"][-1])
+        if "peft-lora" in res:
+            peer_ratios.append(res["mlxgpt-lora"]["runs"][-1] / res["peft-lora"]["runs"][-1])
     memory_kinds = ["mlxgpt-lora", *KINDS[2:]] if args.memory_only else KINDS[2:]
     for k in memory_kinds if not args.speed_only else []:
         steps, window = (args.ckpt_steps, 1) if "ckpt" in k or args.memory_only else (
@@ -236,10 +291,11 @@ def main() -> None:
           f"steps (timing: last {args.window})")
     print(f"BLAS: {blas.blas_in_use()}")
     print(res["mlxgpt-lora"]["trainable"])
-    print(f"{'run':<18}{'tokens/s':>16}{'peak GiB':>10}")
+    print(f"{'run':<18}{'tokens/s':>16}{'MLX peak GiB':>14}{'peak RSS GiB':>14}")
     for k, r in res.items():
         speed = "/".join(f"{v:,.0f}" for v in r.get("runs", [r["tok_per_s"]]))
-        print(f"{k:<18}{speed:>16}{r['peak_bytes'] / gib:>10.2f}")
+        mlx_peak = f"{r['peak_bytes'] / gib:.2f}" if r["peak_bytes"] else "-"
+        print(f"{k:<18}{speed:>16}{mlx_peak:>14}{r['peak_rss'] / gib:>14.2f}")
     if not args.speed_only:
         lora, full = res["mlxgpt-lora"], res["mlxgpt-full"]
         both = res["mlxgpt-lora-ckpt"]["peak_bytes"] / res["mlxgpt-full-ckpt"]["peak_bytes"]
@@ -252,6 +308,10 @@ def main() -> None:
         print(f"same, from CPU time per step (robust to other load on the machine): "
               f"{', '.join(f'{r:.2f}x' for r in cpu_ratios)}; "
               f"median {statistics.median(cpu_ratios):.2f}x")
+    if peer_ratios:
+        print(f"mlxgpt LoRA tokens/s / transformers + peft, per run: "
+              f"{', '.join(f'{r:.2f}x' for r in peer_ratios)}; "
+              f"median {statistics.median(peer_ratios):.2f}x (target >= 1.0x)")
 
 
 if __name__ == "__main__":
