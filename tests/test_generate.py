@@ -78,8 +78,7 @@ def test_greedy_matches_transformers_without_cache(hf_pair):
 def test_greedy_matches_with_inference_layout_and_small_prefill_chunks(hf_pair):
     reference, _, folder = hf_pair
     ref = reference(PROMPT * 4, 64, use_cache=True)
-    fast, _ = mlxgpt.load(str(folder))
-    prepare_for_inference(fast)
+    fast = prepare_for_inference(mlxgpt.load(str(folder))[0])
     ctx = Context(fast, prefill_step=5)  # the 32-token prompt is read in 7 chunks
     ours = [t for t, _ in generate_tokens(ctx, PROMPT * 4, greedy(101), max_tokens=64)]
     assert ours == ref

@@ -56,7 +56,7 @@ def test_models_get_the_kernels_the_backend_measured_faster(checkpoint, monkeypa
     from mlxgpt.core import backend
 
     model, _ = mlxgpt.load(str(checkpoint[0]))
-    assert model.kernels is backend.kernels_for() is backend.cpu_kernels()
+    assert model.kernels is backend.backend().kernels is backend.cpu_kernels()
     seconds = backend._kernel_seconds()
     assert model.kernels is min(seconds, key=seconds.get)
     for name, kernels in (("fused", FUSED), ("arithmetic", ARITHMETIC)):

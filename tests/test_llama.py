@@ -29,6 +29,7 @@ from _llama_helpers import (  # noqa: E402
 import mlxgpt  # noqa: E402
 from mlxgpt.checkpoints.folder import load_model, save_model  # noqa: E402
 from mlxgpt.checkpoints.quantize import dense_weight  # noqa: E402
+from mlxgpt.core.backend import Backend  # noqa: E402
 from mlxgpt.core.llama import Llama  # noqa: E402
 from mlxgpt.errors import MlxgptError  # noqa: E402
 from mlxgpt.generation.context import Context  # noqa: E402
@@ -159,17 +160,14 @@ def test_gguf_f32_reads_as_transformers_computes(tmp_path, small):
     assert tok.eot_id == 299 and tok.bos_id == 298 and tok.chat_template == SMOL_TEMPLATE
 
 
-def test_gguf_quantized_tensors_equal_gguf_dequantization(tmp_path, small, monkeypatch):
+def test_gguf_quantized_tensors_equal_gguf_dequantization(tmp_path, small):
     import torch
-
-    from mlxgpt.checkpoints import gguf_llama
 
     hf, _ = small
     path = write_llama_gguf(hf, tmp_path / "mixed.gguf", MIXED)
     ref = gguf_reference(path, hf)
     # kept quantized (the GPU's choice): each layer with its own bits, values exact
-    monkeypatch.setattr(gguf_llama, "keep_quantized", lambda: True)
-    kept, _ = mlxgpt.load(path)
+    kept, _ = mlxgpt.load(path, backend=Backend(mx.cpu, force_quantized=True))
     layers = dict(kept.named_modules())
     assert layers["model.layers.0.mlp.down_proj"].bits == 8
     assert layers["model.layers.0.self_attn.q_proj"].bits == 4
@@ -180,8 +178,7 @@ def test_gguf_quantized_tensors_equal_gguf_dequantization(tmp_path, small, monke
             got = np.array(dense_weight(layers[module]).astype(mx.float32))
             assert np.array_equal(got, want), key
     # dequantized (the CPU's choice here): the same values in float32
-    monkeypatch.setattr(gguf_llama, "keep_quantized", lambda: False)
-    dense, _ = mlxgpt.load(path)
+    dense, _ = mlxgpt.load(path, backend=Backend(mx.cpu, force_quantized=False))
     from mlx.utils import tree_flatten
 
     flat = dict(tree_flatten(dense.parameters()))
@@ -199,11 +196,13 @@ def test_gguf_quantized_tensors_equal_gguf_dequantization(tmp_path, small, monke
 
 
 def test_gguf_convert_keeps_per_module_quantization(tmp_path, small, cli_ok, monkeypatch):
-    from mlxgpt.checkpoints import gguf_llama
+    from mlxgpt.core import backend
 
     hf, _ = small
     path = write_llama_gguf(hf, tmp_path / "mixed.gguf", MIXED, default="Q4_1")
-    monkeypatch.setattr(gguf_llama, "keep_quantized", lambda: True)
+    # every record the command asks for keeps quantized layers (the GPU's choice)
+    device = mx.default_device()
+    monkeypatch.setattr(backend, "_records", {str(device): Backend(device, True)})
     cli_ok("convert", path, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     q = config["quantization"]

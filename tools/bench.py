@@ -205,8 +205,7 @@ def summarize(raw: dict[str, dict], tokens: dict[str, list[int]], n_prompt: int)
 
 def profile_decode(folder: Path, short: list[int]) -> dict:
     """Where a float32 decode step's time goes, and how many operations one token runs."""
-    model = load_model(folder, mx.float32)
-    prepare_for_inference(model)
+    model = prepare_for_inference(load_model(folder, mx.float32))
     ctx = Context(model)
     ctx.prefill(short)
     tok = mx.array([short[-1]], mx.int32)

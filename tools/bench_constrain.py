@@ -95,9 +95,7 @@ def decode_step_seconds(steps: int = 32) -> float:
     from mlxgpt.generation.context import Context
 
     mx.random.seed(0)
-    model = GPT(GPTConfig())
-    model.eval()
-    prepare_for_inference(model)
+    model = prepare_for_inference(GPT(GPTConfig()))
     mx.eval(model.parameters())
     ctx = Context(model)
     logits = ctx.prefill(list(range(16)))

@@ -9,8 +9,8 @@ For each: prefill tokens/s and time to the first token for a 512-token prompt, d
 over 64 greedy tokens after a 16-token prompt. Implementations take turns within each repeat
 (machine load hits them alike); figures are medians. mlxgpt and mlx-lm run float32 (the
 dequantized Q4_1 weights; on a CPU mlxgpt dequantizes because float32 matmuls are faster there,
-see mlxgpt.core.backend.keep_quantized); ``mlxgpt-q4`` keeps MLX's 4-bit layers, to show what
-the quantized path costs on this CPU. llama.cpp gets as many threads as the machine has cores.
+see the backend record's ``keep_quantized``); ``mlxgpt-q4`` keeps MLX's 4-bit layers, to show
+what the quantized path costs on this CPU. llama.cpp gets as many threads as the machine has cores.
 The JSON names the CPU, the BLAS MLX uses and its kernel set.
 """
 
@@ -37,7 +37,7 @@ from mlxgpt.checkpoints.fetch import fetch  # noqa: E402
 from mlxgpt.checkpoints.folder import save_model  # noqa: E402
 from mlxgpt.checkpoints.gguf import write_gguf  # noqa: E402
 from mlxgpt.checkpoints.gguf_llama import read_llama_gguf  # noqa: E402
-from mlxgpt.core import backend  # noqa: E402
+from mlxgpt.core.backend import Backend, backend, quantized_seconds  # noqa: E402
 from mlxgpt.cpu import blas  # noqa: E402
 
 
@@ -92,11 +92,9 @@ def main() -> None:
     long, short = ids[: args.prompt_tokens], ids[1000:1016]
     impls: list[Impl] = [MlxgptModel("mlxgpt", dense)]
     if "q4" not in skip:
-        backend.keep_quantized = lambda device=None: True  # MLX's own 4-bit layers
-        from mlxgpt.checkpoints import gguf_llama
-
-        gguf_llama.keep_quantized = backend.keep_quantized
-        impls.append(MlxgptModel("mlxgpt-q4", read_llama_gguf(gguf_path, mx.float32)[0]))
+        kept = Backend(mx.cpu, force_quantized=True)  # MLX's own 4-bit layers
+        impls.append(MlxgptModel("mlxgpt-q4",
+                                 read_llama_gguf(gguf_path, mx.float32, backend=kept)[0]))
     folder = save_model(dense, work / "float32", tok)  # mlx-lm and transformers read it as is
     if "mlx-lm" not in skip:
         impls.append(MlxLmImpl(folder, None))
@@ -105,7 +103,7 @@ def main() -> None:
         write_gguf(dense, tok, f16, "f16")
         impls += [LlamaCpp("llama.cpp-q4_1", gguf_path), LlamaCpp("llama.cpp-f16", f16)]
     log(f"BLAS: {blas.blas_in_use()}; kernels: {blas.kernels_note()}; "
-        f"keep_quantized here: {backend._quantized_seconds()}")
+        f"keep_quantized here: {backend().keep_quantized} {quantized_seconds()}")
     raw, tokens = measure(impls, long, short, args.gen_tokens, args.repeats, log)
     if "torch" not in skip:
         raw["torch"], tokens["torch"] = run_torch(folder, "float32", long, short,

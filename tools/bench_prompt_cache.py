@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                                       str(cache)))
 
     model, tok = load(folder)
-    prepare_for_inference(model)
+    model = prepare_for_inference(model)
     greedy = SamplingSettings(temperature=0)
 
     def ttft(prompt: str, **kw) -> float:

@@ -122,8 +122,7 @@ def main() -> None:
     model, tok = load(args.model)
     draft, draft_tok = load(args.draft)
     check_draft(model, draft, tok, draft_tok)
-    prepare_for_inference(model)
-    prepare_for_inference(draft)
+    model, draft = prepare_for_inference(model), prepare_for_inference(draft)
     result = {
         "cpu": cpu_name(), "blas": blas.blas_in_use(), "kernels": blas.kernels_note(),
         "threads": os.cpu_count(), "mlx": mx.__version__,

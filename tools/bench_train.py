@@ -41,7 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxgpt import GPT, GPTConfig
-from mlxgpt.core.backend import ARITHMETIC, FUSED, Kernels, kernels_for
+from mlxgpt.core.backend import ARITHMETIC, FUSED, Kernels, backend
 from mlxgpt.cpu import blas, parallel
 from mlxgpt.training.config import TrainConfig
 from mlxgpt.training.distributed import world
@@ -173,7 +173,7 @@ def setup(name: str, dropout: float, kernels: Kernels | None = None):
     L, H, C, T, B = CONFIGS[name]
     cfg = GPTConfig(vocab_size=VOCAB, n_positions=T, n_embd=C, n_layer=L, n_head=H,
                     dropout=dropout)
-    model = GPT(cfg, kernels or kernels_for())
+    model = GPT(cfg, kernels or backend().kernels)
     init_weights(model, 0)
     rng = np.random.default_rng(0)
     rows = rng.integers(0, VOCAB, size=(8, B, T + 1)).astype(np.int32)  # 8 distinct batches

@@ -31,6 +31,7 @@ import mlx.nn as nn  # noqa: E402
 import mlxgpt  # noqa: E402
 from mlxgpt.checkpoints.gguf import write_gguf  # noqa: E402
 from mlxgpt.core.backend import prepare_for_inference  # noqa: E402
+from mlxgpt.core.inference import InferenceModel  # noqa: E402
 from mlxgpt.generation.context import common_prefix  # noqa: E402
 from mlxgpt.generation.generate import stream_generate  # noqa: E402
 from mlxgpt.generation.sample import SamplingSettings  # noqa: E402
@@ -69,10 +70,10 @@ def random_gpt2_shape(seed: int = 0) -> tuple[mlxgpt.GPT, object]:
     return randomize_norms(model), gpt2_tokenizer()
 
 
-def at_precision(model: mlxgpt.GPT, dtype: str) -> mlxgpt.GPT:
+def at_precision(model: mlxgpt.GPT, dtype: str) -> InferenceModel:
     """The model mlxgpt runs against a file of ``dtype``, prepared as ``mlxgpt generate``
     prepares it: f16 weights rounded to float16 (then computed in float32, as on the CPU), the
-    unquantized model otherwise. Changes ``model`` in place."""
+    unquantized model otherwise. Rounds ``model``'s weights in place."""
     if dtype == "f16":
         model.set_dtype(mx.float16)
         model.set_dtype(mx.float32)

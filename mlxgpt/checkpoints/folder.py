@@ -26,6 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..checks import check_links, shown
+from ..core.backend import Kernels
 from ..core.classifier import GPTClassifier
 from ..core.model import FAMILIES, Model, ModelConfig, build, config_from_dict
 from ..errors import MlxgptError
@@ -115,9 +116,11 @@ def build_model(
     weights: dict[str, mx.array],
     quantization: dict[str, Any] | None = None,
     source: str = "weights",
+    kernels: Kernels | None = None,
 ) -> Model:
-    """A model with the given (unprefixed, MLX-layout) weights, quantized layers where stored."""
-    model = build(cfg)
+    """A model with the given (unprefixed, MLX-layout) weights, quantized layers where stored;
+    ``kernels``: the backend's (default: the default device's)."""
+    model = build(cfg, kernels)
     if quantization:
         quantize_as_stored(model, weights, quantization)
     check_weights(model, weights, source)
@@ -127,8 +130,10 @@ def build_model(
     return model
 
 
-def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> Model:
-    """Load an mlxgpt model folder. ``dtype`` casts floating weights (not quantized ones)."""
+def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None,
+               kernels: Kernels | None = None) -> Model:
+    """Load an mlxgpt model folder. ``dtype`` casts floating weights (not quantized ones);
+    ``kernels`` as for :func:`build_model`."""
     folder = Path(path)
     if not folder.is_dir():
         raise MlxgptError(f"{folder}: not a model folder")
@@ -143,7 +148,7 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> Model:
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
             for k, v in weights.items()
         }
-    return build_model(cfg, weights, quant, source=str(folder / WEIGHTS_FILE))
+    return build_model(cfg, weights, quant, source=str(folder / WEIGHTS_FILE), kernels=kernels)
 
 
 def save_model(
@@ -287,10 +292,10 @@ def save_classifier(clf: GPTClassifier, out_dir: str | os.PathLike, tokenizer: A
     return Path(out_dir)
 
 
-def load_classifier_folder(path: str | os.PathLike,
-                           dtype: mx.Dtype | None = None) -> GPTClassifier:
+def load_classifier_folder(path: str | os.PathLike, dtype: mx.Dtype | None = None,
+                           kernels: Kernels | None = None) -> GPTClassifier:
     """Load a classifier folder (see the module docstring), in eval mode."""
-    gpt = load_model(path, dtype)
+    gpt = load_model(path, dtype, kernels)
     clf = GPTClassifier(gpt, read_labels(path))
     clf.score.weight = clf.score.weight.astype(dtype or float_dtype(gpt))
     restore_head(clf, path)

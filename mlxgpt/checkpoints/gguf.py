@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..checks import shown
+from ..core.backend import Backend, Kernels
 from ..core.config import TANH_GELU, GPTConfig
 from ..core.gpt2 import GPT
 from ..core.model import Model, ModelConfig
@@ -421,25 +422,27 @@ def gguf_tokenizer(reader: Any, path: Path) -> Tokenizer:
     return tok
 
 
-def read_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+def read_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None,
+              backend: Backend | None = None) -> tuple[Model, Tokenizer]:
     """A GGUF file -> (model, tokenizer): ``llama`` files by :mod:`.gguf_llama`, GPT-2 ones
-    here."""
+    here. ``backend``: the device's record (default: the default device's)."""
     from .gguf_llama import load_gguf_file, read_llama_gguf
 
     loaded = load_gguf_file(path)
     arch = loaded[1].get("general.architecture")
     if arch == "llama":
-        return read_llama_gguf(path, dtype, loaded=loaded)
+        return read_llama_gguf(path, dtype, loaded=loaded, backend=backend)
     if arch != ARCH:
         raise MlxgptError(f"{path}: architecture {arch!r}; mlxgpt reads GGUF files of "
                           f"architecture llama and {ARCH}")
-    return read_gpt2_gguf(path, dtype)
+    return read_gpt2_gguf(path, dtype, backend.kernels if backend else None)
 
 
-def read_gpt2_gguf(path: str | os.PathLike,
-                   dtype: mx.Dtype | None = None) -> tuple[GPT, Tokenizer]:
+def read_gpt2_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None,
+                   kernels: Kernels | None = None) -> tuple[GPT, Tokenizer]:
     """A GPT-2 GGUF file -> (GPT, tokenizer). ``dtype`` None: float16 when every matrix is
-    stored F16, else float32 (Q8_0 values are exact in float32, not in float16)."""
+    stored F16, else float32 (Q8_0 values are exact in float32, not in float16). ``kernels``:
+    the backend's (default: the default device's)."""
     from .folder import build_model
 
     path = Path(path)
@@ -460,4 +463,4 @@ def read_gpt2_gguf(path: str | os.PathLike,
         del weights["lm_head.weight"]  # an output tensor that only copies the embedding: tie
         cfg.tie_word_embeddings = True
     arrays = {k: mx.array(v).astype(dtype) for k, v in weights.items()}
-    return build_model(cfg, arrays, source=str(path)), tok
+    return build_model(cfg, arrays, source=str(path), kernels=kernels), tok

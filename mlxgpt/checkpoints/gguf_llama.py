@@ -13,9 +13,9 @@ rotary pairs are interleaved; :func:`permute_rotary` undoes it on import (whole 
 quantization groups stay intact) and redoes it on export, and the model rotates halves as
 ``transformers`` does.
 
-Whether quantized layers stay quantized follows the device (:func:`mlxgpt.core.backend.
-keep_quantized`): on a GPU quantized matmuls are the fast path; on a CPU they are dequantized
-when a measurement there says float32 is faster.
+Whether quantized layers stay quantized follows the backend record (``keep_quantized`` of
+:class:`mlxgpt.core.backend.Backend`): on a GPU quantized matmuls are the fast path; on a CPU
+they are dequantized when a measurement there (kept for the machine) says float32 is faster.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any, BinaryIO
 
 import mlx.core as mx
 
-from ..core.backend import default_dtype, keep_quantized
+from ..core.backend import Backend
+from ..core.backend import backend as current_backend
 from ..core.llama import Llama, LlamaConfig
 from ..errors import MlxgptError
 from ..tokenizers import GPT2_PATTERN, Tokenizer
@@ -290,10 +291,12 @@ def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
 
 
 def read_llama_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None, *,
-                    loaded: tuple[dict, dict] | None = None) -> tuple[Llama, Tokenizer]:
-    """A Llama GGUF file -> (model, tokenizer). ``dtype`` (None: the device's default) is the
-    float dtype; quantized layers stay quantized where :func:`keep_quantized` says, and are
-    otherwise dequantized exactly (float32 scales)."""
+                    loaded: tuple[dict, dict] | None = None,
+                    backend: Backend | None = None) -> tuple[Llama, Tokenizer]:
+    """A Llama GGUF file -> (model, tokenizer) for ``backend`` (default: the default device's
+    record). ``dtype`` (None: the backend's) is the float dtype; quantized layers stay quantized
+    where ``backend.keep_quantized`` says, and are otherwise dequantized exactly (float32
+    scales)."""
     from .folder import build_model
     from .quantize import dequantize
 
@@ -304,14 +307,15 @@ def read_llama_gguf(path: str | os.PathLike, dtype: mx.Dtype | None = None, *,
     if tok.vocab_size > cfg.vocab_size:
         raise MlxgptError(f"{path}: {tok.vocab_size} tokens but {cfg.vocab_size} embedding rows")
     arrays, quant = gguf_weights(weights, cfg, path)
-    dtype = dtype or default_dtype()
-    keep = bool(quant) and keep_quantized()
+    backend = backend or current_backend()
+    dtype = dtype or backend.dtype
+    keep = bool(quant) and backend.keep_quantized
     # float32 scales dequantize exactly; kept quantized, they take the model's dtype
     arrays = {k: v.astype(dtype if keep or not k.endswith((".scales", ".biases"))
                           else mx.float32)
               if mx.issubdtype(v.dtype, mx.floating) else v for k, v in arrays.items()}
     quantization = {"group_size": GROUP, "bits": 4, **quant} if quant else None  # each its own
-    model = build_model(cfg, arrays, quantization, source=str(path))
+    model = build_model(cfg, arrays, quantization, source=str(path), kernels=backend.kernels)
     if quant and not keep:
         dequantize(model)
         model.set_dtype(dtype, lambda t: mx.issubdtype(t, mx.floating))

@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..checks import check_bool
+from ..core.backend import Kernels
 from ..core.classifier import GPTClassifier
 from ..core.config import GPTConfig
 from ..core.llama import LlamaConfig
@@ -167,13 +168,16 @@ def hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_hf(folder: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
-    """A Hugging Face GPT-2 folder -> (model, tokenizer), in memory."""
-    model, tokenizer, _, _ = _load_hf(folder, dtype)
+def load_hf(folder: Path, dtype: mx.Dtype | None = None,
+            kernels: Kernels | None = None) -> tuple[Model, Tokenizer]:
+    """A Hugging Face GPT-2 folder -> (model, tokenizer), in memory (``kernels``: the
+    backend's, default the default device's)."""
+    model, tokenizer, _, _ = _load_hf(folder, dtype, kernels)
     return model, tokenizer
 
 
-def _load_hf(folder: Path, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer, dict, dict]:
+def _load_hf(folder: Path, dtype: mx.Dtype | None,
+             kernels: Kernels | None = None) -> tuple[Model, Tokenizer, dict, dict]:
     """(model, tokenizer, raw config, raw tensors) of a Hugging Face GPT-2 folder."""
     if not (folder / "config.json").is_file():
         raise MlxgptError(f"{folder}: no config.json (not a model folder)")
@@ -181,7 +185,7 @@ def _load_hf(folder: Path, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer, di
     hf = read_hf_weights(folder)
     cfg, weights = hf_to_mlx(raw_cfg, hf)
     weights = cast_floats(weights, dtype)
-    model = mlx_folder.build_model(cfg, weights, source=str(folder))
+    model = mlx_folder.build_model(cfg, weights, source=str(folder), kernels=kernels)
     return model, hf_tokenizer(folder, cfg.vocab_size), raw_cfg, hf
 
 
@@ -196,14 +200,14 @@ def is_hf_classifier(folder: Path) -> bool:
     return isinstance(archs, list) and any(a in CLASSIFIER_ARCHS.values() for a in archs)
 
 
-def load_hf_classifier(folder: Path,
-                       dtype: mx.Dtype | None = None) -> tuple[GPTClassifier, Tokenizer]:
+def load_hf_classifier(folder: Path, dtype: mx.Dtype | None = None,
+                       kernels: Kernels | None = None) -> tuple[GPTClassifier, Tokenizer]:
     """A Hugging Face GPT2ForSequenceClassification or LlamaForSequenceClassification folder
     -> (classifier, tokenizer).
 
     Labels come from ``id2label`` (``LABEL_<i>`` where it has none, as ``transformers``).
     """
-    model, tokenizer, raw_cfg, hf = _load_hf(folder, dtype)
+    model, tokenizer, raw_cfg, hf = _load_hf(folder, dtype, kernels)
     score = hf.get(SCORE)
     if score is None or score.ndim != 2 or score.shape[1] != model.config.n_embd:
         raise MlxgptError(f"{folder}: not a sequence classifier (no {SCORE} of shape "

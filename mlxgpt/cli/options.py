@@ -198,4 +198,4 @@ def load_model(model: str | None, adapter: str | None, dtype: str, default: str 
 
     path = model if model is not None else default_model(default)
     m, tok = load(path, dtype=dtype, adapter=adapter)
-    return prepare_for_inference(m), tok
+    return prepare_for_inference(m), tok  # the loaded model goes: only the prepared one is kept

@@ -4,10 +4,10 @@ Module names mirror the Hugging Face GPT-2 checkpoint (``wte``, ``wpe``, ``h.{i}
 ``ln_f``...), so loading a converted checkpoint is a key-by-key copy. Linear weights use MLX's
 ``(out, in)`` layout; Hugging Face's Conv1D ``(in, out)`` weights are transposed by the converter.
 
-The backend's kernels (attention, GELU) are chosen once, when the model is built
-(:func:`mlxgpt.core.backend.kernels_for`), the way nanoGPT decides ``self.flash``. A KV cache is
-anything with ``update_and_fetch(k, v) -> (keys, values, mask)`` and an ``offset``
-(:class:`mlxgpt.generation.cache.KVCache`); the model holds none itself.
+The backend's kernels (attention, GELU) are chosen once, when the model is built (``kernels``,
+by default the backend record's, :class:`mlxgpt.core.backend.Backend`), the way nanoGPT decides
+``self.flash``. A KV cache is anything with ``update_and_fetch(k, v) -> (keys, values, mask)``
+and an ``offset`` (:class:`mlxgpt.generation.cache.KVCache`); the model holds none itself.
 
 Shapes: B batch, T new tokens, S cached + new tokens, C = n_embd, H = n_head, D = C // H, V vocab.
 """
@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .backend import Kernels, kernels_for
+from .backend import Kernels, backend
 from .config import TANH_GELU, GPTConfig
 
 
@@ -100,7 +100,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig, kernels: Kernels | None = None):
         super().__init__()
         self.config = cfg
-        self.kernels = kernels or kernels_for()
+        self.kernels = kernels or backend().kernels
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = [Block(cfg, self.kernels) for _ in range(cfg.n_layer)]

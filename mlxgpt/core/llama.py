@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from ..checks import check_bool, check_int, check_number
 from ..errors import MlxgptError
-from .backend import Kernels, kernels_for
+from .backend import Kernels, backend
 from .config import HF_BOOKKEEPING, MAX_SIZES, check_params
 from .gpt2 import Cache
 
@@ -258,7 +258,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig, kernels: Kernels | None = None):
         super().__init__()
         self.config = cfg
-        self.kernels = kernels or kernels_for()
+        self.kernels = kernels or backend().kernels
         self.model = LlamaModel(cfg, self.kernels)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

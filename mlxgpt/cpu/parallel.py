@@ -47,12 +47,11 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def stream_count(processes: int = 1) -> int:
+def stream_count(on_cpu: bool, processes: int = 1) -> int:
     """How many CPU streams to split a training batch over: one per core when MLX computes on
-    the CPU and this is the only process (several processes on one machine already share its
-    cores); ``MLXGPT_CPU_STREAMS`` decides when set."""
-    import mlx.core as mx
-
+    the CPU (``on_cpu``: the caller's backend record says) and this is the only process (several
+    processes on one machine already share its cores); ``MLXGPT_CPU_STREAMS`` decides when
+    set."""
     if os.environ.get(STREAMS_ENV):
         try:
             return max(1, int(os.environ[STREAMS_ENV]))
@@ -61,7 +60,7 @@ def stream_count(processes: int = 1) -> int:
 
             raise MlxgptError(f"{STREAMS_ENV} must be a whole number, not "
                               f"{os.environ[STREAMS_ENV]!r}") from None
-    if mx.default_device() != mx.cpu or processes > 1:
+    if not on_cpu or processes > 1:
         return 1
     return cpu_cores()
 

@@ -40,7 +40,7 @@ from mlx.utils import tree_flatten
 
 from ..atomicio import cached_json
 from ..cachedir import cache_root
-from ..core.backend import compute_setup
+from ..core.backend import backend
 
 PRIOR, PRIOR_ROUNDS = 0.7, 2  # what is assumed of a draft before it has proposed anything
 RECENT_ROUNDS = 8  # rounds whose tokens count
@@ -103,6 +103,6 @@ def _key(model: nn.Module, draft: nn.Module, k: int, greedy: bool) -> str:
         return {"config": m.config.to_dict(), "dtypes": dtypes}
 
     facts = {"model": model_id(model), "draft": model_id(draft), "k": k, "greedy": greedy,
-             "setup": compute_setup(model.kernels), "cpu": blas.cpu_model(),
+             "setup": backend().compute_setup(model.kernels), "cpu": blas.cpu_model(),
              "threads": blas.blas_threads()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]

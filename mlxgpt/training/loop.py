@@ -62,7 +62,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..atomicio import WriteError, write_error
-from ..core.backend import compute_setup
+from ..core.backend import backend
 from ..errors import MlxgptError
 from .config import TrainConfig, TrainResult
 from .distributed import Batch, check_ranks_agree, rank0_echo, shard, step_seed, world
@@ -146,10 +146,12 @@ class _Run:
         self.result = TrainResult(step=0)
         self.resumed = False
         self.window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since logged
-        self.compute = compute_setup(getattr(model, "kernels", None))
+        self.backend = backend()  # the device's record: the pass, the streams, the setup
+        self.compute = self.backend.compute_setup(getattr(model, "kernels", None))
         # the native C pass or MLX's graph, decided once (they round differently; --train-pass
         # native where it cannot run: an error here, before anything is written)
-        self.train_pass = choose_train_pass(model, loss_fn, cfg.train_pass)
+        self.train_pass = choose_train_pass(model, loss_fn, cfg.train_pass,
+                                            backend=self.backend)
         self.compute["train_pass"] = self.train_pass.name
         say(self.train_pass.line())
 
@@ -189,10 +191,10 @@ class _Run:
         shard(train_data.batch(self.micro_index), self.group)  # a batch that does not divide
         mx.eval(self.model.parameters(), self.opt.state)
         self.stepper = Stepper(self.model, self.loss_fn, self.opt, self.cfg, self.group,
-                               self.train_pass)
+                               self.train_pass, self.backend)
         self.evaluator = Evaluator(self.model, self.loss_fn, compile=self.cfg.compile,
                                    group=self.group, native=self.stepper.native,
-                                   train_pass=self.train_pass.name)
+                                   train_pass=self.train_pass.name, backend=self.backend)
         if self.rank0:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)

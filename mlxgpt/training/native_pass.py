@@ -27,7 +27,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..core.backend import on_cpu
+from ..core.backend import NATIVE_ENV, Backend
+from ..core.backend import backend as current_backend
 from ..core.gpt2 import GPT, Block
 from ..cpu import native
 from ..errors import MlxgptError
@@ -35,7 +36,6 @@ from .config import TRAIN_PASSES
 from .loss import lm_loss
 from .optim import GPTAdamW
 
-NATIVE_ENV = "MLXGPT_NATIVE_TRAINING"  # what ``auto`` means: 0 MLX's graph, 1 the native pass
 # what the native pass needs, said when it is chosen (the reasons below say what is missing)
 NATIVE_NEEDS = "CPU, float32 GPT-2, C library built"
 
@@ -54,10 +54,11 @@ class TrainPass:
 
 
 def choose_train_pass(model: nn.Module, loss_fn: Callable[..., Any], requested: str = "auto",
-                      *, training: bool = True) -> TrainPass:
+                      *, training: bool = True, backend: Backend | None = None) -> TrainPass:
     """The pass that trains ``model`` on ``loss_fn`` (with ``training`` False: evaluates that
-    loss) for ``requested`` (auto, native or mlx). ``native`` where the pass cannot run is an
-    error when training; evaluation then takes MLX's graph."""
+    loss) for ``requested`` (auto, native or mlx) on ``backend`` (default: the default device's
+    record). ``native`` where the pass cannot run is an error when training; evaluation then
+    takes MLX's graph."""
     if requested not in TRAIN_PASSES:
         raise MlxgptError(f"train-pass must be {', '.join(TRAIN_PASSES)}, not {requested!r}")
     setting = os.environ.get(NATIVE_ENV, "")
@@ -68,7 +69,7 @@ def choose_train_pass(model: nn.Module, loss_fn: Callable[..., Any], requested: 
         requested, source = ("native" if setting == "1" else "mlx"), f"{NATIVE_ENV}={setting}"
     if requested == "mlx":
         return TrainPass("mlx", source)
-    reason = _reason(model, loss_fn, training)
+    reason = _reason(model, loss_fn, training, backend or current_backend())
     if reason is None:
         return TrainPass("native", NATIVE_NEEDS + (f"; {source}" if requested == "native"
                                                    else ""))
@@ -78,18 +79,20 @@ def choose_train_pass(model: nn.Module, loss_fn: Callable[..., Any], requested: 
 
 
 def native_unsupported(model: nn.Module, loss_fn: Callable[..., Any], *,
-                       training: bool = True, requested: str = "auto") -> str | None:
+                       training: bool = True, requested: str = "auto",
+                       backend: Backend | None = None) -> str | None:
     """Why :func:`choose_train_pass` takes MLX's graph (None: it takes the native pass)."""
-    chosen = choose_train_pass(model, loss_fn, requested, training=training)
+    chosen = choose_train_pass(model, loss_fn, requested, training=training, backend=backend)
     return None if chosen.name == "native" else chosen.why
 
 
 _ONLY = "the native pass trains every weight of a plain float32 GPT-2 only"
 
 
-def _reason(model: nn.Module, loss_fn: Callable[..., Any], training: bool) -> str | None:
-    if not on_cpu():
-        return "MLX computes on a GPU; the native pass is for the CPU"
+def _reason(model: nn.Module, loss_fn: Callable[..., Any], training: bool,
+            backend: Backend) -> str | None:
+    if not backend.on_cpu:
+        return backend.native_error  # the device rules it out before the model is looked at
     if type(model) is not GPT:
         return (f"a {type(model).__name__} model: the native pass trains a plain GPT-2 on the "
                 f"language-model loss only")
@@ -113,21 +116,7 @@ def _reason(model: nn.Module, loss_fn: Callable[..., Any], training: bool) -> st
                      if v.dtype != mx.float32})
     if dtypes:
         return f"{'/'.join(dtypes)} weights: {_ONLY}"
-    return native.build_error()
-
-
-def native_report() -> str:
-    """What ``mlxgpt info`` says of the training pass ``--train-pass auto`` takes here."""
-    if not on_cpu():
-        return "MLX's graph (GPU)"
-    setting = os.environ.get(NATIVE_ENV, "")
-    if setting == "0":
-        return f"MLX's graph ({NATIVE_ENV}=0)"
-    error = native.build_error()
-    if error:
-        return f"MLX's graph (the native pass cannot be built here: {error})"
-    return (f"native C pass for float32 GPTs ({native.library_path()}; LoRA and classifiers "
-            f"train through MLX's graph; --train-pass mlx for it always)")
+    return backend.native_error
 
 
 def _slot(tree: Any, name: str) -> tuple[Any, str]:

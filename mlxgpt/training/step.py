@@ -22,10 +22,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from ..core.backend import keep_freed_buffers
+from ..core.backend import Backend, keep_freed_buffers
+from ..core.backend import backend as current_backend
 from ..cpu import parallel
 from ..cpu.blas import training_threads
-from ..cpu.parallel import new_streams, on_streams, split_rows, stream_count
+from ..cpu.parallel import new_streams, on_streams, split_rows
 from .config import TrainConfig
 from .distributed import Batch, all_sum_tree, shard, world
 from .native_pass import NativeGradients, TrainPass, choose_train_pass, native_update_for
@@ -52,11 +53,14 @@ class Stepper:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, opt: optim.Optimizer,
                  cfg: TrainConfig, group: mx.distributed.Group,
-                 train_pass: TrainPass | None = None):
-        """``train_pass``: the one the run chose (else chosen here from ``cfg.train_pass``)."""
+                 train_pass: TrainPass | None = None, backend: Backend | None = None):
+        """``train_pass``: the one the run chose (else chosen here from ``cfg.train_pass``);
+        ``backend``: the device's record (default: the default device's)."""
         self.model, self.opt, self.cfg, self.group = model, opt, cfg, group
-        self.train_pass = train_pass or choose_train_pass(model, loss_fn, cfg.train_pass)
-        workers = stream_count(group.size())
+        backend = backend or current_backend()
+        self.train_pass = train_pass or choose_train_pass(model, loss_fn, cfg.train_pass,
+                                                          backend=backend)
+        workers = backend.cpu_streams(group.size())
         self.native = (NativeGradients(model, workers) if self.train_pass.name == "native"
                        else None)
         self.native_update = (None if self.native is None else native_update_for(
@@ -158,14 +162,16 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, compile: bool = True,
                  group: mx.distributed.Group | None = None,
-                 native: NativeGradients | None = None, train_pass: str = "auto"):
+                 native: NativeGradients | None = None, train_pass: str = "auto",
+                 backend: Backend | None = None):
         """``native``: a training Stepper's pass, to share its buffers (else one of its own
-        where ``train_pass``, auto, native or mlx, takes it)."""
+        where ``train_pass``, auto, native or mlx, takes it); ``backend`` as for Stepper."""
         self.group = group or world()
-        workers = stream_count(self.group.size())
+        backend = backend or current_backend()
+        workers = backend.cpu_streams(self.group.size())
         self.split = workers > 1
-        if native is None and choose_train_pass(model, loss_fn, train_pass,
-                                                training=False).name == "native":
+        if native is None and choose_train_pass(model, loss_fn, train_pass, training=False,
+                                                backend=backend).name == "native":
             native = NativeGradients(model, workers)
         self.native = native
         self.streams = new_streams(workers) if self.native is None else []
