@@ -15,7 +15,8 @@ import pytest
 
 import mlxgpt
 from mlxgpt.errors import MlxgptError
-from mlxgpt.generation.batch import batch_generate
+from mlxgpt.generation.batch import SequenceRequest, batch_generate
+from mlxgpt.generation.batch_speculative import SpeculativeBatchGenerator
 from mlxgpt.generation.chat import ChatSession, ChatSettings
 from mlxgpt.generation.constrain import JsonConstraint
 from mlxgpt.generation.generate import generate, stream_generate
@@ -148,13 +149,49 @@ def test_api_refusals(library):
         generate(model, tok, PROMPT, json_schema='{"type": "object"}')
     with pytest.raises(MlxgptError, match="too small for this schema"):
         generate(model, tok, PROMPT, max_tokens=3, json_schema=PERSON)
-    with pytest.raises(MlxgptError, match="a draft model and JSON output cannot be combined"):
-        generate(model, tok, PROMPT, json_schema=PERSON, draft_model=model)
     other = JsonConstraint(tok, PERSON, tok.vocab_size + 1)
     with pytest.raises(MlxgptError, match="compiled for"):
         generate(model, tok, PROMPT, json_schema=other)
-    with pytest.raises(MlxgptError, match="draft model and JSON output"):
-        ChatSession(model, tok, json_schema=PERSON, draft_model=model)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["object", "array"])
+def test_a_draft_model_keeps_the_constraint(library, model_folder, tmp_path, schema):
+    """Speculative decoding under a schema: greedy, the same document as without a draft
+    (drafts the model accepts, so the constraint's mask was applied at every verified
+    position); sampled, valid documents; a draft equal to the model is always accepted."""
+    model, tok = library
+    draft, _ = mlxgpt.load(str(model_folder(tmp_path, tokenizer="gpt2", seed=3, n_layer=1,
+                                            n_positions=128)))
+    greedy = SamplingSettings(temperature=0)
+    plain = generate(model, tok, PROMPT, max_tokens=N, sampling=greedy, json_schema=schema)
+    valid(plain, schema)
+    for d in (draft, model):
+        rs = list(stream_generate(model, tok, PROMPT, max_tokens=N, sampling=greedy,
+                                  json_schema=schema, draft_model=d, draft_tokens=3))
+        assert "".join(r.text for r in rs) == plain
+        assert rs[-1].finish_reason == "stop" and rs[-1].drafted_tokens > 0
+    assert rs[-1].accepted_tokens == rs[-1].drafted_tokens  # the model as its own draft
+    for seed in SEEDS:
+        rs = list(stream_generate(model, tok, PROMPT, max_tokens=N, sampling=sampled(seed),
+                                  json_schema=schema, draft_model=draft, draft_tokens=3))
+        valid("".join(r.text for r in rs), schema)
+        assert rs[-1].finish_reason == "stop"
+    chat = ChatSession(model, tok, ChatSettings(max_tokens=N, sampling=greedy),
+                       json_schema=schema, draft_model=draft, draft_tokens=2)
+    valid("".join(chat.reply("Who?")), schema)
+    # batched rows (the server's engine with a draft): greedy, the plain batched document
+    gen = SpeculativeBatchGenerator(model, tok, model, draft_tokens=3)
+    compiled = JsonConstraint(tok, schema, model.config.vocab_size, whitespace=0)
+    uid = gen.add(SequenceRequest(tok.encode(PROMPT), max_tokens=N, sampling=greedy,
+                                  constraint=compiled.start(N)))
+    events = []
+    while gen.active:
+        events += [e for e in gen.step() if e.uid == uid]
+    assert "".join(e.text for e in events) == batch_generate(
+        model, tok, [tok.encode(PROMPT)], max_tokens=N, sampling=greedy,
+        constraint=compiled.start(N))[0] == plain
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].accepted_tokens == events[-1].drafted_tokens > 0
 
 
 def test_chat_session_replies_are_constrained_turn_after_turn(library):
@@ -235,7 +272,6 @@ def test_bad_schemas_and_combinations_are_one_line(folder, tmp_path, cli, refuse
             "no number with at most 6 decimals lies between minimum and maximum")
     refused(gen("--json-schema", json.dumps(PERSON), "-n", 5), "too small for this schema")
     refused(gen("--json-schema", "{}", "--json-object"), "not both")
-    refused(gen("--json-object", "--draft-model", folder), "draft model and JSON output")
     refused(gen("--json-object", "--json-whitespace", 17), "--json-whitespace")
     refused(cli("chat", "--model", folder, "--json-schema", '{"type": "strin"}', input="hi\n"),
             "--json-schema: schema at #")

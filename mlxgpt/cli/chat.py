@@ -14,7 +14,6 @@ from mlxgpt.cli.options import (
     sampling_options,
     sampling_settings,
 )
-from mlxgpt.errors import MlxgptError
 
 
 @click.command()
@@ -33,13 +32,10 @@ def chat(model, adapter, dtype, system, draft_model, draft_tokens, json_schema, 
     from mlxgpt.checkpoints.folder import CHAT_SHIPPED
     from mlxgpt.cli.repl import run_repl
     from mlxgpt.generation.chat import ChatSession, ChatSettings
-    from mlxgpt.generation.generate import NO_DRAFT_WITH_JSON
 
     max_tokens = opts.pop("max_tokens")
     settings = ChatSettings(max_tokens=max_tokens, sampling=sampling_settings(opts))
     constrained, schema = read_json_schema(json_schema, json_object)
-    if constrained and draft_model is not None:
-        raise MlxgptError(NO_DRAFT_WITH_JSON)
     m, tok = load_model(model, adapter, dtype, default=CHAT_SHIPPED)
     constraint = json_constraint_for(m, tok, constrained, schema, json_whitespace)
     draft = load_draft_model(draft_model, m, tok, dtype)

@@ -82,13 +82,11 @@ def generate(model, adapter, dtype, prompt, prompt_cache, draft_model, draft_tok
              json_schema, json_object, json_whitespace, stop, ignore_eos, context, window_keep,
              quiet, **opts) -> None:
     """Continue a prompt and stream the text to stdout."""
-    from mlxgpt.generation.generate import NO_DRAFT_WITH_JSON, format_rate, stream_generate
+    from mlxgpt.generation.generate import format_rate, stream_generate
 
     max_tokens = opts.pop("max_tokens")
     sampling = sampling_settings(opts)
     constrained, schema = read_json_schema(json_schema, json_object)
-    if constrained and draft_model is not None:
-        raise MlxgptError(NO_DRAFT_WITH_JSON)
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load_model(model, adapter, dtype)

@@ -38,6 +38,13 @@ from mlxgpt.errors import MlxgptError
               help="A file from `mlxgpt cache-prompt` made with this model (repeatable): its "
                    "prefix is kept in the prefix cache for the server's life, so a request "
                    "starting with it does not read it again.")
+@click.option("--draft-model", default=None,
+              help="A smaller model with the same tokenizer (and at least the model's context) "
+                   "that proposes tokens for every row the server decodes (speculative "
+                   "decoding): the same text greedily, the same distribution when sampling, "
+                   "faster when the draft is often right. /health reports its acceptance.")
+@click.option("--draft-tokens", type=int, default=4, show_default=True, callback=positive,
+              help="Tokens the draft model proposes per row and step.")
 @click.option("--json-whitespace", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Whitespace bytes allowed between the tokens of response_format JSON "
                    "(0: compact; a small model otherwise pads).")
@@ -52,8 +59,8 @@ from mlxgpt.errors import MlxgptError
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info",
                                                 "debug"]), default="info", show_default=True)
 def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, api_key_file,
-          context, prefix_cache, prompt_caches, json_whitespace, shutdown_timeout, max_body,
-          request_timeout, log_level) -> None:
+          context, prefix_cache, prompt_caches, draft_model, draft_tokens, json_whitespace,
+          shutdown_timeout, max_body, request_timeout, log_level) -> None:
     """Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models."""
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -77,7 +84,13 @@ def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, api_
     model = model or default_model(CHAT_SHIPPED)
     m, tok = load_model(model, adapter, dtype)
     name = Path(model).name
-    engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache)
+    draft = None
+    if draft_model is not None:
+        from mlxgpt.cli.generate import load_draft_model
+
+        draft = load_draft_model(draft_model, m, tok, dtype)
+    engine = Engine(m, tok, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache,
+                    draft=draft, draft_tokens=draft_tokens)
     if prompt_caches:
         from mlxgpt.generation.prompt_cache import load_prompt_cache
 
@@ -85,8 +98,9 @@ def serve(model, adapter, dtype, host, port, max_batch, max_queue, api_key, api_
             cache = load_prompt_cache(path, m, tok)
             engine.generator.prefixes.pin(cache.tokens, cache.kv)
             click.echo(f"prompt cache {path}: {len(cache)} tokens kept", err=True)
+    drafted = "" if draft is None else f", draft {Path(draft_model).name} x{draft_tokens}"
     click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, "
-               f"context {m.config.n_positions} tokens, policy {context})", err=True)
+               f"context {m.config.n_positions} tokens, policy {context}{drafted})", err=True)
     config = ServerConfig(model_id=name, api_key=api_key, context=context,
                           json_whitespace=json_whitespace, max_body=max_body,
                           request_timeout=request_timeout)

@@ -66,6 +66,8 @@ class TokenEvent:
     prompt_tokens: int = 0  # set on the finishing event
     cached_tokens: int = 0
     generation_tokens: int = 0
+    drafted_tokens: int = 0  # with a draft model: tokens it proposed for this sequence
+    accepted_tokens: int = 0  # ... and of those, the ones the model accepted
 
 
 class BatchCache:
@@ -89,17 +91,114 @@ class BatchCache:
         return self.keys, self.values, seen[:, None, :, :]
 
 
-def compiled_batch_step(model: Model) -> Callable[..., tuple[mx.array, ...]]:
+def compiled_batch_step(model: Model, every: bool = False) -> Callable[..., tuple[mx.array, ...]]:
     """(tokens (B, 1), offsets (B,), *buffers) -> (logits (B, V), *buffers). Traced once per
-    (B, capacity)."""
+    (B, capacity). With ``every``: tokens (B, T), logits (B, T, V) of every position (a draft's
+    tokens verified), traced once per (B, T, capacity)."""
 
     def step(tokens: mx.array, offsets: mx.array, *buffers: mx.array):
         pairs = zip(buffers[0::2], buffers[1::2], strict=True)
         caches = [BatchCache(k, v, offsets) for k, v in pairs]
-        logits = model(tokens, caches)[:, 0, :]  # (B, V)
-        return (logits, *[a for c in caches for a in (c.keys, c.values)])
+        logits = model(tokens, caches)
+        return (logits if every else logits[:, 0, :],
+                *[a for c in caches for a in (c.keys, c.values)])
 
     return mx.compile(step, inputs=model.state)
+
+
+class RowBuffers:
+    """A batch's keys and values: per layer (B, H, capacity, D), rows in the batch's order.
+    The capacity grows in steps of STEP positions, at most ``n_positions``."""
+
+    def __init__(self, n_positions: int):
+        self.n_positions = n_positions
+        self.arrays: list[mx.array] = []  # keys, values of each layer
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2] if self.arrays else 0
+
+    def reserve(self, need: int) -> None:
+        """Hold at least ``need`` positions (rounded up to STEP, at most n_positions)."""
+        if need > self.capacity:
+            self.resize(_round_up(need, self.n_positions))
+
+    def resize(self, cap: int) -> None:
+        """Make every buffer hold ``cap`` positions (cut or zero-padded at the end)."""
+        if not self.arrays or cap == self.capacity:
+            return
+        if cap < self.capacity:
+            self.arrays = [b[:, :, :cap, :] for b in self.arrays]
+            return
+        b, h, old, d = self.arrays[0].shape
+        pad = mx.zeros((b, h, cap - old, d), self.arrays[0].dtype)
+        self.arrays = [mx.concatenate([a, pad], axis=2) for a in self.arrays]
+
+    def append(self, new: list[mx.array], need: int) -> None:
+        """Add rows' buffers (B', H, cap', D) after the others; ``need``: positions the rows
+        already here hold."""
+        cap = max(self.capacity, new[0].shape[2], _round_up(need, self.n_positions))
+        self.resize(cap)
+        if new[0].shape[2] < cap:
+            b, h, n, d = new[0].shape
+            pad = mx.zeros((b, h, cap - n, d), new[0].dtype)
+            new = [mx.concatenate([a, pad], axis=2) for a in new]
+        if self.arrays:
+            new = [mx.concatenate([old, a], axis=0)
+                   for old, a in zip(self.arrays, new, strict=True)]
+        self.arrays = new
+
+    def keep(self, rows: list[int], need: int) -> None:
+        """Keep only these rows (in this order), shrunk to ``need`` positions."""
+        if not rows:
+            self.arrays = []
+            return
+        idx = mx.array(rows, mx.int32)
+        self.arrays = [b[idx] for b in self.arrays]
+        self.resize(_round_up(need, self.n_positions))
+        mx.eval(self.arrays)
+
+    def row_kv(self, i: int, n: int) -> list[tuple[mx.array, mx.array]]:
+        """Row i's keys and values of its first n positions, (1, H, n, D) per layer."""
+        bufs = [b[i : i + 1, :, :n, :] for b in self.arrays]
+        return list(zip(bufs[0::2], bufs[1::2], strict=True))
+
+
+def read_rows(model: Model, starts: Sequence[tuple[int, Any]], rests: Sequence[Sequence[int]],
+              n_positions: int) -> tuple[list[mx.array], mx.array]:
+    """Read rows of ids in padded, chunked batched forwards: row i holds ``starts[i]``
+    (n, each layer's keys/values of at least n positions, or None when n is 0) and reads
+    ``rests[i]`` after it. The new rows' buffers (B, H, cap, D) per layer and the logits (B, V)
+    of each row's last id.
+
+    Rows are right-padded to the longest rest; padding writes keys/values past a row's real
+    positions, where its queries never look, and later tokens overwrite them."""
+    dtype = model.final_norm.weight.dtype  # the activations' dtype
+    cfg = model.config
+    span = max(len(r) for r in rests)
+    cap = _round_up(max(n for n, _ in starts) + span, n_positions)
+    buffers = []
+    for layer in range(2 * cfg.n_layer):  # keys, values of each layer: (B, H, cap, D)
+        parts = []
+        for n, kv in starts:
+            known = kv[layer // 2][layer % 2][..., :n, :].astype(dtype) if n else None
+            pad = mx.zeros((1, cfg.n_kv_head, cap - n, cfg.head_dim), dtype)
+            parts.append(pad if known is None else mx.concatenate([known, pad], axis=2))
+        buffers.append(mx.concatenate(parts, axis=0))
+    tokens = mx.array([list(r) + [0] * (span - len(r)) for r in rests], mx.int32)  # (B, span)
+    offsets = mx.array([n for n, _ in starts], mx.int32)
+    last: list[mx.array | None] = [None] * len(rests)
+    for c0 in range(0, span, PREFILL_STEP):
+        chunk = tokens[:, c0 : c0 + PREFILL_STEP]
+        caches = [BatchCache(k, v, offsets + c0)
+                  for k, v in zip(buffers[0::2], buffers[1::2], strict=True)]
+        h = model.hidden(chunk, caches)  # (B, t, C)
+        buffers = [a for c in caches for a in (c.keys, c.values)]
+        for i, r in enumerate(rests):
+            if c0 <= len(r) - 1 < c0 + chunk.shape[1]:
+                last[i] = h[i, len(r) - 1 - c0]  # (C,) the row's last real position
+        mx.eval(buffers, [x for x in last if x is not None])
+    return buffers, model.logits(mx.stack(last))  # (B, V)
 
 
 @dataclass
@@ -114,6 +213,8 @@ class _Row:
     text: SequenceText
     logits: mx.array | None = None  # (V,) where the next token is drawn from
     generated: int = 0
+    drafted: int = 0  # with a draft model: its tokens proposed for this row, and accepted
+    accepted: int = 0
 
 
 class PrefixStore:
@@ -174,7 +275,7 @@ class BatchGenerator:
         self.prefixes = PrefixStore(prefix_cache)
         self.rows: list[_Row] = []  # in the batch, in the order of the buffers' rows
         self.pending: list[_Row] = []  # added (or slid) rows whose prompt is read next step
-        self.buffers: list[mx.array] = []  # per layer: keys, values (B, H, capacity, D)
+        self.kv = RowBuffers(self.n_positions)  # the rows' keys and values
         self._step = compiled_batch_step(model)
         self._uids = itertools.count()
 
@@ -186,7 +287,7 @@ class BatchGenerator:
 
     @property
     def capacity(self) -> int:
-        return self.buffers[0].shape[2] if self.buffers else 0
+        return self.kv.capacity
 
     @property
     def full(self) -> bool:
@@ -254,64 +355,25 @@ class BatchGenerator:
         self._read_group([rows[j] for j in group], [starts[j] for j in group])
 
     def _read_group(self, rows: list[_Row], starts: list[tuple[int, Any]]) -> None:
-        dtype = self.model.final_norm.weight.dtype  # the activations' dtype
-        cfg = self.model.config
         rests = [row.tokens[n:] for row, (n, _) in zip(rows, starts, strict=True)]
-        span = max(len(r) for r in rests)
-        cap = _round_up(max(n for n, _ in starts) + span, self.n_positions)
-        buffers = []
-        for layer in range(2 * cfg.n_layer):  # keys, values of each layer: (B, H, cap, D)
-            parts = []
-            for n, kv in starts:
-                known = kv[layer // 2][layer % 2][..., :n, :].astype(dtype) if n else None
-                pad = mx.zeros((1, cfg.n_kv_head, cap - n, cfg.head_dim), dtype)
-                parts.append(pad if known is None else mx.concatenate([known, pad], axis=2))
-            buffers.append(mx.concatenate(parts, axis=0))
-        tokens = mx.array([r + [0] * (span - len(r)) for r in rests], mx.int32)  # (B, span)
-        offsets = mx.array([n for n, _ in starts], mx.int32)
-        last: list[mx.array | None] = [None] * len(rows)
-        for c0 in range(0, span, PREFILL_STEP):
-            chunk = tokens[:, c0 : c0 + PREFILL_STEP]
-            caches = [BatchCache(k, v, offsets + c0)
-                      for k, v in zip(buffers[0::2], buffers[1::2], strict=True)]
-            h = self.model.hidden(chunk, caches)  # (B, t, C)
-            buffers = [a for c in caches for a in (c.keys, c.values)]
-            for i, r in enumerate(rests):
-                if c0 <= len(r) - 1 < c0 + chunk.shape[1]:
-                    last[i] = h[i, len(r) - 1 - c0]  # (C,) the row's last real position
-            mx.eval(buffers, [x for x in last if x is not None])
-        logits = self.model.logits(mx.stack(last))  # (B, V)
+        buffers, logits = read_rows(self.model, starts, rests, self.n_positions)
         for i, row in enumerate(rows):
             row.logits = logits[i]
-        self._append(buffers)
+        self.kv.append(buffers, self._held())
+        self._joined(rows)
         self.rows.extend(rows)
+        mx.eval(self.kv.arrays, *(r.logits for r in self.rows if r.logits is not None))
 
-    def _append(self, new: list[mx.array]) -> None:
-        """Add rows' buffers (B', H, cap', D) to the batch's."""
-        cap = max(self.capacity, new[0].shape[2],
-                  _round_up(max(len(r.tokens) for r in self.rows) + 1, self.n_positions)
-                  if self.rows else 0)
-        self._resize(cap)
-        if new[0].shape[2] < cap:
-            b, h, n, d = new[0].shape
-            pad = mx.zeros((b, h, cap - n, d), new[0].dtype)
-            new = [mx.concatenate([a, pad], axis=2) for a in new]
-        if self.buffers:
-            new = [mx.concatenate([old, a], axis=0)
-                   for old, a in zip(self.buffers, new, strict=True)]
-        self.buffers = new
-        mx.eval(self.buffers, *(r.logits for r in self.rows if r.logits is not None))
+    def _held(self) -> int:
+        """Positions the rows need kept: every id of each, and room for the next."""
+        return max((len(r.tokens) for r in self.rows), default=-1) + 1
 
-    def _resize(self, cap: int) -> None:
-        """Make every buffer hold ``cap`` positions (cut or zero-padded at the end)."""
-        if not self.buffers or cap == self.capacity:
-            return
-        if cap < self.capacity:
-            self.buffers = [b[:, :, :cap, :] for b in self.buffers]
-            return
-        b, h, old, d = self.buffers[0].shape
-        pad = mx.zeros((b, h, cap - old, d), self.buffers[0].dtype)
-        self.buffers = [mx.concatenate([a, pad], axis=2) for a in self.buffers]
+    def _joined(self, rows: list[_Row]) -> None:
+        """Rows whose prompts were just read, about to join the batch (a subclass keeps
+        state beside the rows' caches)."""
+
+    def _kept(self, rows: list[int]) -> None:
+        """Only these rows of the batch (by their old indices) remain."""
 
     def _drop(self, indices: list[int]) -> None:
         """Remove rows (and shrink the buffers to the longest row left)."""
@@ -320,55 +382,62 @@ class BatchGenerator:
         gone = set(indices)
         keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.buffers = []
-            return
-        idx = mx.array(keep, mx.int32)
-        self.buffers = [b[idx] for b in self.buffers]
-        self._resize(_round_up(max(len(r.tokens) for r in self.rows) + 1, self.n_positions))
-        mx.eval(self.buffers)
-
-    def _row_kv(self, i: int, n: int) -> list[tuple[mx.array, mx.array]]:
-        bufs = [b[i : i + 1, :, :n, :] for b in self.buffers]
-        return list(zip(bufs[0::2], bufs[1::2], strict=True))
+        self.kv.keep(keep, self._held())
+        self._kept(keep)
 
     # -- stepping
 
     def step(self) -> list[TokenEvent]:
         """Draw every row's next token, report it (and each finished row), and start the
         forward pass of the rows that go on."""
-        if self.pending:
-            self._read(self.pending)
-            self.pending = []
+        self._read_pending()
         if not self.rows:
             return []
         picks = [self._pick(row) for row in self.rows]
         mx.eval([a for p in picks for a in p if a is not None])
-        events, finished, slide, go_on = [], [], [], []
-        for i, (row, (tok, lp, top_ids, top_lps)) in enumerate(zip(self.rows, picks,
-                                                                    strict=True)):
-            event = self._emit(row, int(tok.item()), lp, top_ids, top_lps)
-            events.append(event)
-            if event.finish_reason is None and len(row.tokens) > self.n_positions:
-                # the token just drawn has no position left: slide the window or stop
-                if row.request.context == "stop":
-                    self._finish(row, event, "length")
-                else:
-                    slide.append(i)
-            if event.finish_reason is not None:
-                finished.append(i)
-            elif i not in slide:
-                go_on.append(i)
+        outs = [[(int(tok.item()), None if lp is None else float(lp.item()),
+                  None if ids is None else sorted(zip(ids.tolist(), lps.tolist(), strict=True),
+                                                  key=lambda p: -p[1]))]
+                for tok, lp, ids, lps in picks]
+        events, moved = self._settle(outs)
+        self._forward()
+        self.pending.extend(moved)
+        return events
+
+    def _read_pending(self) -> None:
+        if self.pending:
+            self._read(self.pending)
+            self.pending = []
+
+    def _settle(self, outs: list[list[tuple[int, float | None, list | None]]]
+                ) -> tuple[list[TokenEvent], list[_Row]]:
+        """Give each row its new tokens (token, log-probability, top ones) in order, until one
+        ends it; drop the rows that finished and those whose window slides. The events, and
+        the sliding rows (their kept window cut, to be read again from position 0, as
+        generate does)."""
+        events, finished, slide = [], [], []
+        for i, (row, toks) in enumerate(zip(self.rows, outs, strict=True)):
+            for tok, lp, top in toks:
+                event = self._emit(row, tok, lp, top)
+                events.append(event)
+                if event.finish_reason is None and len(row.tokens) > self.n_positions:
+                    # the token just drawn has no position left: slide the window or stop
+                    if row.request.context == "stop":
+                        self._finish(row, event, "length")
+                    else:
+                        slide.append(i)
+                        break
+                if event.finish_reason is not None:
+                    finished.append(i)
+                    break
         for i in finished:
             row = self.rows[i]
-            self.prefixes.add(row.tokens[:-1], self._row_kv(i, len(row.tokens) - 1))
+            self.prefixes.add(row.tokens[:-1], self.kv.row_kv(i, len(row.tokens) - 1))
         moved = [self.rows[i] for i in slide]
         self._drop(finished + slide)
-        self._forward()
-        for row in moved:  # read the kept window again from position 0 (as generate does)
+        for row in moved:
             row.tokens = row.tokens[-row.keep :]
-            self.pending.append(row)
-        return events
+        return events, moved
 
     def _pick(self, row: _Row) -> tuple[mx.array, ...]:
         """The row's next token (1,) and, if asked, its log-probability and the top ones."""
@@ -389,16 +458,11 @@ class BatchGenerator:
         top = mx.argpartition(-logp, k - 1)[:k]
         return tok, lp, top, logp[top]
 
-    def _emit(self, row: _Row, tok: int, lp: mx.array | None, top_ids: mx.array | None,
-              top_lps: mx.array | None) -> TokenEvent:
+    def _emit(self, row: _Row, tok: int, lp: float | None,
+              top: list[tuple[int, float]] | None) -> TokenEvent:
         row.generated += 1
         row.tokens.append(tok)
-        event = TokenEvent(row.uid, tok)
-        if lp is not None:
-            event.logprob = float(lp.item())
-        if top_ids is not None:
-            pairs = zip(top_ids.tolist(), top_lps.tolist(), strict=True)
-            event.top_logprobs = sorted(pairs, key=lambda p: -p[1])
+        event = TokenEvent(row.uid, tok, logprob=lp, top_logprobs=top)
         req = row.request
         if req.constraint is not None:  # (<|endoftext|> is allowed only once it is complete)
             req.constraint.advance(tok)  # before the text: it says when the document is done
@@ -414,6 +478,7 @@ class BatchGenerator:
         event.finish_reason = reason
         event.prompt_tokens, event.cached_tokens = row.prompt_tokens, row.cached_tokens
         event.generation_tokens = row.generated
+        event.drafted_tokens, event.accepted_tokens = row.drafted, row.accepted
         return event
 
     def _forward(self) -> None:
@@ -421,16 +486,14 @@ class BatchGenerator:
         rows = self.rows
         if not rows:
             return
-        need = max(len(r.tokens) for r in rows)  # positions after writing each newest token
-        if need > self.capacity:
-            self._resize(_round_up(need, self.n_positions))
+        self.kv.reserve(max(len(r.tokens) for r in rows))  # each newest token written
         tokens = mx.array([r.tokens[-1] for r in rows], mx.int32)[:, None]  # (B, 1)
         offsets = mx.array([len(r.tokens) - 1 for r in rows], mx.int32)  # (B,)
-        out = self._step(tokens, offsets, *self.buffers)
-        self.buffers = list(out[1:])
+        out = self._step(tokens, offsets, *self.kv.arrays)
+        self.kv.arrays = list(out[1:])
         for i, row in enumerate(rows):
             row.logits = out[0][i]
-        mx.async_eval(out[0], *self.buffers)
+        mx.async_eval(out[0], *self.kv.arrays)
 
 
 def log_probs(logits: mx.array) -> mx.array:

@@ -28,7 +28,7 @@ from ..tokenizers.transcript import (
     render_transcript,
 )
 from .context import Context
-from .generate import NO_DRAFT_WITH_JSON, GenerationResponse, json_constraint, stream_generate
+from .generate import GenerationResponse, json_constraint, stream_generate
 from .sample import SamplingSettings
 from .speculative import DEFAULT_DRAFT_TOKENS, check_draft, check_draft_tokens, load_draft
 
@@ -65,8 +65,6 @@ class ChatSession:
                  json_schema: dict | JsonConstraint | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ChatSettings()
-        if json_schema is not None and draft_model is not None:
-            raise MlxgptError(NO_DRAFT_WITH_JSON)
         # Compiled once: each reply starts a fresh document of the same schema.
         self.json = None if json_schema is None else json_constraint(
             tokenizer, model.config.vocab_size, json_schema)

@@ -1319,6 +1319,14 @@ class JsonState:
         if self._left is not None:
             self._left -= 1
 
+    def copy(self) -> JsonState:
+        """An independent state at the same point (speculative decoding advances a copy over
+        a draft's tokens; the automaton's states are immutable, so this is cheap)."""
+        other = JsonState.__new__(JsonState)
+        other._engine, other._states, other._left = self._engine, self._states, self._left
+        other._data, other._ended = bytearray(self._data), self._ended
+        return other
+
     @property
     def complete(self) -> bool:
         """The text so far is a complete document the schema accepts."""

@@ -65,6 +65,9 @@ class Constraint(Protocol):
 
     def advance(self, token: int) -> None: ...
 
+    def copy(self) -> Constraint:
+        """An independent state at the same point (what a draft's tokens advance)."""
+
 
 def constrain_logits(logits: mx.array, constraint: Constraint | None) -> mx.array:
     """``logits`` (1, V) with every token the constraint forbids at -inf (before the sampler,

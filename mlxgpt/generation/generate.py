@@ -128,10 +128,9 @@ def stream_generate(
     ``json_schema``: the output is a JSON document the schema accepts, within ``max_tokens``
     (compact: no whitespace between its tokens; a
     :class:`~mlxgpt.generation.constrain.JsonConstraint` of your own allows some, or with
-    schema None any JSON object); not with a draft model.
+    schema None any JSON object); with a draft model too (the draft proposes under a copy of
+    the constraint and the model checks each position under its mask).
     """
-    if json_schema is not None and (draft_model is not None or draft_ctx is not None):
-        raise MlxgptError(NO_DRAFT_WITH_JSON)
     constraint = None if json_schema is None else json_constraint(
         tokenizer, model.config.vocab_size, json_schema)
     sampling = sampling or SamplingSettings()
@@ -173,7 +172,7 @@ def stream_generate(
         tokens = speculative_tokens(
             ctx, draft_ctx, fit_prompt(ids, ctx.n_positions, context, keep), sampler,
             draft_tokens=draft_tokens, max_tokens=max_tokens, keep=keep,
-            slide=context == "slide", logprobs=logprobs, stats=stats)
+            slide=context == "slide", logprobs=logprobs, stats=stats, constraint=state)
     reason = "length"  # unless a token ends it: the budget was spent or the context is full
     for tok, lp in tokens:
         last = time.perf_counter()
@@ -202,10 +201,6 @@ def stream_generate(
         accepted_tokens=stats.accepted,
         undrafted_tokens=stats.undrafted,
     )
-
-
-NO_DRAFT_WITH_JSON = ("a draft model and JSON output cannot be combined: speculative decoding "
-                      "does not apply the JSON constraint")
 
 
 def json_constraint(tokenizer: Tokenizer, vocab_size: int, schema: dict | JsonConstraint | None,

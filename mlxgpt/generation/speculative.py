@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from ..core.model import Model
 from ..errors import MlxgptError
 from ..tokenizers import Tokenizer
 from .context import SHORT_READ, Context
-from .decode import generate_tokens
+from .decode import Constraint, constrain_logits, generate_tokens
 from .draft_length import PAUSE, RECENT_ROUNDS, DraftCosts, costs_for, drafting_pays
 from .identity import tokenizer_digest
-from .sample import TokenSampler
+from .sample import NEG_INF, TokenSampler
 
 AUTO = "auto"  # draft_tokens: AUTO_MAX a round while that pays on this machine (draft_length.py)
 DEFAULT_DRAFT_TOKENS = AUTO
@@ -95,6 +96,9 @@ def check_draft_tokens(k: int | str) -> int | str:
 
 
 # --------------------------------------------------------------------------- one round
+# What one sequence does in a round, shared by the single-sequence path (:class:`Speculator`)
+# and the batched one (:mod:`.batch_speculative`): draw a draft token, then judge the drafts
+# against the model's distributions.
 
 
 def _subkey(sampler: TokenSampler) -> mx.array | None:
@@ -105,9 +109,131 @@ def _subkey(sampler: TokenSampler) -> mx.array | None:
     return sub
 
 
-def _logprob(logits: mx.array, tok: mx.array) -> mx.array:
-    """log p(tok) under raw logits (V,), tok (): what ``logprobs`` reports."""
-    return logits[tok] - mx.logsumexp(logits)
+def recent_window(seq: Sequence[int], window: int,
+                  drafts: Sequence[mx.array] = ()) -> mx.array | None:
+    """The penalty window (1, W) before the position after ``seq`` + ``drafts`` (each (1,));
+    None when the sampler has no penalties (window 0)."""
+    if not window:
+        return None
+    tail = mx.array(list(seq[-window:]), mx.int32)
+    return mx.concatenate([tail, *drafts])[-window:][None]
+
+
+def draft_token(sampler: TokenSampler, logits: mx.array, recent: mx.array | None,
+                mask: np.ndarray | None = None) -> tuple[mx.array, mx.array]:
+    """A draft token (1,) from the draft's logits (1, V), and the processed logits (1, V) it was
+    drawn from (q of the acceptance rule): argmax when greedy, else a draw."""
+    if mask is not None:
+        logits = mx.where(mx.array(mask[: logits.shape[-1]]), logits, NEG_INF)
+    q = sampler.process(logits, recent)
+    if sampler.settings.greedy:
+        return mx.argmax(q, axis=-1).astype(mx.int32), q
+    return mx.random.categorical(q, axis=-1, key=_subkey(sampler)).astype(mx.int32), q
+
+
+def forked(constraint: Constraint | None) -> Constraint | None:
+    """A copy of ``constraint`` that drafts may advance (None: drafting cannot follow it)."""
+    fork = getattr(constraint, "copy", None)
+    return fork() if fork is not None else None
+
+
+@dataclass
+class Verdict:
+    """One sequence's round, judged: lazy arrays (evaluate :attr:`arrays`), then :meth:`read`.
+
+    ``drafts`` (k,), ``own`` (k + 1,): the model's token at each position in case the drafts
+    before it were accepted and the one there was not; ``accept`` (k,); with log-probabilities,
+    those of each draft (k,) and own token (k + 1,), and the top ones (k + 1, t).
+    """
+
+    drafts: mx.array
+    own: mx.array
+    accept: mx.array
+    draft_lps: mx.array | None = None
+    own_lps: mx.array | None = None
+    top_ids: mx.array | None = None
+    top_lps: mx.array | None = None
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.drafts, self.own, self.accept, self.draft_lps, self.own_lps,
+                            self.top_ids, self.top_lps) if a is not None]
+
+    def read(self) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
+        """The emitted tokens: the accepted drafts and one of the model's own, each with its
+        log-probability and top ones (None when not asked)."""
+        acc = self.accept.tolist()
+        k = len(acc)
+        n = acc.index(False) if False in acc else k
+        toks = self.drafts.tolist()[:n] + [int(self.own[n].item())]
+        lps: list[float | None] = [None] * (n + 1)
+        if self.own_lps is not None:
+            lps = (self.draft_lps.tolist()[:n] if n else []) + [float(self.own_lps[n].item())]
+        tops: list[list[tuple[int, float]] | None] = [None] * (n + 1)
+        if self.top_ids is not None:
+            ids, vals = self.top_ids.tolist(), self.top_lps.tolist()
+            tops = [sorted(zip(ids[j], vals[j], strict=True), key=lambda p: -p[1])
+                    for j in range(n + 1)]
+        return list(zip(toks, lps, tops, strict=True))
+
+
+def verify(sampler: TokenSampler, logits: mx.array, drafts: Sequence[mx.array],
+           q_logits: Sequence[mx.array], recent: Callable[[int], mx.array | None],
+           masks: Sequence[np.ndarray] = (), logprobs: int | None = None) -> Verdict:
+    """Judge k drafts (each (1,)) against the model's logits (k + 1, V) at the positions after
+    the last token and after each draft: greedy, a draft is accepted while it equals the
+    model's argmax; sampling, draft d (drawn from q) with probability min(1, p(d) / q(d)), and
+    the first rejected one is replaced by a draw from max(0, p - q) normalised.
+
+    ``recent(j)``: the penalty window before position j; ``masks`` (k + 1 bool (V,), or none):
+    what a constraint allows at each position (the draft was drawn under the same masks, so a
+    draft is always allowed). p and q are after the sampling settings. ``logprobs``: None,
+    0 (the chosen tokens' log-probabilities, of the masked logits) or t (and the top t)."""
+    k = len(drafts)
+    if masks:
+        allowed = mx.array(np.stack([m[: logits.shape[-1]] for m in masks[: k + 1]]))
+        logits = mx.where(allowed, logits, NEG_INF)
+    p_logits = mx.concatenate([sampler.process(logits[j : j + 1], recent(j))
+                               for j in range(k + 1)])  # (k + 1, V)
+    d = mx.concatenate(list(drafts)) if k else mx.zeros((0,), mx.int32)  # (k,)
+    if sampler.settings.greedy:
+        own = mx.argmax(p_logits, axis=-1).astype(mx.int32)  # (k + 1,)
+        accept = d == own[:k]
+    else:
+        own, accept = accept_sampled(sampler, p_logits, mx.concatenate(list(q_logits))
+                                     if k else p_logits[:0], d)
+    verdict = Verdict(d, own, accept)
+    if logprobs is not None:
+        raw = logits.astype(mx.float32)
+        logp = raw - mx.logsumexp(raw, axis=-1, keepdims=True)  # (k + 1, V)
+        rows = mx.arange(k + 1)
+        verdict.draft_lps = logp[rows[:k], d]
+        verdict.own_lps = logp[rows, own]
+        if logprobs:
+            t = min(logprobs, logp.shape[-1])
+            verdict.top_ids = mx.argpartition(-logp, t - 1, axis=-1)[:, :t]
+            verdict.top_lps = mx.take_along_axis(logp, verdict.top_ids, axis=-1)
+    return verdict
+
+
+def accept_sampled(sampler: TokenSampler, p_logits: mx.array, q_logits: mx.array,
+                   d: mx.array) -> tuple[mx.array, mx.array]:
+    """The acceptance rule: per position, whether draft d (k,) is kept (u < p(d) / q(d)) and
+    the model's own token in case it is not (a draw from max(0, p - q) normalised; at the
+    last position, after k accepted drafts, a draw from p). p_logits (k + 1, V),
+    q_logits (k, V)."""
+    k = d.shape[0]
+    p = mx.softmax(p_logits, axis=-1)  # (k + 1, V)
+    q = mx.softmax(q_logits, axis=-1)  # (k, V)
+    rows = mx.arange(k)
+    u = mx.random.uniform(shape=(k,), key=_subkey(sampler))
+    accept = u * q[rows, d] < p[rows, d]  # q(d) > 0: d was drawn from q
+    residual = mx.maximum(p[:k] - q, 0.0)
+    # p == q leaves nothing: then rejection never happens and the row is never used.
+    empty = mx.sum(residual, axis=-1, keepdims=True) <= 0
+    residual = mx.concatenate([mx.where(empty, p[:k], residual), p[k:]])  # (k + 1, V)
+    own = mx.random.categorical(mx.log(residual), axis=-1, key=_subkey(sampler))
+    return own.astype(mx.int32), accept
 
 
 class Speculator:
@@ -115,12 +241,16 @@ class Speculator:
 
     ``seq`` is every token of the prompt (as the model holds it) and output so far; the model has
     read all of it but the last one, the draft a stretch of it starting at ``draft_start``.
+    ``constraint`` (its state after ``seq``): the draft proposes and the model picks only what
+    it allows; whoever takes the emitted tokens advances it (:func:`speculative_tokens`).
     """
 
     def __init__(self, ctx: Context, draft: Context, sampler: TokenSampler, *, keep: int,
-                 slide: bool, logprobs: bool, stats: DraftStats):
+                 slide: bool, logprobs: bool, stats: DraftStats,
+                 constraint: Constraint | None = None):
         self.ctx, self.draft, self.sampler = ctx, draft, sampler
         self.keep, self.slide, self.logprobs, self.stats = keep, slide, logprobs, stats
+        self.constraint = constraint
         s = sampler.settings
         self.window = s.penalty_window if s.penalised else 0
         self.greedy = s.greedy
@@ -129,15 +259,13 @@ class Speculator:
 
     def recent(self, drafts: Sequence[mx.array] = ()) -> mx.array | None:
         """The penalty window (1, W) before the position after ``seq`` + ``drafts``."""
-        if not self.window:
-            return None
-        tail = mx.array(self.seq[-self.window :], mx.int32)
-        return mx.concatenate([tail, *drafts])[-self.window :][None]
+        return recent_window(self.seq, self.window, drafts)
 
     def pick(self, logits: mx.array) -> tuple[int, float | None]:
         """A token of the model's own from logits (1, V) after ``seq``."""
+        logits = constrain_logits(logits, self.constraint)
         tok = self.sampler(logits, self.recent())  # (1,)
-        lp = _logprob(logits[0], tok[0]) if self.logprobs else None
+        lp = logits[0, tok[0]] - mx.logsumexp(logits[0]) if self.logprobs else None
         mx.eval(tok, *([] if lp is None else [lp]))
         return tok.item(), (lp.item() if lp is not None else None)
 
@@ -160,78 +288,54 @@ class Speculator:
             self.draft_start = len(self.seq) - max(1, size)
         return d.sync(self.seq[self.draft_start :], unpadded=SHORT_READ)
 
-    def propose(self, k: int) -> tuple[list[mx.array], list[mx.array]]:
-        """k draft tokens (each (1,)) and the draft's processed logits (1, V) for each."""
+    def propose(self, k: int) -> tuple[list[mx.array], list[mx.array], list[np.ndarray]]:
+        """Up to k draft tokens (each (1,)), the draft's processed logits (1, V) for each and,
+        under a constraint, its mask at each drafted position and the one after (fewer
+        drafts when one completes the document: the sequence ends there)."""
         logits = self.draft_logits(k)
-        tokens, dists = [], []
+        state = forked(self.constraint)  # advanced over the drafts, not the real state
+        tokens: list[mx.array] = []
+        dists: list[mx.array] = []
+        masks: list[np.ndarray] = []
         for j in range(k):
-            q = self.sampler.process(logits, self.recent(tokens))  # (1, V)
-            if self.greedy:
-                tok = mx.argmax(q, axis=-1).astype(mx.int32)
-            else:
-                tok = mx.random.categorical(q, axis=-1, key=_subkey(self.sampler)).astype(mx.int32)
+            mask = None if state is None else state.allowed()
+            tok, q = draft_token(self.sampler, logits, self.recent(tokens), mask)
             tokens.append(tok)
             dists.append(q)
-            mx.async_eval(tok)  # the draft runs while the next step is built
+            if state is not None:
+                masks.append(mask)
+                state.advance(tok.item())  # the next mask needs the token
+                if state.complete:
+                    break
+            else:
+                mx.async_eval(tok)  # the draft runs while the next step is built
             if j + 1 < k:
                 logits = self.draft.step(tok)
-        return tokens, dists
+        if state is not None:
+            masks.append(state.allowed())
+        return tokens, dists, masks  # the draft has read every token but the last
 
     # -- a round
 
     def round(self, k: int) -> list[tuple[int, float | None]]:
         """Propose k tokens, verify them with the model in one forward, keep what is accepted;
         the emitted tokens (accepted drafts + one of the model's own)."""
-        drafts, q_logits = self.propose(k)
+        drafts, q_logits, masks = self.propose(k)
+        k = len(drafts)
         y = mx.array([self.seq[-1]], mx.int32)
         logits = self.ctx.extend(mx.concatenate([y, *drafts])[None])[0]  # (k + 1, V)
-        p_logits = mx.concatenate([self.sampler.process(logits[j : j + 1],
-                                                        self.recent(drafts[:j]))
-                                   for j in range(k + 1)])  # (k + 1, V)
-        d = mx.concatenate(drafts)  # (k,)
-        if self.greedy:
-            own = mx.argmax(p_logits, axis=-1).astype(mx.int32)  # (k + 1,)
-            accept = d == own[:k]
-        else:
-            own, accept = self.accept_sampled(p_logits, mx.concatenate(q_logits), d)
-        out = [d, own, accept]
-        if self.logprobs:
-            raw = logits.astype(mx.float32)
-            lse = mx.logsumexp(raw, axis=-1)  # (k + 1,)
-            rows = mx.arange(k + 1)
-            out += [raw[rows[:k], d] - lse[:k], raw[rows, own] - lse]
-        mx.eval(out)
-        acc = accept.tolist()
-        n = acc.index(False) if False in acc else k
+        verdict = verify(self.sampler, logits, drafts, q_logits,
+                         lambda j: self.recent(drafts[:j]), masks,
+                         0 if self.logprobs else None)
+        mx.eval(verdict.arrays)
+        out = verdict.read()
+        n = len(out) - 1
         self.stats.proposed += k
         self.stats.accepted += n
         self.stats.rounds += 1
-        toks = d.tolist()[:n] + [own[n].item()]
-        lps: list[float | None] = [None] * (n + 1)
-        if self.logprobs:
-            lps = out[3].tolist()[:n] + [out[4][n].item()]
         self.ctx.trim(k - n)  # the model read y and k drafts; it keeps y and the accepted ones
-        self.seq.extend(toks)
-        return list(zip(toks, lps, strict=True))
-
-    def accept_sampled(self, p_logits: mx.array, q_logits: mx.array,
-                       d: mx.array) -> tuple[mx.array, mx.array]:
-        """The acceptance rule: per position, whether draft d (k,) is kept (u < p(d) / q(d)) and
-        the model's own token in case it is not (a draw from max(0, p - q) normalised; at the
-        last position, after k accepted drafts, a draw from p). p_logits (k + 1, V),
-        q_logits (k, V)."""
-        k = d.shape[0]
-        p = mx.softmax(p_logits, axis=-1)  # (k + 1, V)
-        q = mx.softmax(q_logits, axis=-1)  # (k, V)
-        rows = mx.arange(k)
-        u = mx.random.uniform(shape=(k,), key=_subkey(self.sampler))
-        accept = u * q[rows, d] < p[rows, d]  # q(d) > 0: d was drawn from q
-        residual = mx.maximum(p[:k] - q, 0.0)
-        # p == q leaves nothing: then rejection never happens and the row is never used.
-        empty = mx.sum(residual, axis=-1, keepdims=True) <= 0
-        residual = mx.concatenate([mx.where(empty, p[:k], residual), p[k:]])  # (k + 1, V)
-        own = mx.random.categorical(mx.log(residual), axis=-1, key=_subkey(self.sampler))
-        return own.astype(mx.int32), accept
+        self.seq.extend(t for t, _, _ in out)
+        return [(t, lp) for t, lp, _ in out]
 
     def trial(self, k: int) -> int:
         """Run a round with k drafts, or decode PLAIN_TRIAL tokens without the draft (k = 0, as
@@ -242,23 +346,26 @@ class Speculator:
         seq, draft_start, key = list(self.seq), self.draft_start, self.sampler.key
         stats = dataclasses.replace(self.stats)
         offset = self.ctx.offset
-        made = len(list(self.undrafted(PLAIN_TRIAL))) if k == 0 else len(self.round(k))
+        made = (len(list(self.undrafted(PLAIN_TRIAL, forked(self.constraint)))) if k == 0
+                else len(self.round(k)))
         self.ctx.trim(self.ctx.offset - offset)
         self.seq, self.draft_start, self.sampler.key = seq, draft_start, key
         for f in dataclasses.fields(stats):
             setattr(self.stats, f.name, getattr(stats, f.name))
         return made
 
-    def undrafted(self, max_tokens: int) -> Iterator[tuple[int, float | None]]:
+    def undrafted(self, max_tokens: int, constraint: Constraint | None = None
+                  ) -> Iterator[tuple[int, float | None]]:
         """The next ``max_tokens`` tokens decoded without the draft, as generation without one
-        decodes (each step queued before the token before it is read)."""
+        decodes (each step queued before the token before it is read); ``constraint`` is
+        advanced over them (ending them when its document is complete)."""
         window = self.keep if self.slide else None
         # what the model holds (its window, if it slid) and the token it has not read yet
         held = [*self.ctx.tokens, self.seq[-1]]
         for tok in generate_tokens(self.ctx, held, self.sampler, max_tokens=max_tokens,
                                    context="slide" if self.slide else "stop",
                                    window_keep=window, logprobs=self.logprobs,
-                                   history=self.seq):
+                                   history=self.seq, constraint=constraint):
             self.seq.append(tok[0])
             yield tok
 
@@ -291,18 +398,33 @@ def speculative_tokens(
     slide: bool = True,
     logprobs: bool = False,
     stats: DraftStats | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[tuple[int, float | None]]:
     """Yield (token id, log-probability or None) as :func:`generate_tokens` does, drafted by
     ``draft`` ``draft_tokens`` at a time, or with "auto" AUTO_MAX at a time while that is
     faster on this machine than decoding without the draft (:mod:`.draft_length`).
     ``prompt`` must fit the model's context; ``keep`` tokens stay when the window slides
-    (``slide``), else generation stops at the limit."""
+    (``slide``), else generation stops at the limit. ``constraint``: as for
+    :func:`generate_tokens` (every token allowed by it, read by it as it is yielded, the end
+    after the token that completes its document); the draft proposes under a copy of it."""
     check_draft(ctx.model, draft.model)
     auto = check_draft_tokens(draft_tokens) == AUTO
     k_max = AUTO_MAX if auto else int(draft_tokens)
     spec = Speculator(ctx, draft, sampler, keep=keep, slide=slide, logprobs=logprobs,
-                      stats=stats if stats is not None else DraftStats())
-    yield spec.start(prompt)
+                      stats=stats if stats is not None else DraftStats(), constraint=constraint)
+
+    def emit(toks: list[tuple[int, float | None]]) -> Iterator[tuple[int, float | None]]:
+        for tok in toks:  # the constraint reads each token before the next is drawn or shown
+            if constraint is not None:
+                constraint.advance(tok[0])
+            yield tok
+
+    def done() -> bool:
+        return constraint is not None and constraint.complete
+
+    yield from emit([spec.start(prompt)])
+    if done():
+        return
     costs: DraftCosts | None = None
     made: deque[int] = deque(maxlen=RECENT_ROUNDS)  # tokens of the last rounds ("auto")
     n = 1
@@ -316,12 +438,13 @@ def speculative_tokens(
                 pause = max_tokens - n if not made else min(PAUSE, max_tokens - n)
                 made.clear()
                 before = spec.stats.undrafted
-                for tok in spec.undrafted(pause):
+                for tok in spec.undrafted(pause, constraint):  # which advances the constraint
                     spec.stats.undrafted += 1
                     yield tok
                 n += spec.stats.undrafted - before
-                if spec.stats.undrafted - before < pause:
-                    return  # the context is full and generation stops there
+                if spec.stats.undrafted - before < pause or done():
+                    return  # the context is full and generation stops there, or the document
+                    # is complete
                 continue
         if k < 1:
             tok = spec.step()
@@ -331,7 +454,10 @@ def speculative_tokens(
         else:
             toks = spec.round(k)
             made.append(len(toks))
-        yield from toks
+        for tok in emit(toks):
+            yield tok
+            if done():  # the token completed the document: what follows it is not text
+                return
         n += len(toks)
         if spec.stats.rounds % 64 == 63:
             mx.clear_cache()

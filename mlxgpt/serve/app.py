@@ -310,7 +310,9 @@ class Server:
     @staticmethod
     def usage(job: Job, choices: list[Choice]) -> dict[str, Any]:
         cached = min((c.cached for c in choices), default=0)
-        return usage(len(job.prompt_ids), sum(c.tokens for c in choices), cached)
+        return usage(len(job.prompt_ids), sum(c.tokens for c in choices), cached,
+                     drafted=sum(c.drafted for c in choices),
+                     accepted=sum(c.accepted for c in choices))
 
 
 class Choice:
@@ -324,6 +326,7 @@ class Choice:
         self.logprobs: list[dict[str, Any]] = []
         self.finish: str | None = None
         self.tokens = self.cached = 0
+        self.drafted = self.accepted = 0  # with --draft-model: the draft's tokens for it
 
     def add(self, event: TokenEvent) -> dict[str, Any] | None:
         """Take one event; the streamed chunk's choice for it (None: nothing to send)."""
@@ -337,6 +340,7 @@ class Choice:
         if event.finish_reason is not None:
             self.finish = FINISH[event.finish_reason]
             self.tokens, self.cached = event.generation_tokens, event.cached_tokens
+            self.drafted, self.accepted = event.drafted_tokens, event.accepted_tokens
         if not text and entry is None and self.finish is None:
             return None
         return self.piece(event, text, entry)

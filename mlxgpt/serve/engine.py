@@ -23,6 +23,7 @@ import mlx.core as mx
 from ..core.model import Model
 from ..errors import MlxgptError
 from ..generation.batch import BatchGenerator, SequenceRequest
+from ..generation.batch_speculative import SpeculativeBatchGenerator
 from ..tokenizers import Tokenizer
 
 
@@ -51,11 +52,16 @@ class Handle:
 
 
 class Engine:
-    """Owns the model and a :class:`BatchGenerator`; runs it on its own thread."""
+    """Owns the model and a :class:`BatchGenerator` (with ``draft``: a
+    :class:`~mlxgpt.generation.batch_speculative.SpeculativeBatchGenerator`, ``draft_tokens``
+    a round); runs it on its own thread."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 16,
-                 max_queue: int = 64, prefix_cache: int = 8):
-        self.generator = BatchGenerator(model, tokenizer, max_batch, prefix_cache)
+                 max_queue: int = 64, prefix_cache: int = 8, draft: Model | None = None,
+                 draft_tokens: int = 4):
+        self.generator = BatchGenerator(model, tokenizer, max_batch, prefix_cache) \
+            if draft is None else SpeculativeBatchGenerator(
+                model, tokenizer, draft, draft_tokens, max_batch, prefix_cache)
         self.max_queue = max_queue
         self.waiting: deque[Handle] = deque()
         self.running: dict[int, Handle] = {}  # uid -> handle
@@ -85,9 +91,15 @@ class Engine:
             self.thread.join(timeout)
 
     @property
-    def load(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting),
-                "max_batch": self.generator.max_batch, "max_queue": self.max_queue}
+    def load(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"running": len(self.running), "waiting": len(self.waiting),
+                               "max_batch": self.generator.max_batch,
+                               "max_queue": self.max_queue}
+        stats = getattr(self.generator, "stats", None)
+        if stats is not None:  # speculative decoding: how the draft did since the start
+            out["draft"] = {"draft_tokens": self.generator.k, "proposed": stats.proposed,
+                            "accepted": stats.accepted, "acceptance": stats.acceptance}
+        return out
 
     def submit(self, requests: list[SequenceRequest],
                loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, list[Handle]]:

@@ -350,10 +350,17 @@ def completion_logprobs(entries: list[dict[str, Any]], with_top: bool) -> dict[s
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0, drafted: int = 0,
+          accepted: int = 0) -> dict[str, Any]:
+    """The usage field; with a draft model (``drafted`` > 0) its accepted and rejected
+    tokens, in the fields OpenAI gives predicted outputs."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    if drafted:
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
 
 
 def envelope(job: Job, chunk: bool) -> dict[str, Any]:
