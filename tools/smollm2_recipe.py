@@ -24,11 +24,11 @@ The rows of the recipe table (issue 27, deliverable 3) that fit a few CPU cores,
   its logits on test snippets are compared with the cached-feature ones;
 - ``head-meanlast``: the same head on [last token; mean over tokens] (2 x 576 features: a probe,
   not loadable as ``GPTClassifier.score``), the pooling of the issue's transformers anchor;
-- ``head-lora``, ``head-dora``, ``head-full``: ``mlxgpt finetune --task classify`` on the
-  first ``--train-limit`` training snippets (one pass, batch 8: the fixed budget of every
-  fine-tuned row), LoRA / DoRA (rank 8, every projection of the last 16 blocks, the defaults) or
-  every weight, the classifier head read at the last real token; run as a user runs it (the
-  command is printed and recorded), then ``mlxgpt eval --task classify``'s numbers on test;
+- ``head-lora``, ``head-full``: ``mlxgpt finetune --task classify`` on the first
+  ``--train-limit`` training snippets (one pass, batch 8: the fixed budget of every fine-tuned
+  row), LoRA (rank 8, every projection of the last 16 blocks, the defaults) or every weight,
+  the classifier head read at the last real token; run as a user runs it (the command is
+  printed and recorded), then ``mlxgpt eval --task classify``'s numbers on test;
 - ``prompt-lora``: ``mlxgpt finetune --mask-prompt`` with LoRA on the same snippets as chats
   (``tools/sentiment_example.py --format chat``: the zero-shot row's question as the user turn,
   the label as the assistant's reply, through SmolLM2's template), then ``mlxgpt eval --task
@@ -86,12 +86,11 @@ from sentiment_example import record as data_record  # noqa: E402
 from sentiment_recipe import bow_matrix, features, logistic_regression, read  # noqa: E402
 
 ROWS = ("majority", "bow", "zeroshot", "fewshot", "head", "head-meanlast", "head-lora",
-        "head-dora", "head-full", "prompt-lora", "trainspeed")
+        "head-full", "prompt-lora", "trainspeed")
 # The fine-tuned rows: `mlxgpt finetune` options (one pass over the training snippets in batches
 # of 8; learning rates set before any run, not tuned on test).
 FINETUNED = {
     "head-lora": ("text-label", ["--task", "classify", "--fine-tune-type", "lora", "--lr", "5e-4"]),
-    "head-dora": ("text-label", ["--task", "classify", "--fine-tune-type", "dora", "--lr", "5e-4"]),
     "head-full": ("text-label", ["--task", "classify", "--full", "--lr", "5e-5"]),
     "prompt-lora": ("chat", ["--mask-prompt", "--fine-tune-type", "lora", "--lr", "5e-4"]),
 }
@@ -647,7 +646,6 @@ def main() -> None:
                      if row == "head" else "SmolLM2 frozen [last; mean] states + linear probe")
             record(row, title, pred, feat_s + head_s, note, **extra)
     titles = {"head-lora": "SmolLM2 + classifier head, LoRA",
-              "head-dora": "SmolLM2 + classifier head, DoRA",
               "head-full": "SmolLM2 + classifier head, full fine-tune",
               "prompt-lora": "SmolLM2 prompt/completion LoRA (chat template, label replies)"}
     for row in FINETUNED:
