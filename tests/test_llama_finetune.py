@@ -507,3 +507,82 @@ def test_chat_answers_are_learnt_and_evaluated_through_the_template(llama, tmp_p
            "--mask-prompt", "--steps", 160, "--lr", "1e-2", "--warmup", 0, "--batch-size", 8,
            "--eval-every", 0, "--save-every", 0, "--log-every", 40)
     assert accuracies("--adapter", tmp_path / "o") == (1.0, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- QLoRA
+
+
+def test_qlora_on_a_q4_1_gguf_base_trains_and_fuses_within_the_quantization_error(
+        tmp_path, monkeypatch, cli_ok):
+    """A Q4_1 file (SmolLM2's type) kept 4-bit, as on a GPU: LoRA trains on the quantized base,
+    which stays as it was; fused without re-quantizing it computes base + adapter (float32,
+    1e-4); re-quantized, each layer is MLX's 4-bit quantization of the exact fused weight, every
+    weight within one 4-bit step of it (the quantization's own rounding), and the logits move
+    accordingly (stated in the docs)."""
+    from mlxgpt.checkpoints.quantize import dense_weight
+    from mlxgpt.core import backend as backend_mod
+
+    hf = random_llama(CONFIG)
+    path = write_llama_gguf(hf, tmp_path / "q4_1.gguf", default="Q4_1")
+    device = mx.default_device()
+    monkeypatch.setitem(backend_mod._records, str(device),
+                        backend_mod.Backend(device, force_quantized=True))
+    base = tmp_path / "base"
+    cli_ok("convert", path, base)
+    model, tok = mlxgpt.load(base)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    assert len(quantized) == 7 * SMALL["num_hidden_layers"] + 1  # and the untied head
+    assert all(m.bits == 4 and m.group_size == 32 for m in quantized.values())
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+    train, _ = cue_rows()
+    (tmp_path / "d").mkdir()
+    write_rows(tmp_path / "d" / "train.jsonl", train)
+    cli_ok("finetune", "--model", base, "--data", tmp_path / "d", "--out", tmp_path / "a",
+           "--mask-prompt", "--steps", 30, "--lr", "1e-2", "--warmup", 0, "--batch-size", 8,
+           "--eval-every", 0, "--save-every", 0, "--log-every", 10)
+    log = [json.loads(s) for s in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses  # it learns, on a 4-bit base
+
+    tuned, _ = mlxgpt.load(base, adapter=tmp_path / "a")
+    flat = dict(tree_flatten(tuned.parameters()))
+    for key, value in before.items():  # the base is what it was, still 4-bit
+        got = flat.get(key, flat.get(key.replace(".weight", ".linear.weight")
+                                     .replace(".scales", ".linear.scales")
+                                     .replace(".biases", ".linear.biases")))
+        assert got is not None and np.array_equal(np.array(got), value), key
+    x = ids(n=16)
+    with_adapter = np.array(tuned(x))
+
+    cli_ok("fuse", "--model", base, "--adapter", tmp_path / "a", "--out", tmp_path / "f32")
+    exact, _ = mlxgpt.load(tmp_path / "f32")
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in exact.named_modules())
+    assert np.abs(np.array(exact(x)) - with_adapter).max() < TOL
+
+    cli_ok("fuse", "--model", base, "--adapter", tmp_path / "a", "--out", tmp_path / "q4",
+           "--requantize")
+    requant, _ = mlxgpt.load(tmp_path / "q4")
+    dense = dict(exact.named_modules())
+    for name, m in requant.named_modules():
+        if isinstance(m, nn.QuantizedLinear) and name == "lm_head":  # not adapted: as it was
+            assert np.array_equal(np.array(m.weight), before["lm_head.weight"])
+        elif isinstance(m, nn.QuantizedLinear):
+            assert m.bits == 4 and m.group_size == 32
+            w = np.array(dense_weight(dense[name]).astype(mx.float32))
+            # exactly MLX's 4-bit quantization of the exact fused weight: its error is that
+            # quantization's own, under one step per weight (affine rounding keeps each group's
+            # end points, so an error reaches up to a step, not half of one)
+            want = nn.QuantizedLinear.from_linear(dense[name], 32, 4)
+            assert mx.array_equal(m.weight, want.weight), name
+            step = np.abs(np.repeat(np.array(m.scales), 32, axis=1))
+            err = np.abs(np.array(dense_weight(m).astype(mx.float32)) - w)
+            assert (err <= step * (1 + 1e-4)).all(), name
+    # The logits move by what 4-bit rounding moves them anyway: as far as the Q4_1 file's own
+    # logits are from the float model it was made from (transformers', same tokens).
+    from _llama_helpers import llama_logits
+
+    drift = np.abs(np.array(requant(x)) - with_adapter).max()
+    own = np.abs(np.array(model(x)) - llama_logits(hf, np.array(x))).max()
+    print(f"re-quantized fused vs base + adapter: {drift:.3f}; Q4_1 base vs float: {own:.3f}")
+    assert 0 < drift < 2 * own, (drift, own)
