@@ -117,10 +117,11 @@ def small_vocab(n: int):
 
 def write_llama_gguf(model, path: Path, types: dict[str, str] | None = None, *,
                      default: str = "F32", arch: str = "llama", pre: str = "gpt-2",
-                     meta: dict[str, Any] | None = None) -> Path:
+                     meta: dict[str, Any] | None = None, add_bos: bool | None = None) -> Path:
     """``model`` as llama.cpp's converter writes it; ``types`` maps an HF tensor key to a GGML
     type name (``default`` for the other matrices; 1-D tensors are F32, as llama.cpp keeps
-    them). ``meta`` overrides metadata values (key -> value) for refusal tests."""
+    them). ``meta`` overrides metadata values (key -> value) for refusal tests. ``add_bos``:
+    tokenizer.ggml.add_bos_token (None: no such key, as SmolLM2's converter wrote none)."""
     import gguf
 
     cfg = model.config
@@ -155,6 +156,8 @@ def write_llama_gguf(model, path: Path, types: dict[str, str] | None = None, *,
     w.add_bos_token_id(n_vocab - 2)
     w.add_eos_token_id(n_vocab - 1)
     w.add_chat_template(SMOL_TEMPLATE)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     T = gguf.GGMLQuantizationType
     for key, t in model.state_dict().items():
         arr = t.detach().float().numpy()

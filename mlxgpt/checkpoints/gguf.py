@@ -137,7 +137,7 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int, arch: str = ARCH) -> dict[
     merges = [f"{to_hf(a)} {to_hf(b)}" for a, b in getattr(tokenizer, "merges", [])]
     return {"tokens": tokens, "types": types, "merges": merges or [INERT_MERGE],
             "eot_id": tokenizer.eot_id, "bos_id": tokenizer.bos_id, "pre": pre,
-            "chat_template": tokenizer.chat_template}
+            "chat_template": tokenizer.chat_template, "add_bos": tokenizer.prepends_bos}
 
 
 def _tensor_type(gguf: Any, name: str, shape: tuple[int, ...], dtype: str) -> Any:
@@ -261,7 +261,8 @@ def _write(gguf: Any, path: Path, cfg: ModelConfig, file_type: Any, vocab: dict[
             w.add_unk_token_id(vocab["eot_id"])
         if vocab["chat_template"]:
             w.add_chat_template(vocab["chat_template"])
-        w.add_add_bos_token(False)  # the text is read as it is (a chat template adds its own)
+        # llama.cpp then puts BOS before a prompt as mlxgpt does (a chat template writes its own)
+        w.add_add_bos_token(vocab["add_bos"])
         for tname, data, qtype in tensors:
             w.add_tensor(tname, data, raw_dtype=qtype)
         w.write_header_to_file()

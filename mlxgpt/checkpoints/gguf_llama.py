@@ -41,6 +41,8 @@ GROUP = 32  # every GGUF block type MLX maps holds 32 values
 PRE_TOKENIZERS = {"default": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN,
                   "llama3": LLAMA3_PATTERN, "llama-bpe": LLAMA3_PATTERN,
                   "llama-v3": LLAMA3_PATTERN}
+# the pre-tokenisers for which llama.cpp adds BOS when tokenizer.ggml.add_bos_token is absent
+BOS_PRE = frozenset({"llama3", "llama-bpe", "llama-v3"})
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -247,7 +249,8 @@ def gguf_weights(weights: dict[str, mx.array], cfg: LlamaConfig,
 
 def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
     """The byte-level BPE of a GGUF file (``tokenizer.ggml.model`` gpt2), with its special
-    tokens, end-of-text (or end-of-turn) id, bos and chat template."""
+    tokens, end-of-text (or end-of-turn) id, bos (and whether text starts with it) and chat
+    template."""
     model = _value(meta, "tokenizer.ggml.model", path, str)
     if model != "gpt2":
         raise MlxgptError(f"{path}: tokenizer {model!r} is not supported (byte-level BPE, "
@@ -286,6 +289,9 @@ def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
     if eos is not None:
         tok.eot_id = eos
     tok.bos_id = bos
+    # llama.cpp's rule: the key where present, else true for Llama 3's pre-tokeniser only
+    add_bos = _value(meta, "tokenizer.ggml.add_bos_token", path, bool, pre in BOS_PRE)
+    tok.add_bos = add_bos and bos is not None
     tok.chat_template = _value(meta, "tokenizer.chat_template", path, str, None)
     return tok
 

@@ -173,8 +173,10 @@ def encode_record(rec: dict[str, Any], tokenizer: Any, mask_prompt: bool,
         segments = record_segments(rec, tokenizer)
     except MlxgptError as e:
         raise MlxgptError(f"{where}: {e}" if where else str(e)) from None
-    tokens: list[int] = []
-    mask: list[int] = []
+    # Plain text (not a chat template's) starts with BOS where the tokenizer adds it, as
+    # at inference; position 0 is input only, never a target.
+    tokens = [] if templated else tokenizer.with_bos([])
+    mask = [0] * len(tokens)
     for text, trained in segments:
         ids = tokenizer.encode(text, allow_special=templated)  # a template writes specials
         tokens += ids
@@ -191,11 +193,11 @@ def answer_prompt(rec: dict[str, Any], tokenizer: Any,
     conversation whose last turn is the assistant's: what the model reads, the answer stripped,
     and the tokens that write the answer as training taught them (the completion and the
     end-of-text token; or the reply as the chat template renders it, its end-of-turn marker
-    included), tokenized as :func:`encode_record` tokenizes them."""
+    included), tokenized as :func:`encode_record` tokenizes them (BOS first as there)."""
     kind = record_kind(rec)
     if kind == "completion":
         end = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-        return (tokenizer.encode(rec["prompt"]), rec["completion"].strip(),
+        return (tokenizer.encode_prompt(rec["prompt"]), rec["completion"].strip(),
                 tokenizer.encode(rec["completion"]) + end)
     if kind != "messages" or rec["messages"][-1]["role"] != "assistant":
         raise MlxgptError(f"{where}: needs a prompt and a completion, or messages ending with "
@@ -205,6 +207,8 @@ def answer_prompt(rec: dict[str, Any], tokenizer: Any,
     last = max(i for i, (_, trained) in enumerate(segments) if trained)
     prompt = [t for text, _ in segments[:last]
               for t in tokenizer.encode(text, allow_special=templated)]
+    if not templated:
+        prompt = tokenizer.with_bos(prompt)
     answer = tokenizer.encode(segments[last][0], allow_special=templated)
     if not templated and tokenizer.eot_id is not None:
         answer.append(tokenizer.eot_id)
@@ -307,7 +311,7 @@ def text_tokens(tokenizer: Any, text: str, max_len: int) -> tuple[list[int], boo
     """A text's tokens for a classifier, and whether it was cut: the first ``max_len`` of them
     (a text longer than the context is classified by its beginning), in training and
     prediction alike."""
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode_prompt(text)
     return ids[:max_len], len(ids) > max_len
 
 

@@ -260,7 +260,7 @@ class BatchGenerator:
     """Sequences decoded together; add and remove them between steps.
 
     >>> gen = BatchGenerator(model, tokenizer)
-    >>> uid = gen.add(SequenceRequest(tokenizer.encode("Hello"), max_tokens=20))
+    >>> uid = gen.add(SequenceRequest(tokenizer.encode_prompt("Hello"), max_tokens=20))
     >>> while gen.active:
     ...     for event in gen.step(): ...
     """
@@ -539,7 +539,7 @@ def stream_batch(
     while waiting or gen.active:
         while waiting and not gen.full:
             i, prompt = waiting.pop()
-            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
             index[gen.add(SequenceRequest(ids, **kwargs))] = i
         for event in gen.step():
             yield index[event.uid], event

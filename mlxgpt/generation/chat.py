@@ -110,7 +110,8 @@ class ChatSession:
         """The conversation so far as token ids (without the cue for the next reply)."""
         if self.templated:
             return chat_prompt(self.tokenizer, self.transcript(), False)[0]
-        return [i for m in self.transcript() for i in self._ids(m)]
+        # as chat_prompt encodes it: plain text, BOS first where the tokenizer adds it
+        return self.tokenizer.with_bos([i for m in self.transcript() for i in self._ids(m)])
 
     def check_json_budget(self) -> None:
         """Refuse a reply budget too small for the schema's shortest document (before a turn

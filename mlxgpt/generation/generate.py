@@ -136,7 +136,9 @@ def stream_generate(
     sampling = sampling or SamplingSettings()
     start = time.perf_counter()  # reading a prompt cache counts towards the first token
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt) if prompt else []
+        # after a cached prefix the text continues it: no BOS in between
+        ids = (tokenizer.encode_prompt(prompt) if prompt_cache is None
+               else tokenizer.encode(prompt) if prompt else [])
     else:
         ids = [int(i) for i in prompt]
     ctx = ctx or Context(model, prefill_step)

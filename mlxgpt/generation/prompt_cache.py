@@ -81,7 +81,8 @@ def make_prompt_cache(model: Model, tokenizer: Tokenizer, prompt: str | Sequence
                       source: str = "", prefill_step: int = PREFILL_STEP) -> PromptCache:
     """Read ``prompt`` (text or ids) with ``model``; its cache, labelled with the model's
     identity (``source`` names the model in messages)."""
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    ids = (tokenizer.encode_prompt(prompt) if isinstance(prompt, str)
+           else [int(i) for i in prompt])
     if not ids:
         raise MlxgptError("nothing to cache: the prompt is empty")
     n_pos = model.config.n_positions

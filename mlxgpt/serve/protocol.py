@@ -148,7 +148,7 @@ def _prompt_ids(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return tokenizer.encode_prompt(prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                         for t in prompt):
         bad_ids = [t for t in prompt if not 0 <= t < vocab_size]

@@ -81,7 +81,10 @@ class Tokenizer:
     vocab_size: int
     eot_id: int | None = None  # where generation ends: end of text, or a chat model's end of turn
     chat_template: str | None = None  # Jinja (Hugging Face's chat_template), see chat_template.py
-    bos_id: int | None = None  # the template's bos_token (not added to encoded text)
+    bos_id: int | None = None  # the template's bos_token, and what ``add_bos`` puts first
+    # Whether text read from its start begins with bos_id (Llama 2/3's tokenizers), as
+    # transformers' tokenizer(text) and llama.cpp's tokenize(add_special) give it.
+    add_bos: bool = False
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Text -> ids. With ``allow_special=False`` "<|endoftext|>" is ordinary text."""
@@ -90,6 +93,29 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` of each text, as ordinary text (what tokenizing a corpus needs)."""
         return [self.encode(t) for t in texts]
+
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether :meth:`encode_prompt` puts ``bos_id`` first (``add_bos`` and a BOS id)."""
+        return self.add_bos and self.bos_id is not None
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """``ids`` as the start of a model's input: ``bos_id`` first where the tokenizer adds
+        it, unless they already start with it."""
+        bos = self.bos_id
+        if self.add_bos and bos is not None and ids[:1] != [bos]:
+            return [bos, *ids]
+        return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Text that a model reads from its start (a prompt, a training example) -> its input
+        ids: ``encode`` (ordinary text), with BOS first where ``add_bos`` says.
+
+        Not for text that continues other ids (after a cached prefix), nor for a chat
+        template's output: the template writes ``bos_token`` itself, and transformers'
+        ``apply_chat_template`` adds no special tokens to it either.
+        """
+        return self.with_bos(self.encode(text) if text else [])
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one id decodes to."""

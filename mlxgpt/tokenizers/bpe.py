@@ -126,7 +126,8 @@ class BPETokenizer(Tokenizer):
         for i in self.special_tokens.values():
             del vocab[i]
         write_hf_files(folder, vocab, self.merges, self.special_tokens, self.eot_id, self.pattern,
-                       bos_id=self.bos_id, chat_template=self.chat_template)
+                       bos_id=self.bos_id, chat_template=self.chat_template,
+                       add_bos=self.prepends_bos)
         if self.name == "gpt2":
             (folder / TIKTOKEN_FILE).write_bytes(gpt2_ranks_file())
             return {"type": "gpt2"}
@@ -136,6 +137,8 @@ class BPETokenizer(Tokenizer):
             "special_tokens": self.special_tokens,
             "eot_id": self.eot_id,
             "bos_id": self.bos_id,
+            # only when set: descriptions (and corpus caches keyed on them) stay as they were
+            **({"add_bos": True} if self.prepends_bos else {}),
         }
 
 

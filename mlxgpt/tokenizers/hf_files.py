@@ -62,10 +62,13 @@ def write_hf_files(
     *,
     bos_id: int | None = None,
     chat_template: str | None = None,
+    add_bos: bool = False,
 ) -> None:
     """vocab.json + merges.txt + tokenizer_config.json (GPT2Tokenizer), and tokenizer.json when
     the split pattern is not GPT-2's (vocab.json/merges.txt cannot express it). The chat
-    template, where there is one, goes into tokenizer_config.json as Hugging Face keeps it."""
+    template, where there is one, goes into tokenizer_config.json as Hugging Face keeps it.
+    ``add_bos`` (with a special ``bos_id``): BOS before encoded text, said both ways readers
+    look for it (see :func:`read_add_bos`)."""
     hf_vocab = {to_hf(b): i for i, b in sorted(vocab.items())}
     hf_vocab.update(special_tokens)
     hf_merges = [f"{to_hf(a)} {to_hf(b)}" for a, b in merges]
@@ -96,6 +99,9 @@ def write_hf_files(
     }
     if chat_template:
         config["chat_template"] = chat_template
+    add_bos = add_bos and bos_id in special_tokens.values()
+    if add_bos:  # only then: the files of tokenizers without BOS stay as they were
+        config["add_bos_token"] = True
     (folder / VOCAB_FILE).write_text(json.dumps(hf_vocab, ensure_ascii=False), encoding="utf-8")
     (folder / MERGES_FILE).write_text(
         "#version: 0.2\n" + "".join(m + "\n" for m in hf_merges), encoding="utf-8"
@@ -123,7 +129,8 @@ def write_hf_files(
                     },
                 ],
             },
-            "post_processor": None,
+            # transformers (v5) reads add_bos from here when there is a tokenizer.json
+            "post_processor": _bos_template(bos, bos_id) if add_bos else None,
             "decoder": {
                 "type": "ByteLevel",
                 "add_prefix_space": False,
@@ -144,6 +151,17 @@ def write_hf_files(
             },
         }
         (folder / HF_TOKENIZER_FILE).write_text(json.dumps(tok, ensure_ascii=False), "utf-8")
+
+
+def _bos_template(bos: str | None, bos_id: int | None) -> dict[str, Any]:
+    """A TemplateProcessing post-processor that puts ``bos`` before the text (Llama 2's)."""
+    first = {"SpecialToken": {"id": bos, "type_id": 0}}
+    return {"type": "TemplateProcessing",
+            "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [first, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
 
 
 def read_json_file(path: Path) -> Any:
@@ -300,6 +318,41 @@ def read_chat_config(folder: Path) -> dict[str, Any]:
         if isinstance(v, str):
             out[key] = v
     return out
+
+
+def read_add_bos(folder: Path, bos_token: str | None) -> tuple[bool, str | None]:
+    """Whether a Hugging Face folder's tokenizer puts BOS before encoded text, and its BOS.
+
+    As llama.cpp's converter reads it: tokenizer_config.json's ``add_bos_token`` where it is
+    true or false, else whether tokenizer.json's post-processor (a TemplateProcessing, alone or
+    in a Sequence, as Llama 3's) starts the text with ``bos_token``. The BOS is ``bos_token``,
+    or where the folder names none, the special token that template puts first.
+    """
+    cfg = read_json_object(folder / HF_CONFIG_FILE) if (folder / HF_CONFIG_FILE).is_file() else {}
+    flag = cfg.get("add_bos_token")
+    if isinstance(flag, bool) and bos_token is not None:
+        return flag, bos_token
+    first = _template_first(folder)  # (read again: the parts reader keeps no post-processor)
+    bos = bos_token or first
+    if isinstance(flag, bool):
+        return flag and bos is not None, bos
+    return first is not None and first == bos, bos
+
+
+def _template_first(folder: Path) -> str | None:
+    """The special token tokenizer.json's TemplateProcessing puts before a single text."""
+    if not (folder / HF_TOKENIZER_FILE).is_file():
+        return None
+    data = read_json_file(folder / HF_TOKENIZER_FILE)
+    post = data.get("post_processor") if isinstance(data, dict) else None
+    steps = post.get("processors") if isinstance(post, dict) and "processors" in post else [post]
+    for step in steps if isinstance(steps, list) else []:
+        single = step.get("single") if isinstance(step, dict) else None
+        if isinstance(single, list) and single and step.get("type") == "TemplateProcessing":
+            first = single[0].get("SpecialToken") if isinstance(single[0], dict) else None
+            token = first.get("id") if isinstance(first, dict) else None
+            return token if isinstance(token, str) else None
+    return None
 
 
 def read_hf_parts(folder: Path) -> tuple[tuple, Path] | None:

@@ -20,6 +20,7 @@ from .hf_files import (
     VOCAB_FILE,
     check_special,
     from_hf,
+    read_add_bos,
     read_chat_config,
     read_hf_parts,
     read_json_file,
@@ -106,8 +107,11 @@ def tokenizer_from_hf_folder(folder: Path) -> Tokenizer | None:
         special = tok.special_tokens
         if chat.get("eos_token") in special:  # a chat model's end of turn
             tok.eot_id = special[chat["eos_token"]]
-        if chat.get("bos_token") in special and chat["bos_token"] != chat.get("eos_token"):
-            tok.bos_id = special[chat["bos_token"]]  # (GPT-2's files name <|endoftext|> both)
+        add_bos, bos = read_add_bos(Path(folder), chat.get("bos_token"))
+        # GPT-2's files name <|endoftext|> both bos and eos: no BOS of its own, unless added
+        if bos in special and (add_bos or bos != chat.get("eos_token")):
+            tok.bos_id = special[bos]
+            tok.add_bos = add_bos
         tok.chat_template = chat.get("chat_template")
     return tok
 
@@ -145,6 +149,10 @@ def load_tokenizer(folder: Path, meta: dict[str, Any] | None) -> Tokenizer:
                 if meta.get(key) is not None:
                     setattr(tok, key, check_int(meta[key], f"{where}.{key}", 0,
                                                 tok.vocab_size - 1))
+            tok.add_bos = meta.get("add_bos", False)
+            if not isinstance(tok.add_bos, bool):
+                raise MlxgptError(f"{where}.add_bos must be true or false, got "
+                                  f"{shown(tok.add_bos)}")
             tok.chat_template = read_chat_config(folder).get("chat_template")
         return tok
     if meta is not None and kind is not None:

@@ -69,10 +69,13 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[Message | dict],
 
     With a chat template the reply ends at the model's end-of-turn token (``eot_id``), so there
     are no stop strings; with the transcript format it ends at the next speaker tag.
+    The template's text is encoded as it is, BOS only where the template writes ``bos_token``
+    (as transformers' ``apply_chat_template`` does); the transcript is plain text, which
+    starts with BOS where the tokenizer adds it (:meth:`Tokenizer.encode_prompt`).
     """
     if tokenizer.chat_template:
         msgs = [asdict(m) if isinstance(m, Message) else m for m in messages]
         text = render_chat(tokenizer, msgs, add_generation_prompt)
         return tokenizer.encode(text, allow_special=True), ()
     text = render_transcript(messages, add_generation_prompt)
-    return tokenizer.encode(text), STOPS
+    return tokenizer.encode_prompt(text), STOPS

@@ -312,7 +312,7 @@ def load_data(
     if valid and record_kind(valid[0][1]) == "completion":
         first = valid[0][1]
         n = len(tokenizer.encode(first["completion"])) + 8
-        prompt_ids = tokenizer.encode(first["prompt"])[-(model.config.n_positions - n - 1):]
+        prompt_ids = tokenizer.encode_prompt(first["prompt"])[-(model.config.n_positions - n - 1):]
 
         def sample(m: nn.Module) -> str:
             got = greedy_text(m, tokenizer, prompt_ids, n)
