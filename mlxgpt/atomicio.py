@@ -199,12 +199,13 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
 
 
 def cached_json(path: str | os.PathLike, key: str, read: Callable[[Any], T],
-                make: Callable[[], Any], keep: int = 0) -> T:
+                make: Callable[[], Any], keep: int = 0, fresh: bool = False) -> T:
     """``read(entry)`` for the entry stored under ``key`` in the JSON object at ``path``; where
-    there is none (or ``read`` finds it malformed: KeyError, TypeError, ValueError), ``make()``'s
-    entry, stored there first. Under a lock, so that processes started together make it once
-    and keep each other's entries; with ``keep``, only the latest ``keep`` entries stay. A file
-    that cannot be read or written is measured over (or again next time)."""
+    there is none (or ``read`` finds it malformed: KeyError, TypeError, ValueError), or with
+    ``fresh``, ``make()``'s entry, stored there first. Under a lock, so that processes started
+    together make it once and keep each other's entries; with ``keep``, only the latest
+    ``keep`` entries stay. A file that cannot be read or written is measured over (or again
+    next time)."""
     path = Path(path)
     with locked(path.with_suffix(".lock")):
         try:
@@ -214,9 +215,11 @@ def cached_json(path: str | os.PathLike, key: str, read: Callable[[Any], T],
         saved = saved if isinstance(saved, dict) else {}
         if key in saved:
             try:
-                return read(saved[key])
+                if not fresh:
+                    return read(saved[key])
             except (KeyError, TypeError, ValueError):
-                del saved[key]
+                pass
+            del saved[key]
         entry = make()
         saved[key] = entry
         if keep:

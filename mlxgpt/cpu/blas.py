@@ -283,17 +283,9 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str], flags: fro
         return {"times": times,
                 "choice": "BLIS" if prefer_blis(times["OpenBLAS"], times["BLIS"]) else "OpenBLAS"}
 
-    made: list[dict] = []
-
-    def make() -> dict:
-        made.append(measure())
-        return made[-1]
-
     def read(entry: dict) -> dict:
         if entry["choice"] not in paths or not {"OpenBLAS", "BLIS"} <= entry["times"].keys():
             raise ValueError("not this machine's libraries")
-        if fresh and not made:
-            raise ValueError("measured again")  # cached_json measures over a rejected entry
         return entry
 
     cache = cache_root() / CACHE_FILE
@@ -304,7 +296,7 @@ def measured_choice(paths: Mapping[str, str], env: Mapping[str, str], flags: fro
             return "OpenBLAS", CALIBRATE_HINT
     else:
         try:  # one entry per setting (thread count, libraries...), the latest few
-            entry = cached_json(cache, digest, read, make, keep=CACHE_ENTRIES)
+            entry = cached_json(cache, digest, read, measure, keep=CACHE_ENTRIES, fresh=fresh)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             return "OpenBLAS", f"timing the libraries failed ({e})"
     times = entry["times"]
