@@ -170,10 +170,10 @@ def worker_peft(model: str, data: str, steps: int, window: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from mlxgpt.checkpoints.folder import read_folder_meta
     from mlxgpt.tokenizers.load import load_tokenizer
 
-    meta = json.loads((Path(model) / "config.json").read_text()).get("mlxgpt", {})
-    tok = load_tokenizer(Path(model), meta.get("tokenizer"))
+    tok = load_tokenizer(Path(model), read_folder_meta(model).get("tokenizer"))
     rows = [tok.encode(json.loads(line)["text"]) + [tok.eot_id]
             for line in (Path(data) / "train.jsonl").read_text().splitlines() if line.strip()]
     assert all(len(r) == SEQ for r in rows), "rows must be SEQ tokens, as the others train on"

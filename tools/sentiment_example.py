@@ -115,6 +115,16 @@ def label_of(rec: dict[str, Any]) -> str:
     return rec.get("label", rec.get("completion", "")).strip()
 
 
+def write_splits(out: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
+    """OUT/NAME.jsonl for each split, each file written whole (a temporary file renamed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, items in splits.items():
+        text = "".join(json.dumps(r) + "\n" for r in items)
+        tmp = out / f".{name}.jsonl.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / f"{name}.jsonl")
+
+
 def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt",
           train_limit: int | None = None) -> dict[str, int]:
     rows = read_snippets(fetch_sdist(cache))
@@ -126,12 +136,7 @@ def build(out: Path, cache: Path, seed: int = 0, fmt: str = "prompt",
         "valid": labelled[N_TEST:N_TEST + N_VALID],
         "train": labelled[N_TEST + N_VALID:][:train_limit],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for name, items in splits.items():
-        text = "".join(json.dumps(r) + "\n" for r in items)
-        tmp = out / f".{name}.jsonl.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / f"{name}.jsonl")
+    write_splits(out, splits)
     counts = {n: len(v) for n, v in splits.items()}
     pos = {n: sum(label_of(r) == "positive" for r in v) for n, v in splits.items()}
     (out / "SOURCE.md").write_text(
@@ -163,10 +168,15 @@ def mlxgpt(*args: str) -> str:
 def scores(report: str) -> str:
     """ "accuracy X, label accuracy Y (macro-F1 Z)" from an ``mlxgpt eval --task classify``
     report."""
-    got = dict(line.split(": ", 1) for line in report.splitlines() if ": " in line)
-    return (f"accuracy {got['accuracy'].split()[0]}, "
-            f"label accuracy {got['label accuracy'].split()[0]} "
+    got = report_values(report)
+    return (f"accuracy {got['accuracy']}, label accuracy {got['label accuracy']} "
             f"(macro-F1 {got['label macro-F1']})")
+
+
+def report_values(report: str) -> dict[str, str]:
+    """The "name: value ..." lines of an ``mlxgpt eval`` report, each value's first word."""
+    return {k: v.split()[0] for k, v in (line.split(": ", 1) for line in report.splitlines()
+                                         if ": " in line) if v.strip()}
 
 
 def main() -> None:

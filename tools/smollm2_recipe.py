@@ -78,10 +78,12 @@ from mlxgpt.generation.cache import KVCache
 from mlxgpt.generation.context import common_prefix
 from mlxgpt.generation.prompt_cache import make_prompt_cache
 from mlxgpt.tokenizers.transcript import chat_prompt
+from mlxgpt.training.evaluate import macro_f1
 
 # isort: split
 sys.path.insert(0, str(Path(__file__).parent))  # the bag of words lives in a sibling tool
-from sentiment_example import QUESTION  # noqa: E402
+from sentiment_example import QUESTION, report_values, write_splits  # noqa: E402
+from sentiment_example import mlxgpt as mlxgpt_command  # noqa: E402
 from sentiment_example import record as data_record  # noqa: E402
 from sentiment_recipe import bow_matrix, features, logistic_regression, read  # noqa: E402
 
@@ -146,12 +148,7 @@ def cached(path: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]
 def metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[float, float]:
     """Accuracy and macro-F1 (the mean over labels of each label's F1)."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
-    f1s = []
-    for c in range(len(LABELS)):
-        tp = float(((p == c) & (t == c)).sum())
-        denom = float((p == c).sum() + (t == c).sum())
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return float((t == p).mean()), float(np.mean(f1s))
+    return float((t == p).mean()), macro_f1(t.tolist(), p.tolist())
 
 
 def cpu_name() -> str:
@@ -452,31 +449,17 @@ def train_speed(model: Any, tokenizer: Any, texts: list[str], batch: int = 8, st
 
 def write_split_folder(folder: Path, fmt: str, splits: dict[str, Split]) -> Path:
     """The splits as ``mlxgpt finetune`` data in ``fmt`` (sentiment_example's records)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, split in splits.items():
-        lines = "".join(json.dumps(data_record(t, lab, fmt)) + "\n"
-                        for t, lab in zip(split.texts, split.labels, strict=True))
-        tmp = folder / f".{name}.jsonl.tmp"
-        tmp.write_text(lines, encoding="utf-8")
-        tmp.replace(folder / f"{name}.jsonl")
+    write_splits(folder, {name: [data_record(t, lab, fmt)
+                                 for t, lab in zip(split.texts, split.labels, strict=True)]
+                          for name, split in splits.items()})
     return folder
 
 
 def run_mlxgpt(args: list[str]) -> tuple[str, float]:
-    """Run ``mlxgpt ARGS`` as a user would (its progress on stderr shown); stdout and seconds."""
-    print("+ mlxgpt " + shlex.join(args), flush=True)
+    """``mlxgpt ARGS`` as a user runs it (sentiment_example's runner): stdout and seconds."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mlxgpt", *args], stdout=subprocess.PIPE,
-                       text=True, check=False)
-    print(r.stdout, end="", flush=True)
-    if r.returncode:
-        raise SystemExit(f"mlxgpt {args[0]} failed (exit {r.returncode})")
-    return r.stdout, time.perf_counter() - t0
-
-
-def report_values(report: str) -> dict[str, str]:
-    return {k: v.split()[0] for k, v in (line.split(": ", 1) for line in report.splitlines()
-                                         if ": " in line) if v.strip()}
+    out = mlxgpt_command(*args)
+    return out, time.perf_counter() - t0
 
 
 def finetuned_row(row: str, model: str, out: Path, splits: dict[str, Split],
